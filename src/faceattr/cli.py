@@ -1,0 +1,247 @@
+"""The `faceattr` command: a thin layer of argument parsing over the pipeline modules.
+
+Errors a user can cause arrive as `FaceAttrError` and leave as one line on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import faceattr
+from faceattr.errors import FaceAttrError
+
+log = logging.getLogger("faceattr")
+
+
+def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
+    """Progress lines on stderr (results go to stdout); warnings always show."""
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter())
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        return f"warning: {message}" if record.levelno >= logging.WARNING else message
+
+
+def percent(x: float) -> str:
+    return f"{100 * x:.2f} %"
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+
+def cmd_explore(args: argparse.Namespace) -> int:
+    from faceattr.data import load_dataset
+    from faceattr.explore import explore, format_summary
+
+    summary = explore(load_dataset(args.data, need="any"), args.out, args.workers)
+    print(format_summary(summary))
+    print(f"wrote {Path(args.out) / 'explore.json'} and its pictures")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from faceattr.data import load_dataset
+
+    return run_train(load_dataset(args.data, need="train"), args)
+
+
+def run_train(dataset, args: argparse.Namespace) -> int:
+    """Shared by `faceattr train` and the seed's `--mode=train`."""
+    from faceattr.runtime import default_arch, resolve_device
+    from faceattr.train import TrainConfig, train_run
+
+    device = resolve_device(args.device)
+    cfg = TrainConfig(
+        arch=args.arch or default_arch(device),
+        folds=args.folds,
+        epochs=args.epochs,
+        lr=args.lr,
+        step=args.step,
+        gamma=args.gamma,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        pretrained=str(args.pretrained) if args.pretrained else None,
+        workers=args.workers,
+    )
+    log.info("training %s, %d folds x %d epochs on %s", cfg.arch, cfg.folds, cfg.epochs, device)
+    summary = train_run(dataset, cfg, args.out, device)
+    oof = summary["oof"]
+    print(
+        f"out-of-fold HTER {percent(oof['hter'])} (FAR {percent(oof['far'])}, "
+        f"FRR {percent(oof['frr'])}) over {oof['n']:,} images; "
+        f"{summary['timings']['total_s']:.1f}s"
+    )
+    print(f"wrote {args.out}/: models/, oof.csv, folds.csv, run.json, fold_K/ curves")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from faceattr.data import test_images
+
+    if (args.run is None) == (args.model_dir is None):
+        raise FaceAttrError("give exactly one of --run RUN or --model-dir DIR")
+    models_dir = args.model_dir or Path(args.run) / "models"
+    return run_predict(test_images(args.data), models_dir, args)
+
+
+def run_predict(images, models_dir: str | Path, args: argparse.Namespace) -> int:
+    """Shared by `faceattr predict` and the seed's `--mode=test`."""
+    from faceattr.predict import predict
+    from faceattr.runtime import resolve_device
+
+    summary = predict(
+        images,
+        models_dir,
+        args.output,
+        resolve_device(args.device),
+        args.vote,
+        args.batch_size,
+        args.workers,
+    )
+    print(
+        f"{summary['images']:,} images, {summary['models']} models, {summary['vote']} vote: "
+        f"{summary['predicted_0']:,} x 0, {summary['predicted_1']:,} x 1 "
+        f"({percent(summary['unanimous'])} unanimous)"
+    )
+    print(f"wrote {summary['output']} and {summary['table']}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from faceattr.data import read_labels
+    from faceattr.metrics import error_rates
+
+    pred, truth = read_labels(args.pred), read_labels(args.truth)
+    if len(pred) != len(truth):
+        raise FaceAttrError(
+            f"{args.pred} has {len(pred)} lines but {args.truth} has {len(truth)}; they must agree"
+        )
+    print(json.dumps(error_rates(truth, pred)))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from faceattr.demo import run_demo
+    from faceattr.runtime import resolve_device
+
+    result = run_demo(args.out, resolve_device(args.device), args.n_train, args.n_test, args.epochs)
+    test = result["test"]
+    print(
+        f"demo: out-of-fold HTER {percent(result['oof_hter'])}; test HTER {percent(test['hter'])} "
+        f"(FAR {percent(test['far'])}, FRR {percent(test['frr'])}) on {test['n']} synthetic "
+        f"test images; {result['seconds']:.0f}s; everything is in {result['out']}/"
+    )
+    return 0
+
+
+# --- parser --------------------------------------------------------------------------------------
+
+
+def add_train_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--arch",
+        choices=["simple", "resnet18"],
+        default=None,
+        help="model (default: resnet18 on a GPU, simple on CPU)",
+    )
+    p.add_argument("--folds", type=int, default=5, help="stratified folds = models (default 5)")
+    p.add_argument("--epochs", type=int, default=15, help="epochs per fold (default 15)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 0.001)")
+    p.add_argument("--step", type=int, default=5, help="StepLR step in epochs (default 5)")
+    p.add_argument("--gamma", type=float, default=0.7, help="StepLR factor (default 0.7)")
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0, help="seed for folds, weights and augmentation")
+    p.add_argument(
+        "--pretrained",
+        type=Path,
+        default=None,
+        help="local ImageNet ResNet18 weights (.pth or .safetensors) for resnet18",
+    )
+
+
+def add_common(p: argparse.ArgumentParser, device: bool = True) -> None:
+    if device:
+        p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--workers", type=int, default=None, help="image-decoding threads")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings, errors and results")
+    p.add_argument("-v", "--verbose", action="store_true", help="more detail")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="faceattr",
+        description="Learn a binary face attribute from 64x64 photos; predict it with low HTER.",
+    )
+    parser.add_argument("--version", action="version", version=f"faceattr {faceattr.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("explore", help="counts, class balance, image audit, pictures")
+    p.add_argument("data", help="dataset folder or .zip")
+    p.add_argument("--out", default="explore", help="output folder (default explore/)")
+    add_common(p, device=False)
+    p.set_defaults(func=cmd_explore)
+
+    p = sub.add_parser("train", help="train one model per stratified fold")
+    p.add_argument("data", help="dataset folder or .zip")
+    p.add_argument("--out", default="run", help="run folder (default run/)")
+    add_train_options(p)
+    add_common(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("predict", help="score test images with every fold model and vote")
+    p.add_argument("data", help="dataset folder or .zip with val_img/, or a folder of images")
+    p.add_argument("--run", help="run folder written by train")
+    p.add_argument("--model-dir", "--model_dir", dest="model_dir", help="a run's models/ folder")
+    p.add_argument("--output", default="label_val.txt", help="label file (default ./label_val.txt)")
+    p.add_argument(
+        "--vote",
+        choices=["majority", "soft"],
+        default="majority",
+        help="majority of the fold models' votes (default), or mean probability",
+    )
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=1024)
+    add_common(p)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("evaluate", help="HTER of a label file against the truth")
+    p.add_argument("--pred", required=True, help="predicted label file")
+    p.add_argument("--truth", required=True, help="true label file")
+    p.set_defaults(func=cmd_evaluate, quiet=False, verbose=False)
+
+    p = sub.add_parser("demo", help="synthetic data -> explore -> train -> predict -> evaluate")
+    p.add_argument("--out", default="faceattr-demo", help="output folder (default faceattr-demo/)")
+    p.add_argument("--n-train", type=int, default=2000)
+    p.add_argument("--n-test", type=int, default=500)
+    p.add_argument("--epochs", type=int, default=6)
+    add_common(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def run_command(func, args: argparse.Namespace) -> int:
+    """Run a command; a user's error becomes one line on stderr and exit code 2."""
+    setup_logging(args.quiet, args.verbose)
+    try:
+        return func(args)
+    except FaceAttrError as e:
+        print(f"faceattr: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("faceattr: interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(args.func, args)

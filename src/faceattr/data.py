@@ -1,0 +1,409 @@
+"""Datasets in the exercise's layout, read from a folder or straight from a `.zip`.
+
+The layout is `train_img/` (images named by number), `label_train.txt` (line N is the label of
+image N) and optionally `val_img/` (unlabelled test images), at the top of the folder or zip or one
+folder down (the exercise's zip has a top folder). Images are ordered by their number, never by
+string sort, so `2.jpg` comes before `10.jpg`.
+
+Every image is decoded once into a uint8 array of shape (N, 64, 64, 3): the rest of the project
+works on that array, never on files.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import threading
+import zipfile
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from faceattr.errors import FaceAttrError
+
+log = logging.getLogger("faceattr")
+
+SIZE = 64
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+TRAIN_DIR, LABEL_FILE, TEST_DIR = "train_img", "label_train.txt", "val_img"
+
+
+# --- where the files are: a folder or a zip, behind one small interface -----------------------
+
+
+class FolderSource:
+    """Files under a folder on disk; paths are relative, with '/' separators."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    def is_dir(self, rel: str) -> bool:
+        return (self.root / rel).is_dir()
+
+    def is_file(self, rel: str) -> bool:
+        return (self.root / rel).is_file()
+
+    def list_files(self, rel: str) -> list[str]:
+        with os.scandir(self.root / rel) as it:
+            return [e.name for e in it if e.is_file() and not e.name.startswith(".")]
+
+    def subfolders(self) -> list[str]:
+        with os.scandir(self.root) as it:
+            return sorted(e.name for e in it if e.is_dir() and not e.name.startswith((".", "__")))
+
+    def read(self, rel: str) -> bytes:
+        return (self.root / rel).read_bytes()
+
+    def describe(self, rel: str) -> str:
+        return str(self.root / rel)
+
+
+class ZipSource:
+    """Files inside a zip archive, read without extracting anything to disk."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.zip = zipfile.ZipFile(path)
+        except (zipfile.BadZipFile, OSError) as e:
+            raise FaceAttrError(f"{path} is not a readable zip file ({e})") from None
+        self._lock = threading.Lock()  # one file handle, shared by the decoding threads
+        self._files: dict[str, list[str]] = {}
+        self._dirs: set[str] = {""}
+        for name in self.zip.namelist():
+            p = PurePosixPath(name)
+            parents = [str(q) for q in p.parents if str(q) != "."]
+            self._dirs.update(parents)
+            if name.endswith("/"):
+                self._dirs.add(str(p))
+            elif not p.name.startswith(".") and "__MACOSX" not in p.parts:
+                parent = "" if str(p.parent) == "." else str(p.parent)
+                self._files.setdefault(parent, []).append(p.name)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def is_dir(self, rel: str) -> bool:
+        return rel.strip("/") in self._dirs
+
+    def is_file(self, rel: str) -> bool:
+        parent, _, name = rel.rpartition("/")
+        return name in self._files.get(parent, [])
+
+    def list_files(self, rel: str) -> list[str]:
+        return list(self._files.get(rel.strip("/"), []))
+
+    def subfolders(self) -> list[str]:
+        tops = {d.split("/")[0] for d in self._dirs if d}
+        return sorted(d for d in tops if not d.startswith((".", "__")))
+
+    def read(self, rel: str) -> bytes:
+        with self._lock:
+            return self.zip.read(rel)
+
+    def describe(self, rel: str) -> str:
+        return f"{self.path}:{rel}"
+
+
+Source = FolderSource | ZipSource
+
+
+def open_source(path: str | Path) -> Source:
+    """A folder or a .zip as a Source; anything else is a user error."""
+    path = Path(path)
+    if path.is_dir():
+        return FolderSource(path)
+    if path.is_file():
+        if zipfile.is_zipfile(path):
+            return ZipSource(path)
+        raise FaceAttrError(f"{path} is neither a folder nor a .zip file")
+    raise FaceAttrError(f"{path} does not exist")
+
+
+def _join(*parts: str) -> str:
+    return "/".join(p.strip("/") for p in parts if p.strip("/"))
+
+
+# --- labels and numbered images ----------------------------------------------------------------
+
+
+def parse_labels(text: str, where: str) -> np.ndarray:
+    """0/1 labels, one per line; CRLF and trailing blank lines are accepted, anything else is not."""
+    if "\r" in text:
+        log.warning("%s has Windows (CRLF) line endings; reading it anyway", where)
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if not lines:
+        raise FaceAttrError(f"{where} is empty")
+    labels = np.empty(len(lines), dtype=np.int64)
+    for i, line in enumerate(lines):
+        value = line.strip()
+        if value not in ("0", "1"):
+            raise FaceAttrError(f"{where} line {i + 1}: expected 0 or 1, found {value!r}")
+        labels[i] = int(value)
+    return labels
+
+
+def read_labels(path: str | Path) -> np.ndarray:
+    """Labels from a label file on disk (see `parse_labels`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FaceAttrError(f"label file {path} does not exist")
+    return parse_labels(_decode_text(path.read_bytes(), str(path)), str(path))
+
+
+def _decode_text(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise FaceAttrError(f"{where} is not a text file") from None
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Numbered images in one folder of a source, sorted by number (1, 2, ..., N)."""
+
+    source: Source
+    folder: str
+    names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def paths(self) -> list[str]:
+        return [_join(self.folder, n) for n in self.names]
+
+    def describe(self) -> str:
+        return self.source.describe(self.folder)
+
+
+def numbered_images(source: Source, folder: str) -> ImageSet:
+    """The images of `folder`, checked to be numbered 1..N without gaps or duplicates."""
+    where = source.describe(folder)
+    if not source.is_dir(folder):
+        raise FaceAttrError(f"image folder {where} does not exist")
+    numbered: dict[int, str] = {}
+    for name in source.list_files(folder):
+        stem, suffix = os.path.splitext(name)
+        if suffix.lower() not in IMAGE_SUFFIXES:
+            log.warning("ignoring %s: not an image", source.describe(_join(folder, name)))
+            continue
+        if not stem.isdigit():
+            raise FaceAttrError(
+                f"{source.describe(_join(folder, name))}: image name is not a number"
+            )
+        number = int(stem)
+        if number in numbered:
+            raise FaceAttrError(f"{where}: {numbered[number]} and {name} both have number {number}")
+        numbered[number] = name
+    if not numbered:
+        raise FaceAttrError(f"image folder {where} has no images")
+    numbers = sorted(numbered)
+    if numbers != list(range(1, len(numbers) + 1)):
+        missing = [n for n in range(1, numbers[-1] + 1) if n not in numbered]
+        problem = f"{missing[0]} is missing" if missing else "numbering starts at 0"
+        raise FaceAttrError(f"{where}: images must be numbered 1..N without gaps; {problem}")
+    return ImageSet(source, folder, [numbered[n] for n in numbers])
+
+
+# --- the exercise's layout -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Training images with their labels, and test images, any of which may be absent."""
+
+    train: ImageSet | None
+    labels: np.ndarray | None
+    test: ImageSet | None
+    where: str = ""
+
+    def require_train(self) -> tuple[ImageSet, np.ndarray]:
+        if self.train is None or self.labels is None:
+            raise FaceAttrError(f"{self.where}: no {TRAIN_DIR}/ with {LABEL_FILE} found")
+        return self.train, self.labels
+
+    def require_test(self) -> ImageSet:
+        if self.test is None:
+            raise FaceAttrError(f"{self.where}: no {TEST_DIR}/ found")
+        return self.test
+
+
+def _find_root(source: Source) -> str | None:
+    """The folder holding the layout: the top, or one folder down."""
+
+    def has_layout(root: str) -> bool:
+        return (
+            source.is_dir(_join(root, TRAIN_DIR))
+            or source.is_dir(_join(root, TEST_DIR))
+            or source.is_file(_join(root, LABEL_FILE))
+        )
+
+    if has_layout(""):
+        return ""
+    found = [d for d in source.subfolders() if has_layout(d)]
+    return found[0] if len(found) == 1 else None
+
+
+def load_dataset(path: str | Path, need: str = "train") -> Dataset:
+    """The exercise's layout in a folder or zip; `need` is 'train', 'test' or 'any'."""
+    source = open_source(path)
+    root = _find_root(source)
+    if root is None:
+        raise FaceAttrError(
+            f"{path}: expected {TRAIN_DIR}/, {LABEL_FILE} or {TEST_DIR}/ at the top or one folder down"
+        )
+    train = labels = test = None
+    has_train = source.is_dir(_join(root, TRAIN_DIR)) or source.is_file(_join(root, LABEL_FILE))
+    if has_train and need != "test":
+        train, labels = _train_part(source, _join(root, TRAIN_DIR), _join(root, LABEL_FILE))
+    if source.is_dir(_join(root, TEST_DIR)) and need != "train":
+        test = numbered_images(source, _join(root, TEST_DIR))
+    dataset = Dataset(train, labels, test, where=str(path))
+    if need == "train":
+        dataset.require_train()
+    elif need == "test":
+        dataset.require_test()
+    return dataset
+
+
+def _train_part(source: Source, folder: str, label_rel: str) -> tuple[ImageSet, np.ndarray]:
+    if not source.is_file(label_rel):
+        raise FaceAttrError(f"label file {source.describe(label_rel)} does not exist")
+    where = source.describe(label_rel)
+    labels = parse_labels(_decode_text(source.read(label_rel), where), where)
+    images = numbered_images(source, folder)
+    if len(images) != len(labels):
+        raise FaceAttrError(
+            f"{where} has {len(labels)} labels but {images.describe()} has {len(images)} images"
+        )
+    return images, labels
+
+
+def dataset_from_paths(
+    train_dir: str | Path | None, labels_txt: str | Path | None, test_dir: str | Path | None
+) -> Dataset:
+    """The seed's way of naming the parts: each folder and the label file given on its own."""
+    train = labels = test = None
+    if train_dir is not None or labels_txt is not None:
+        if train_dir is None or labels_txt is None:
+            raise FaceAttrError("--img_train_dir and --labels_txt must be given together")
+        label_path = Path(labels_txt)
+        if not label_path.is_file():
+            raise FaceAttrError(f"label file {label_path} does not exist")
+        train, labels = _train_part(
+            FolderSource(label_path.parent), _rel_to(train_dir, label_path.parent), label_path.name
+        )
+    if test_dir is not None:
+        test = image_folder(test_dir)
+    return Dataset(train, labels, test, where=str(train_dir or test_dir))
+
+
+def _rel_to(path: str | Path, root: Path) -> str:
+    return os.path.relpath(Path(path), root).replace(os.sep, "/")
+
+
+def image_folder(path: str | Path) -> ImageSet:
+    """A folder of numbered images given directly (the seed's `--img_test_dir`)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FaceAttrError(f"image folder {path} does not exist")
+    return numbered_images(FolderSource(path), "")
+
+
+def test_images(path: str | Path) -> ImageSet:
+    """Test images: a dataset (folder or zip) with `val_img/`, or a folder of numbered images."""
+    source = open_source(path)
+    root = _find_root(source)
+    if root is not None and source.is_dir(_join(root, TEST_DIR)):
+        return numbered_images(source, _join(root, TEST_DIR))
+    if root is None and isinstance(source, FolderSource):
+        return numbered_images(source, "")
+    raise FaceAttrError(f"{path}: no {TEST_DIR}/ folder and no numbered images found")
+
+
+# --- decoding -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Audit:
+    """What decoding found: original sizes and modes, and how many images had to be converted."""
+
+    sizes: Counter = field(default_factory=Counter)
+    modes: Counter = field(default_factory=Counter)
+    resized: int = 0
+    converted: int = 0
+
+    def to_dict(self) -> dict:
+        return {
+            "sizes": dict(self.sizes.most_common()),
+            "modes": dict(self.modes.most_common()),
+            "resized": self.resized,
+            "converted": self.converted,
+        }
+
+
+def decode_image(raw: bytes, where: str) -> tuple[np.ndarray, tuple[int, int], str]:
+    """One image as 64x64 RGB uint8, with its original size and mode.
+
+    Non-square images are centre-cropped to a square before resizing, so faces keep their shape.
+    """
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            size, mode = im.size, im.mode
+            if im.mode != "RGB":
+                im = im.convert("RGB")
+            if im.size != (SIZE, SIZE):
+                w, h = im.size
+                side = min(w, h)
+                box = (
+                    (w - side) // 2,
+                    (h - side) // 2,
+                    (w - side) // 2 + side,
+                    (h - side) // 2 + side,
+                )
+                im = im.resize((SIZE, SIZE), Image.Resampling.BICUBIC, box=box)
+            array = np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise FaceAttrError(f"{where}: cannot decode image ({e})") from None
+    return array, size, mode
+
+
+def decode_images(images: ImageSet, workers: int | None = None) -> tuple[np.ndarray, Audit]:
+    """Decode every image of `images` in parallel threads (PIL releases the GIL while decoding)."""
+    paths = images.paths()
+    out = np.empty((len(paths), SIZE, SIZE, 3), dtype=np.uint8)
+    audit = Audit()
+    source = images.source
+
+    def work(i: int) -> tuple[tuple[int, int], str]:
+        array, size, mode = decode_image(source.read(paths[i]), source.describe(paths[i]))
+        out[i] = array
+        return size, mode
+
+    workers = workers or min(32, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for size, mode in pool.map(work, range(len(paths))):
+            audit.sizes[f"{size[0]}x{size[1]}"] += 1
+            audit.modes[mode] += 1
+            audit.resized += size != (SIZE, SIZE)
+            audit.converted += mode != "RGB"
+    if audit.resized or audit.converted:
+        log.warning(
+            "%s: %d images resized to %dx%d, %d converted to RGB",
+            images.describe(),
+            audit.resized,
+            SIZE,
+            SIZE,
+            audit.converted,
+        )
+    return out, audit

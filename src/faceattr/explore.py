@@ -1,0 +1,80 @@
+"""Explore a dataset before training: counts, class balance, an imbalance verdict, an image audit."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from faceattr import reports
+from faceattr.data import Dataset, decode_images
+from faceattr.outputs import ensure_writable_dir, write_json
+
+log = logging.getLogger("faceattr")
+
+
+def imbalance_verdict(counts: dict[int, int]) -> str:
+    """One sentence on how imbalanced the classes are and what follows for training and scoring."""
+    total = sum(counts.values())
+    minority = min(counts, key=lambda c: (counts[c], c))
+    majority = 1 - minority
+    share = counts[minority] / total if total else 0.0
+    if counts[minority] == 0:
+        return f"only class {majority} is present: a classifier cannot be trained"
+    ratio = counts[majority] / counts[minority]
+    head = f"class {minority} is {100 * share:.1f} % of the images (1 : {ratio:.1f})"
+    if share >= 0.4:
+        return f"balanced: {head}"
+    kind = "strongly imbalanced" if share < 0.2 else "imbalanced"
+    return (
+        f"{kind}: {head}; accuracy would reward always answering {majority}, "
+        "so training weights the classes equally and results are judged by HTER"
+    )
+
+
+def explore(dataset: Dataset, out: str | Path, workers: int | None = None) -> dict:
+    """Write explore.json, class_balance.png and samples.png to `out`; return the summary."""
+    out = ensure_writable_dir(out)
+    summary: dict = {"data": dataset.where}
+    if dataset.train is not None and dataset.labels is not None:
+        labels = dataset.labels
+        counts = {c: int((labels == c).sum()) for c in (0, 1)}
+        images, audit = decode_images(dataset.train, workers)
+        summary.update(
+            n_train=len(labels),
+            class_counts={str(c): n for c, n in counts.items()},
+            class_percent={str(c): round(100 * n / len(labels), 2) for c, n in counts.items()},
+            imbalance=imbalance_verdict(counts),
+            train_audit=audit.to_dict(),
+        )
+        reports.class_balance(counts, out / "class_balance.png")
+        reports.sample_grid(images, labels, out / "samples.png")
+    if dataset.test is not None:
+        _, test_audit = decode_images(dataset.test, workers)
+        summary.update(n_test=len(dataset.test), test_audit=test_audit.to_dict())
+    write_json(out / "explore.json", summary)
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    """The explore summary as a few lines for the terminal."""
+    lines = []
+    if "n_train" in summary:
+        lines.append(f"training images: {summary['n_train']:,}")
+        for c in ("0", "1"):
+            n, pct = summary["class_counts"][c], summary["class_percent"][c]
+            lines.append(f"  label {c}: {n:,} ({pct:.1f} %)")
+        lines.append(summary["imbalance"])
+        lines.append(_audit_line(summary["train_audit"]))
+    if "n_test" in summary:
+        lines.append(f"test images: {summary['n_test']:,}")
+        lines.append(_audit_line(summary["test_audit"]))
+    return "\n".join(lines)
+
+
+def _audit_line(audit: dict) -> str:
+    sizes = ", ".join(f"{s} x{n:,}" for s, n in list(audit["sizes"].items())[:3])
+    modes = ", ".join(f"{m} x{n:,}" for m, n in audit["modes"].items())
+    return (
+        f"  sizes: {sizes}; modes: {modes}; "
+        f"{audit['resized']} resized, {audit['converted']} converted"
+    )

@@ -1,0 +1,43 @@
+"""Stratified K-fold split, saved in the run so that it can be reproduced and audited."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from sklearn.model_selection import StratifiedKFold
+
+from faceattr.errors import FaceAttrError
+from faceattr.outputs import write_csv
+
+
+def make_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """The fold (0..k-1) of every image: each fold keeps the class balance of the whole set."""
+    labels = np.asarray(labels)
+    if k < 2:
+        raise FaceAttrError(f"--folds must be at least 2, got {k}")
+    classes, counts = np.unique(labels, return_counts=True)
+    if len(classes) < 2:
+        raise FaceAttrError(f"only class {classes[0]} is present in the labels; need both 0 and 1")
+    if counts.min() < k:
+        rare = classes[counts.argmin()]
+        raise FaceAttrError(
+            f"class {rare} has {counts.min()} images, fewer than the {k} folds; use --folds {counts.min()}"
+        )
+    fold = np.empty(len(labels), dtype=np.int64)
+    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    for f, (_, val_idx) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
+        fold[val_idx] = f
+    return fold
+
+
+def save_folds(path: str | Path, names: list[str], labels: np.ndarray, fold: np.ndarray) -> None:
+    """folds.csv: image, label, fold (0-based), one row per training image."""
+    rows = [[n, int(y), int(f)] for n, y, f in zip(names, labels, fold, strict=True)]
+    write_csv(path, ["image", "label", "fold"], rows)
+
+
+def load_folds(path: str | Path) -> np.ndarray:
+    """The fold column of a folds.csv written by `save_folds`."""
+    lines = Path(path).read_text().splitlines()[1:]
+    return np.array([int(line.rsplit(",", 1)[1]) for line in lines], dtype=np.int64)

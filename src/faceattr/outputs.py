@@ -1,0 +1,76 @@
+"""Write output files atomically: a temporary file beside the target, then a rename.
+
+An interrupted command therefore never leaves a truncated file under the final name; the label
+file is the deliverable and must be either whole or absent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from faceattr.errors import FaceAttrError
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; rename it onto `target` only if the block succeeds."""
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as e:
+        raise FaceAttrError(f"cannot write {target}: {e.strerror or e}") from None
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_text(target: str | Path, text: str) -> Path:
+    """Atomically write `text` to `target`."""
+    with atomic_path(target) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(target)
+
+
+def write_json(target: str | Path, data: Any) -> Path:
+    """Atomically write `data` as indented JSON."""
+    return write_text(target, json.dumps(data, indent=2, default=_jsonable) + "\n")
+
+
+def write_csv(target: str | Path, header: list[str], rows: list[list[Any]]) -> Path:
+    """Atomically write a small CSV; floats keep 6 significant digits, enough for scores."""
+    lines = [",".join(header)]
+    for row in rows:
+        lines.append(",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row))
+    return write_text(target, "\n".join(lines) + "\n")
+
+
+def ensure_writable_dir(path: str | Path) -> Path:
+    """Create `path` if needed and check we can write into it, before any long work starts."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".probe."):
+            pass
+    except OSError as e:
+        raise FaceAttrError(f"cannot write to {path}: {e.strerror or e}") from None
+    return path
+
+
+def _jsonable(obj: Any) -> Any:
+    """Let numpy scalars and paths pass through json.dumps."""
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

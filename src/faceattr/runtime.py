@@ -1,0 +1,50 @@
+"""Where the work runs: device choice, seeding, and the versions a run records."""
+
+from __future__ import annotations
+
+import platform
+import random
+
+import numpy as np
+import torch
+
+import faceattr
+from faceattr.errors import FaceAttrError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' takes the GPU when there is one; asking for CUDA without one is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise FaceAttrError("--device cuda was asked for but no CUDA GPU is available")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise FaceAttrError(f"unknown device {name!r}; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def default_arch(device: torch.device) -> str:
+    """ResNet18 where a GPU makes it affordable, the seed's small CNN on a CPU."""
+    return "resnet18" if device.type == "cuda" else "simple"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every generator a run touches, so that a CPU run repeats exactly."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def describe(device: torch.device) -> dict[str, str]:
+    """Versions and hardware, recorded in every run.json."""
+    info = {
+        "faceattr": faceattr.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "device": str(device),
+        "cpu_threads": str(torch.get_num_threads()),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info

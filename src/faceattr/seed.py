@@ -1,0 +1,55 @@
+"""The seed's interface, `python main.py --mode=explore|train|test ...`, on top of faceattr.
+
+Every flag of the original script keeps its name and default; the extra ones mirror `faceattr`'s.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from faceattr.cli import add_common, add_train_options, run_command, run_predict, run_train
+from faceattr.errors import FaceAttrError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="main.py", description="The seed's commands: explore, train or test (predict)."
+    )
+    p.add_argument("--mode", choices=["explore", "train", "test"], required=True)
+    p.add_argument("--img_train_dir", help="folder of numbered training images")
+    p.add_argument("--labels_txt", help="label file: line N is the label of image N")
+    p.add_argument("--img_test_dir", help="folder of numbered test images")
+    p.add_argument("--save_dir", default="run", help="train: run folder (default run/)")
+    p.add_argument("--model_dir", default="run/models", help="test: folder of fold models")
+    p.add_argument("--output", default="label_val.txt", help="test: label file to write")
+    p.add_argument("--out", default="explore", help="explore: output folder (default explore/)")
+    p.add_argument("--vote", choices=["majority", "soft"], default="majority")
+    add_train_options(p)
+    add_common(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from faceattr.data import dataset_from_paths, image_folder
+    from faceattr.explore import explore, format_summary
+
+    if args.mode == "explore":
+        if not (args.img_train_dir or args.img_test_dir):
+            raise FaceAttrError("--mode=explore needs --img_train_dir and --labels_txt")
+        data = dataset_from_paths(args.img_train_dir, args.labels_txt, args.img_test_dir)
+        print(format_summary(explore(data, args.out, args.workers)))
+        return 0
+    if args.mode == "train":
+        if not (args.img_train_dir and args.labels_txt):
+            raise FaceAttrError("--mode=train needs --img_train_dir and --labels_txt")
+        args.out = args.save_dir
+        return run_train(dataset_from_paths(args.img_train_dir, args.labels_txt, None), args)
+    if not args.img_test_dir:
+        raise FaceAttrError("--mode=test needs --img_test_dir")
+    args.batch_size = max(args.batch_size, 1024)  # inference batches; memory is not an issue
+    return run_predict(image_folder(args.img_test_dir), args.model_dir, args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(run, args)
