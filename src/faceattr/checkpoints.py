@@ -32,8 +32,11 @@ def save_fold_model(models_dir: str | Path, fold: int, model: nn.Module, config:
     models_dir = Path(models_dir)
     weights = models_dir / f"fold_{fold}.safetensors"
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # One metadata key: safetensors writes several in no fixed order, and the same training
+    # must give byte-identical files.
+    meta = {"faceattr": json.dumps({"arch": config["arch"], "fold": fold}, sort_keys=True)}
     with atomic_path(weights) as tmp:
-        save_file(state, str(tmp), metadata={"arch": config["arch"], "fold": str(fold)})
+        save_file(state, str(tmp), metadata=meta)
     write_json(models_dir / f"fold_{fold}.json", {"fold": fold, **config})
     return weights
 

@@ -87,12 +87,12 @@ def run_train(dataset, args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from faceattr.data import test_images
+    from faceattr.data import load_test_images
 
     if (args.run is None) == (args.model_dir is None):
         raise FaceAttrError("give exactly one of --run RUN or --model-dir DIR")
     models_dir = args.model_dir or Path(args.run) / "models"
-    return run_predict(test_images(args.data), models_dir, args)
+    return run_predict(load_test_images(args.data), models_dir, args)
 
 
 def run_predict(images, models_dir: str | Path, args: argparse.Namespace) -> int:

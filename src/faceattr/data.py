@@ -320,7 +320,7 @@ def image_folder(path: str | Path) -> ImageSet:
     return numbered_images(FolderSource(path), "")
 
 
-def test_images(path: str | Path) -> ImageSet:
+def load_test_images(path: str | Path) -> ImageSet:
     """Test images: a dataset (folder or zip) with `val_img/`, or a folder of numbered images."""
     source = open_source(path)
     root = _find_root(source)

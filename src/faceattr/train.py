@@ -61,6 +61,20 @@ class TrainConfig:
     pretrained: str | None = None
     workers: int | None = None  # image-decoding threads; None = one per core
 
+    def check(self) -> None:
+        """Reject impossible settings before any work starts."""
+        for name, value, low in (
+            ("epochs", self.epochs, 1),
+            ("batch-size", self.batch_size, 2),
+            ("step", self.step, 1),
+        ):
+            if value < low:
+                raise FaceAttrError(f"--{name} must be at least {low}, got {value}")
+        if not (self.lr > 0 and self.gamma > 0):
+            raise FaceAttrError(
+                f"--lr and --gamma must be positive, got {self.lr} and {self.gamma}"
+            )
+
 
 @dataclass
 class FoldResult:
@@ -117,13 +131,12 @@ def train_fold(
         lr = optimizer.param_groups[0]["lr"]
         model.train()
         order = train_t[torch.randperm(len(train_t), generator=order_gen).to(device)]
+        if len(order) % cfg.batch_size == 1:  # BatchNorm cannot train on a batch of one image
+            order = order[:-1]
         loss_sum = torch.zeros((), device=device)
         predicted = torch.empty(len(order), dtype=torch.bool, device=device)
         for s in range(0, len(order), cfg.batch_size):
             idx = order[s : s + cfg.batch_size]
-            if len(idx) < 2:  # BatchNorm cannot train on a single image
-                predicted[s:] = labels[idx].bool()
-                continue
             x = augment(to_model_input(images[idx]), gen)
             y = labels[idx]
             with autocast:
@@ -185,8 +198,7 @@ def train_run(dataset: Dataset, cfg: TrainConfig, out: str | Path, device: torch
     and its curves, `oof.csv` (every training image scored by the model that did not see it) and
     `run.json` (options, versions, folds, metrics, timings).
     """
-    if cfg.epochs < 1:
-        raise FaceAttrError(f"--epochs must be at least 1, got {cfg.epochs}")
+    cfg.check()
     out = ensure_writable_dir(out)
     started = time.perf_counter()
     train_images, labels = dataset.require_train()

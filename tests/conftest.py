@@ -1,0 +1,91 @@
+"""Shared fixtures: small synthetic datasets in the exercise's layout, and a trained tiny run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from faceattr.synthetic import make_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+CELEBA_ZIP = ROOT.parent / "shared" / "data" / "celeba64.zip"
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def dataset_dir(tmp_path_factory) -> Path:
+    """160 training and 40 test synthetic faces; the test labels are in truth_val.txt beside it."""
+    root = tmp_path_factory.mktemp("synthetic")
+    truth = make_dataset(root / "data", n_train=160, n_test=40, minority=0.2, seed=1)
+    (root / "truth_val.txt").write_text("".join(f"{v}\n" for v in truth))
+    return root / "data"
+
+
+@pytest.fixture(scope="session")
+def trained_run(dataset_dir, tmp_path_factory) -> Path:
+    """A 2-fold, 2-epoch run of the simple CNN on the synthetic dataset."""
+    run = tmp_path_factory.mktemp("run") / "run"
+    result = cli(
+        "train",
+        str(dataset_dir),
+        "--out",
+        str(run),
+        "--folds",
+        "2",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--device",
+        "cpu",
+        "--arch",
+        "simple",
+    )
+    assert result.returncode == 0, result.stderr
+    return run
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m faceattr ARGS` as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "faceattr", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
+    )
+
+
+def seed_main(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the seed's `python main.py ARGS`."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
+    )
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Exit code 2, one line on stderr naming what is wrong, no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("faceattr: error:")]
+    assert len(errors) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def read_lines(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+def labels_of(path: Path) -> np.ndarray:
+    return np.array([int(v) for v in read_lines(path)])

@@ -1,0 +1,41 @@
+import json
+
+import pytest
+import torch
+
+from faceattr.checkpoints import load_fold_models, save_fold_model
+from faceattr.errors import FaceAttrError
+from faceattr.models import create_model
+
+
+def test_roundtrip_gives_the_same_scores(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("simple").eval()
+    save_fold_model(tmp_path, 2, model, {"arch": "simple", "threshold": 0.5, "epoch": 3})
+    assert json.loads((tmp_path / "fold_2.json").read_text())["epoch"] == 3
+    (loaded,) = load_fold_models(tmp_path)
+    x = torch.rand(4, 3, 64, 64)
+    assert loaded.fold == 2 and loaded.config["arch"] == "simple"
+    assert not loaded.model.training
+    assert torch.equal(loaded.model(x), model(x))
+
+
+def test_folds_come_back_in_numeric_order(tmp_path):
+    for fold in (10, 2, 1):
+        save_fold_model(tmp_path, fold, create_model("simple"), {"arch": "simple"})
+    assert [m.fold for m in load_fold_models(tmp_path)] == [1, 2, 10]
+
+
+def test_missing_or_broken_models_are_user_errors(tmp_path):
+    with pytest.raises(FaceAttrError, match="does not exist"):
+        load_fold_models(tmp_path / "nope")
+    with pytest.raises(FaceAttrError, match=r"holds no fold_K\.safetensors"):
+        load_fold_models(tmp_path)
+    save_fold_model(tmp_path, 1, create_model("simple"), {"arch": "simple"})
+    (tmp_path / "fold_1.json").write_text(json.dumps({"arch": "resnet18"}))
+    with pytest.raises(FaceAttrError, match="cannot load"):
+        load_fold_models(tmp_path)
+    (tmp_path / "fold_1.safetensors").write_bytes(b"garbage")
+    (tmp_path / "fold_1.json").write_text(json.dumps({"arch": "simple"}))
+    with pytest.raises(FaceAttrError, match="cannot load"):
+        load_fold_models(tmp_path)

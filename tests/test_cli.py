@@ -1,0 +1,193 @@
+"""The commands end to end, as subprocesses, the way a user runs them."""
+
+import csv
+import json
+import zipfile
+
+import pytest
+import torch
+
+from conftest import assert_user_error, cli, labels_of, read_lines, seed_main
+
+
+def test_explore(dataset_dir, tmp_path):
+    result = cli("explore", str(dataset_dir), "--out", str(tmp_path / "ex"))
+    assert result.returncode == 0, result.stderr
+    assert "training images: 160" in result.stdout and "imbalanced" in result.stdout
+    assert json.loads((tmp_path / "ex" / "explore.json").read_text())["n_test"] == 40
+
+
+def test_train_prints_the_oof_hter(trained_run):
+    summary = json.loads((trained_run / "run.json").read_text())
+    assert summary["status"] == "complete" and summary["environment"]["device"] == "cpu"
+
+
+def test_predict_writes_one_label_per_test_image_and_the_table(trained_run, dataset_dir, tmp_path):
+    out = tmp_path / "out" / "label_val.txt"
+    result = cli(
+        "predict",
+        str(dataset_dir),
+        "--run",
+        str(trained_run),
+        "--output",
+        str(out),
+        "--device",
+        "cpu",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "40 images, 2 models, majority vote" in result.stdout
+    lines = read_lines(out)
+    assert len(lines) == 40 and set(lines) <= {"0", "1"}
+    rows = list(csv.DictReader((out.parent / "predictions.csv").open()))
+    assert list(rows[0]) == [
+        "image",
+        "score_1",
+        "score_2",
+        "vote_1",
+        "vote_2",
+        "ensemble_score",
+        "label",
+    ]
+    assert [r["image"] for r in rows] == [f"{i:06d}.jpg" for i in range(1, 41)]
+    assert [r["label"] for r in rows] == lines
+    for r in rows:
+        votes = [int(r["vote_1"]), int(r["vote_2"])]
+        assert votes == [float(r["score_1"]) >= 0.5, float(r["score_2"]) >= 0.5]
+        if votes[0] == votes[1]:
+            assert int(r["label"]) == votes[0]
+
+
+def test_predict_soft_vote_from_a_zip_and_from_a_bare_folder(trained_run, dataset_dir, tmp_path):
+    archive = tmp_path / "data.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for p in sorted((dataset_dir / "val_img").iterdir()):
+            z.write(p, f"top/val_img/{p.name}")
+    soft = tmp_path / "soft.txt"
+    result = cli(
+        "predict",
+        str(archive),
+        "--model-dir",
+        str(trained_run / "models"),
+        "--output",
+        str(soft),
+        "--vote",
+        "soft",
+    )
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader((tmp_path / "predictions.csv").open()))
+    for r in rows:
+        mean = (float(r["score_1"]) + float(r["score_2"])) / 2
+        assert abs(float(r["ensemble_score"]) - mean) < 1e-5
+        assert int(r["label"]) == (float(r["ensemble_score"]) >= 0.5)
+    bare = tmp_path / "bare.txt"
+    result = cli(
+        "predict",
+        str(dataset_dir / "val_img"),
+        "--run",
+        str(trained_run),
+        "--output",
+        str(bare),
+        "--vote",
+        "soft",
+    )
+    assert result.returncode == 0, result.stderr
+    assert read_lines(bare) == read_lines(soft)
+
+
+def test_evaluate(dataset_dir, tmp_path):
+    truth = dataset_dir.parent / "truth_val.txt"
+    pred = tmp_path / "pred.txt"
+    flipped = 1 - labels_of(truth)
+    pred.write_text("".join(f"{v}\n" for v in flipped))
+    result = cli("evaluate", "--pred", str(pred), "--truth", str(truth))
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(result.stdout)
+    assert metrics["hter"] == 1.0 and metrics["n"] == 40
+    pred.write_text("1\n0\n")
+    assert_user_error(
+        cli("evaluate", "--pred", str(pred), "--truth", str(truth)), "has 2 lines but", "has 40"
+    )
+
+
+def test_user_errors_are_one_line_and_leave_no_output(dataset_dir, trained_run, tmp_path):
+    assert_user_error(cli("explore", str(tmp_path / "missing")), "does not exist")
+    assert_user_error(
+        cli("train", str(tmp_path / "missing"), "--out", str(tmp_path / "r")), "does not exist"
+    )
+    assert not (tmp_path / "r").exists()
+    out = tmp_path / "label_val.txt"
+    assert_user_error(
+        cli("predict", str(dataset_dir), "--run", str(tmp_path / "norun"), "--output", str(out)),
+        "does not exist",
+    )
+    assert_user_error(cli("predict", str(dataset_dir), "--output", str(out)), "--run")
+    assert not out.exists()
+    assert_user_error(
+        cli("train", str(dataset_dir), "--out", str(tmp_path / "r"), "--folds", "500"),
+        "fewer than the 500 folds",
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_asking_for_cuda_without_a_gpu(dataset_dir, tmp_path):
+    result = cli("train", str(dataset_dir), "--device", "cuda", "--out", str(tmp_path / "r"))
+    assert_user_error(result, "no CUDA GPU")
+    assert not (tmp_path / "r").exists()
+
+
+def test_seed_commands_end_to_end(dataset_dir, tmp_path):
+    train_dir, labels = dataset_dir / "train_img", dataset_dir / "label_train.txt"
+    test_dir = dataset_dir / "val_img"
+    result = seed_main(
+        "--mode=explore",
+        f"--img_train_dir={train_dir}",
+        f"--labels_txt={labels}",
+        f"--img_test_dir={test_dir}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "explore" / "explore.json").exists() and "label 0:" in result.stdout
+    result = seed_main(
+        "--mode=train",
+        f"--img_train_dir={train_dir}",
+        f"--labels_txt={labels}",
+        "--epochs=1",
+        "--lr=0.001",
+        "--step=5",
+        "--gamma=0.7",
+        "--save_dir=RUN",
+        "--folds=2",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "out-of-fold HTER" in result.stdout
+    result = seed_main(
+        "--mode=test", f"--img_test_dir={test_dir}", "--model_dir=RUN/models", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(read_lines(tmp_path / "label_val.txt")) == 40
+    assert (tmp_path / "predictions.csv").exists()
+    assert_user_error(
+        seed_main("--mode=test", "--model_dir=RUN/models", cwd=tmp_path), "--img_test_dir"
+    )
+
+
+def test_demo_runs_the_whole_pipeline(tmp_path):
+    result = cli(
+        "demo",
+        "--out",
+        str(tmp_path / "demo"),
+        "--n-train",
+        "240",
+        "--n-test",
+        "60",
+        "--epochs",
+        "2",
+        "--device",
+        "cpu",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "test HTER" in result.stdout
+    assert len(read_lines(tmp_path / "demo" / "label_val.txt")) == 60
+    assert (tmp_path / "demo" / "run" / "run.json").exists()
+    assert (tmp_path / "demo" / "explore" / "samples.png").exists()

@@ -1,0 +1,179 @@
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from faceattr.data import (
+    dataset_from_paths,
+    decode_image,
+    decode_images,
+    load_dataset,
+    load_test_images,
+    numbered_images,
+    open_source,
+    parse_labels,
+)
+from faceattr.errors import FaceAttrError
+
+
+def write_image(path: Path, colour, size=(64, 64), mode="RGB", fmt=None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, colour).save(path, format=fmt)
+
+
+def make_layout(root: Path, labels: list[int], n_test: int = 3, pad: bool = True) -> None:
+    """Image N is filled with grey level N, so order can be checked from the pixels."""
+    for i in range(1, len(labels) + 1):
+        write_image(
+            root / "train_img" / (f"{i:06d}.jpg" if pad else f"{i}.png"), (i, i, i), fmt=None
+        )
+    for i in range(1, n_test + 1):
+        write_image(root / "val_img" / (f"{i:06d}.jpg" if pad else f"{i}.png"), (i, i, i))
+    (root / "label_train.txt").write_text("".join(f"{v}\n" for v in labels))
+
+
+def zip_folder(folder: Path, target: Path, top: str | None) -> Path:
+    with zipfile.ZipFile(target, "w") as z:
+        for p in sorted(folder.rglob("*")):
+            rel = p.relative_to(folder).as_posix()
+            z.write(p, f"{top}/{rel}" if top else rel)
+    return target
+
+
+def test_unpadded_names_are_ordered_by_number(tmp_path):
+    labels = [0, 1] * 6  # 12 images: string sort would put 10.png before 2.png
+    make_layout(tmp_path, labels, n_test=11, pad=False)
+    data = load_dataset(tmp_path, need="any")
+    assert data.train.names[:3] == ["1.png", "2.png", "3.png"]
+    assert data.train.names[9] == "10.png"
+    array, _ = decode_images(data.train)
+    assert array[:, 0, 0, 0].tolist() == list(range(1, 13))  # png keeps the exact grey level
+    assert data.labels.tolist() == labels
+    assert load_test_images(tmp_path).names[-1] == "11.png"
+
+
+@pytest.mark.parametrize("top", [None, "exercise"])
+def test_zip_is_read_directly_with_or_without_top_folder(tmp_path, top):
+    make_layout(tmp_path / "src", [0, 1, 1, 0])
+    archive = zip_folder(tmp_path / "src", tmp_path / "data.zip", top)
+    data = load_dataset(archive, need="any")
+    assert len(data.train) == 4 and len(data.test) == 3
+    assert data.labels.tolist() == [0, 1, 1, 0]
+    array, audit = decode_images(data.train)
+    assert array.shape == (4, 64, 64, 3) and array.dtype == np.uint8
+    assert audit.sizes == {"64x64": 4}
+    assert len(load_test_images(archive)) == 3
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == ["src"]  # nothing extracted
+
+
+def test_folder_with_one_top_folder(tmp_path):
+    make_layout(tmp_path / "celeba", [0, 1])
+    assert len(load_dataset(tmp_path).train) == 2
+
+
+def test_labels_accept_crlf_and_trailing_blank_lines():
+    assert parse_labels("0\r\n1\r\n1\r\n\r\n\n", "x").tolist() == [0, 1, 1]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "is empty"),
+        ("\n\n", "is empty"),
+        ("0\n1\n2\n", "line 3: expected 0 or 1, found '2'"),
+        ("0\n\n1\n", "line 2"),
+    ],
+)
+def test_bad_label_files(text, message):
+    with pytest.raises(FaceAttrError, match=message):
+        parse_labels(text, "labels.txt")
+
+
+def test_label_count_must_match_image_count(tmp_path):
+    make_layout(tmp_path, [0, 1, 1])
+    (tmp_path / "label_train.txt").write_text("0\n1\n")
+    with pytest.raises(FaceAttrError, match=r"has 2 labels but .* has 3 images"):
+        load_dataset(tmp_path)
+
+
+def test_numbering_gaps_duplicates_and_names(tmp_path):
+    folder = tmp_path / "imgs"
+    for n in (1, 2, 4):
+        write_image(folder / f"{n}.jpg", (0, 0, 0))
+    source = open_source(tmp_path)
+    with pytest.raises(FaceAttrError, match="3 is missing"):
+        numbered_images(source, "imgs")
+    write_image(folder / "3.jpg", (0, 0, 0))
+    write_image(folder / "0003.png", (0, 0, 0))
+    with pytest.raises(FaceAttrError, match="both have number 3"):
+        numbered_images(source, "imgs")
+    (folder / "0003.png").unlink()
+    (folder / "notes.txt").write_text("ignored")
+    assert len(numbered_images(source, "imgs")) == 4
+    write_image(folder / "face.jpg", (0, 0, 0))
+    with pytest.raises(FaceAttrError, match=r"face\.jpg: image name is not a number"):
+        numbered_images(source, "imgs")
+
+
+def test_missing_or_empty_folders(tmp_path):
+    with pytest.raises(FaceAttrError, match="does not exist"):
+        load_dataset(tmp_path / "nowhere")
+    (tmp_path / "train_img").mkdir()
+    (tmp_path / "label_train.txt").write_text("0\n")
+    with pytest.raises(FaceAttrError, match="has no images"):
+        load_dataset(tmp_path)
+    with pytest.raises(FaceAttrError, match="expected train_img/"):
+        load_dataset(tmp_path / "train_img")
+
+
+def test_other_sizes_and_modes_are_converted():
+    def encoded(mode, size, colour, fmt="PNG"):
+        buffer = io.BytesIO()
+        Image.new(mode, size, colour).save(buffer, format=fmt)
+        return buffer.getvalue()
+
+    gray, size, mode = decode_image(encoded("L", (64, 64), 100), "g")
+    assert gray.shape == (64, 64, 3) and (gray == 100).all() and mode == "L"
+    rgba, _, _ = decode_image(encoded("RGBA", (64, 64), (10, 20, 30, 255)), "a")
+    assert rgba[0, 0].tolist() == [10, 20, 30]
+    big, size, _ = decode_image(encoded("RGB", (128, 96), (5, 6, 7)), "b")
+    assert big.shape == (64, 64, 3) and size == (128, 96)
+
+
+def test_decode_audit_counts_conversions(tmp_path):
+    write_image(tmp_path / "v" / "1.png", 50, mode="L")
+    write_image(tmp_path / "v" / "2.jpg", (1, 2, 3), size=(80, 80))
+    write_image(tmp_path / "v" / "3.jpg", (1, 2, 3))
+    _, audit = decode_images(numbered_images(open_source(tmp_path), "v"))
+    assert (audit.resized, audit.converted) == (1, 1)
+    assert audit.modes == {"L": 1, "RGB": 2}
+
+
+def test_corrupt_image_is_named(tmp_path):
+    (tmp_path / "v").mkdir()
+    (tmp_path / "v" / "1.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(FaceAttrError, match=r"1\.jpg: cannot decode image"):
+        decode_images(numbered_images(open_source(tmp_path), "v"))
+
+
+def test_seed_style_paths(tmp_path):
+    make_layout(tmp_path, [1, 0, 1])
+    data = dataset_from_paths(
+        tmp_path / "train_img", tmp_path / "label_train.txt", tmp_path / "val_img"
+    )
+    assert data.labels.tolist() == [1, 0, 1] and len(data.test) == 3
+    with pytest.raises(FaceAttrError, match="must be given together"):
+        dataset_from_paths(tmp_path / "train_img", None, None)
+
+
+def test_not_a_dataset(tmp_path):
+    (tmp_path / "file.txt").write_text("hi")
+    with pytest.raises(FaceAttrError, match=r"neither a folder nor a \.zip"):
+        load_dataset(tmp_path / "file.txt")
+    broken = tmp_path / "empty.zip"
+    zipfile.ZipFile(broken, "w").close()
+    with pytest.raises(FaceAttrError, match="expected train_img/"):
+        load_dataset(broken)

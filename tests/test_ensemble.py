@@ -1,0 +1,53 @@
+import numpy as np
+import pytest
+import torch
+
+from faceattr.ensemble import model_scores, to_model_input, vote
+
+
+def test_majority_vote_counts_models():
+    scores = np.array([[0.9, 0.2, 0.6], [0.8, 0.4, 0.1], [0.1, 0.3, 0.4]])
+    share, labels = vote(scores, "majority")
+    assert share.tolist() == pytest.approx([2 / 3, 0, 1 / 3])
+    assert labels.tolist() == [1, 0, 0]
+
+
+def test_majority_tie_goes_to_the_mean_probability():
+    scores = np.array([[0.9, 0.6], [0.2, 0.01]])
+    _, labels = vote(scores, "majority")
+    assert labels.tolist() == [1, 0]  # means 0.55 and 0.305
+
+
+def test_soft_vote_averages_probabilities():
+    scores = np.array([[0.9, 0.45], [0.3, 0.45], [0.3, 0.7]])
+    mean, labels = vote(scores, "soft")
+    assert mean.tolist() == pytest.approx([0.5, 1.6 / 3])
+    assert labels.tolist() == [1, 1]
+    assert vote(scores, "soft", threshold=0.55)[1].tolist() == [0, 0]
+
+
+def test_majority_and_soft_can_disagree():
+    scores = np.array([[0.51], [0.51], [0.0]])
+    assert vote(scores, "majority")[1].tolist() == [1]
+    assert vote(scores, "soft")[1].tolist() == [0]
+
+
+def test_unknown_rule():
+    with pytest.raises(ValueError):
+        vote(np.zeros((1, 1)), "median")
+
+
+def test_model_scores_are_probabilities_in_image_order():
+    class Brightness(torch.nn.Module):
+        def forward(self, x):
+            return (x.mean(dim=(1, 2, 3)) - 0.5) * 20
+
+    images = torch.stack([torch.full((64, 64, 3), v, dtype=torch.uint8) for v in (0, 128, 255)])
+    scores = model_scores(Brightness(), images, batch_size=2)
+    assert scores.shape == (3,)
+    assert scores[0] < 0.01 and abs(scores[1] - 0.5) < 0.05 and scores[2] > 0.99
+
+
+def test_model_input_layout():
+    x = to_model_input(torch.full((2, 64, 64, 3), 255, dtype=torch.uint8))
+    assert x.shape == (2, 3, 64, 64) and x.dtype == torch.float32 and torch.all(x == 1)

@@ -1,0 +1,28 @@
+import json
+
+from faceattr.data import load_dataset
+from faceattr.explore import explore, format_summary, imbalance_verdict
+
+
+def test_verdicts():
+    assert imbalance_verdict({0: 50, 1: 50}).startswith("balanced")
+    assert imbalance_verdict({0: 30, 1: 70}).startswith("imbalanced: class 0 is 30.0 %")
+    strong = imbalance_verdict({0: 84, 1: 916})
+    assert strong.startswith("strongly imbalanced: class 0 is 8.4 % of the images (1 : 10.9)")
+    assert "HTER" in strong
+    assert imbalance_verdict({0: 900, 1: 100}).startswith("strongly imbalanced: class 1")
+    assert imbalance_verdict({0: 0, 1: 10}).startswith("only class 1")
+
+
+def test_explore_writes_summary_and_pictures(dataset_dir, tmp_path):
+    summary = explore(load_dataset(dataset_dir, need="any"), tmp_path / "ex")
+    saved = json.loads((tmp_path / "ex" / "explore.json").read_text())
+    assert saved == json.loads(json.dumps(summary))
+    n0, n1 = saved["class_counts"]["0"], saved["class_counts"]["1"]
+    assert n0 + n1 == saved["n_train"] == 160 and 0 < n0 < n1
+    assert saved["n_test"] == 40
+    assert saved["train_audit"]["sizes"] == {"64x64": 160}
+    for png in ("class_balance.png", "samples.png"):
+        assert (tmp_path / "ex" / png).stat().st_size > 5_000
+    text = format_summary(summary)
+    assert "training images: 160" in text and "test images: 40" in text

@@ -1,0 +1,64 @@
+import pytest
+import torch
+import torchvision
+
+from faceattr.errors import FaceAttrError
+from faceattr.models import MODELS, count_parameters, create_model
+
+
+def test_simple_is_the_seeds_network():
+    model = create_model("simple")
+    assert count_parameters(model) == 1_080_897
+    shapes = [tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert shapes == [(64, 16384), (128, 64), (1, 128)]
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(3, 16), (16, 32), (32, 64)]
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 3
+    assert sum(isinstance(m, torch.nn.Dropout2d) for m in model.modules()) >= 1
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_gives_one_logit_per_image(name):
+    model = create_model(name).eval()
+    with torch.no_grad():
+        out = model(torch.rand(3, 3, 64, 64))
+    assert out.shape == (3,)
+    assert torch.isfinite(out).all()
+
+
+def test_resnet18_keeps_64x64_resolution_in_its_first_stage():
+    net = create_model("resnet18").net
+    assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
+    assert isinstance(net.maxpool, torch.nn.Identity)
+    seen = []
+    net.layer1.register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
+    net.eval()(torch.rand(1, 3, 64, 64))
+    assert seen == [(1, 64, 64, 64)]
+    assert net.fc.out_features == 1
+
+
+def test_unknown_model_is_a_user_error():
+    with pytest.raises(FaceAttrError, match="unknown model 'vgg'"):
+        create_model("vgg")
+
+
+def test_pretrained_weights_load_from_a_local_file(tmp_path):
+    imagenet = torchvision.models.resnet18(weights=None)
+    torch.nn.init.constant_(imagenet.layer3[0].conv1.weight, 0.125)
+    torch.save(imagenet.state_dict(), tmp_path / "r18.pth")
+    model = create_model("resnet18", pretrained=tmp_path / "r18.pth")
+    assert torch.all(model.net.layer3[0].conv1.weight == 0.125)
+    assert model.net.fc.out_features == 1
+
+
+def test_pretrained_errors(tmp_path):
+    with pytest.raises(FaceAttrError, match="does not exist"):
+        create_model("resnet18", pretrained=tmp_path / "missing.pth")
+    torch.save({"something": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(FaceAttrError, match="no weights match a ResNet18"):
+        create_model("resnet18", pretrained=tmp_path / "other.pth")
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    with pytest.raises(FaceAttrError, match="cannot read pretrained weights"):
+        create_model("resnet18", pretrained=tmp_path / "junk.pth")
+    with pytest.raises(FaceAttrError, match="resnet18 only"):
+        create_model("simple", pretrained=tmp_path / "r18.pth")

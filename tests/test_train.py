@@ -1,0 +1,95 @@
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from faceattr.data import load_dataset
+from faceattr.errors import FaceAttrError
+from faceattr.metrics import error_rates
+from faceattr.models import create_model
+from faceattr.train import TrainConfig, class_weights, train_fold, train_run
+
+
+def test_class_weights_balance_the_classes():
+    w = class_weights(torch.tensor([0, 1, 1, 1]))
+    assert w.tolist() == pytest.approx([2.0, 2 / 3])
+    assert (w[0] * 1).item() == pytest.approx((w[1] * 3).item())  # same total weight per class
+
+
+def test_a_fold_learns_an_easy_rule_and_keeps_its_best_epoch():
+    # Bright images are label 1, dark ones label 0: a few epochs must separate them.
+    g = torch.Generator().manual_seed(0)
+    labels = (torch.rand(96, generator=g) > 0.25).long()
+    level = torch.where(labels.bool(), 200, 40).view(-1, 1, 1, 1)
+    noise = torch.randint(0, 40, (96, 64, 64, 3), generator=g)
+    images = (level + noise).to(torch.uint8)
+    train_idx, val_idx = np.arange(64), np.arange(64, 96)
+    torch.manual_seed(0)
+    cfg = TrainConfig(epochs=4, batch_size=16, lr=1e-3)
+    result = train_fold(create_model("simple"), images, labels, train_idx, val_idx, cfg, fold=1)
+    assert len(result.history) == 4
+    best = min(result.history, key=lambda r: r["val_hter"])
+    assert result.best_epoch == best["epoch"]
+    assert best["val_hter"] <= 0.1
+    assert result.val_scores.shape == (32,)
+    assert (
+        error_rates(labels[val_idx].numpy(), result.val_scores >= 0.5)["hter"] == best["val_hter"]
+    )
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+
+
+def test_train_run_writes_the_whole_run(trained_run, dataset_dir):
+    run = trained_run
+    summary = json.loads((run / "run.json").read_text())
+    assert summary["status"] == "complete"
+    assert summary["config"]["folds"] == 2 and summary["config"]["arch"] == "simple"
+    assert {"torch", "python", "device"} <= summary["environment"].keys()
+    assert len(summary["folds"]) == 2 and 0 <= summary["oof"]["hter"] <= 1
+    assert summary["timings"]["total_s"] > 0
+    for fold in (1, 2):
+        assert (run / "models" / f"fold_{fold}.safetensors").stat().st_size > 1_000_000
+        config = json.loads((run / "models" / f"fold_{fold}.json").read_text())
+        assert config["arch"] == "simple" and config["epoch"] in (1, 2)
+        rows = list(csv.DictReader((run / f"fold_{fold}" / "history.csv").open()))
+        assert [int(r["epoch"]) for r in rows] == [1, 2]
+        assert {"train_loss", "val_far", "val_frr", "val_hter", "lr"} <= rows[0].keys()
+        assert (run / f"fold_{fold}" / "curves.png").stat().st_size > 5_000
+    oof = list(csv.DictReader((run / "oof.csv").open()))
+    labels = load_dataset(dataset_dir).labels
+    assert len(oof) == len(labels)
+    assert [int(r["label"]) for r in oof] == labels.tolist()
+    assert all(0 <= float(r["score"]) <= 1 for r in oof)
+    preds = np.array([int(r["prediction"]) for r in oof])
+    assert error_rates(labels, preds)["hter"] == summary["oof"]["hter"]
+    folds = list(csv.DictReader((run / "folds.csv").open()))
+    assert [int(r["fold"]) for r in folds] == [int(r["fold"]) - 1 for r in oof]
+
+
+def test_same_seed_same_weights_on_cpu(dataset_dir, tmp_path):
+    data = load_dataset(dataset_dir)
+    cfg = TrainConfig(folds=2, epochs=1, batch_size=32)
+    a = train_run(data, cfg, tmp_path / "a", torch.device("cpu"))
+    b = train_run(data, cfg, tmp_path / "b", torch.device("cpu"))
+    assert a["oof"] == b["oof"]
+    for fold in (1, 2):
+        name = f"models/fold_{fold}.safetensors"
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert (tmp_path / "a" / "oof.csv").read_text() == (tmp_path / "b" / "oof.csv").read_text()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"epochs": 0}, "--epochs must be at least 1"),
+        ({"batch_size": 1}, "--batch-size"),
+        ({"step": 0}, "--step"),
+        ({"lr": 0.0}, "--lr and --gamma must be positive"),
+    ],
+)
+def test_impossible_settings_are_rejected_before_any_work(change, message, dataset_dir, tmp_path):
+    cfg = TrainConfig(**change)
+    with pytest.raises(FaceAttrError, match=message):
+        train_run(load_dataset(dataset_dir), cfg, tmp_path / "run", torch.device("cpu"))
+    assert not (tmp_path / "run").exists()
