@@ -7,8 +7,9 @@ into it, augmented on the device (see `augment`). No DataLoader and no per-image
 from __future__ import annotations
 
 import logging
+import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -84,8 +85,8 @@ class FoldResult:
     best_epoch: int
     state: dict[str, torch.Tensor]
     val_scores: np.ndarray
-    history: list[dict] = field(default_factory=list)
-    seconds: float = 0.0
+    history: list[dict]
+    seconds: float
 
 
 def class_weights(labels: torch.Tensor) -> torch.Tensor:
@@ -123,7 +124,7 @@ def train_fold(
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step, gamma=cfg.gamma)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-    best: FoldResult | None = None
+    best_hter, best_epoch, best_state, best_scores = math.inf, 0, {}, np.empty(0)
     history: list[dict] = []
     start = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
@@ -146,7 +147,7 @@ def train_fold(
             loss.backward()
             optimizer.step()
             loss_sum += loss.detach() * len(idx)
-            predicted[s : s + len(idx)] = logits.detach() > 0
+            predicted[s : s + len(idx)] = torch.sigmoid(logits.detach().float()) >= cfg.threshold
         scheduler.step()
 
         train_rates = error_rates(labels[order].cpu().numpy(), predicted.cpu().numpy())
@@ -167,10 +168,10 @@ def train_fold(
             "seconds": time.perf_counter() - t0,
         }
         history.append(row)
-        improved = best is None or row["val_hter"] < best.history[-1]["val_hter"]
+        improved = row["val_hter"] < best_hter
         if improved:
-            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            best = FoldResult(fold, epoch, state, val_scores, [row])
+            best_hter, best_epoch, best_scores = row["val_hter"], epoch, val_scores
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         log.info(
             "fold %d epoch %2d/%d  loss %.4f  val loss %.4f  val HTER %5.2f%% (FAR %.2f%% FRR %.2f%%)"
             "  %.1fs%s",
@@ -185,10 +186,8 @@ def train_fold(
             row["seconds"],
             "  *" if improved else "",
         )
-    assert best is not None, "epochs must be at least 1"
-    best.history = history
-    best.seconds = time.perf_counter() - start
-    return best
+    seconds = time.perf_counter() - start
+    return FoldResult(fold, best_epoch, best_state, best_scores, history, seconds)
 
 
 def train_run(dataset: Dataset, cfg: TrainConfig, out: str | Path, device: torch.device) -> dict:
