@@ -13,6 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from faceattr.outputs import atomic_path
 
@@ -85,6 +86,7 @@ def training_curves(history: list[dict], path: str | Path, best_epoch: int | Non
     ax_hter.set_title("HTER (%)")
     for ax in (ax_loss, ax_hter):
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if best_epoch is not None:
             ax.axvline(best_epoch, color="grey", ls="--", lw=1, label=f"best ({best_epoch})")
