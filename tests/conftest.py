@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from faceattr.synthetic import make_dataset
 
@@ -16,6 +18,14 @@ ROOT = Path(__file__).resolve().parents[1]
 CELEBA_ZIP = ROOT.parent / "shared" / "data" / "celeba64.zip"
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cache_dir(tmp_path_factory) -> Path:
+    """Every test and the commands it runs share one throw-away decoded-image cache."""
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["FACEATTR_CACHE"] = str(path)
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -89,3 +99,8 @@ def read_lines(path: Path) -> list[str]:
 
 def labels_of(path: Path) -> np.ndarray:
     return np.array([int(v) for v in read_lines(path)])
+
+
+def write_image(path: Path, colour, size=(64, 64), mode="RGB", fmt=None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, colour).save(path, format=fmt)

@@ -1,27 +1,20 @@
-import io
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
+from conftest import write_image
 from faceattr.data import (
     dataset_from_paths,
-    decode_image,
-    decode_images,
     load_dataset,
     load_test_images,
     numbered_images,
     open_source,
     parse_labels,
 )
+from faceattr.decode import decode_images
 from faceattr.errors import FaceAttrError
-
-
-def write_image(path: Path, colour, size=(64, 64), mode="RGB", fmt=None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new(mode, size, colour).save(path, format=fmt)
 
 
 def make_layout(root: Path, labels: list[int], n_test: int = 3, pad: bool = True) -> None:
@@ -127,36 +120,6 @@ def test_missing_or_empty_folders(tmp_path):
         load_dataset(tmp_path)
     with pytest.raises(FaceAttrError, match="expected train_img/"):
         load_dataset(tmp_path / "train_img")
-
-
-def test_other_sizes_and_modes_are_converted():
-    def encoded(mode, size, colour, fmt="PNG"):
-        buffer = io.BytesIO()
-        Image.new(mode, size, colour).save(buffer, format=fmt)
-        return buffer.getvalue()
-
-    gray, size, mode = decode_image(encoded("L", (64, 64), 100), "g")
-    assert gray.shape == (64, 64, 3) and (gray == 100).all() and mode == "L"
-    rgba, _, _ = decode_image(encoded("RGBA", (64, 64), (10, 20, 30, 255)), "a")
-    assert rgba[0, 0].tolist() == [10, 20, 30]
-    big, size, _ = decode_image(encoded("RGB", (128, 96), (5, 6, 7)), "b")
-    assert big.shape == (64, 64, 3) and size == (128, 96)
-
-
-def test_decode_audit_counts_conversions(tmp_path):
-    write_image(tmp_path / "v" / "1.png", 50, mode="L")
-    write_image(tmp_path / "v" / "2.jpg", (1, 2, 3), size=(80, 80))
-    write_image(tmp_path / "v" / "3.jpg", (1, 2, 3))
-    _, audit = decode_images(numbered_images(open_source(tmp_path), "v"))
-    assert (audit.resized, audit.converted) == (1, 1)
-    assert audit.modes == {"L": 1, "RGB": 2}
-
-
-def test_corrupt_image_is_named(tmp_path):
-    (tmp_path / "v").mkdir()
-    (tmp_path / "v" / "1.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    with pytest.raises(FaceAttrError, match=r"1\.jpg: cannot decode image"):
-        decode_images(numbered_images(open_source(tmp_path), "v"))
 
 
 def test_seed_style_paths(tmp_path):

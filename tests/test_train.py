@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from faceattr.checkpoints import load_fold_models
 from faceattr.data import load_dataset
 from faceattr.errors import FaceAttrError
 from faceattr.metrics import error_rates
@@ -93,3 +94,12 @@ def test_impossible_settings_are_rejected_before_any_work(change, message, datas
     with pytest.raises(FaceAttrError, match=message):
         train_run(load_dataset(dataset_dir), cfg, tmp_path / "run", torch.device("cpu"))
     assert not (tmp_path / "run").exists()
+
+
+def test_compiled_training_saves_plain_weights(dataset_dir, tmp_path):
+    data = load_dataset(dataset_dir)
+    cfg = TrainConfig(folds=2, epochs=1, batch_size=32, compile=True)
+    summary = train_run(data, cfg, tmp_path / "run", torch.device("cpu"))
+    assert summary["config"]["compile"] is True
+    (model, *_) = load_fold_models(tmp_path / "run" / "models")  # no "_orig_mod." prefixes
+    assert model.config["arch"] == "simple"

@@ -33,6 +33,13 @@ class _Formatter(logging.Formatter):
         return f"warning: {message}" if record.levelno >= logging.WARNING else message
 
 
+def cache_dir(args: argparse.Namespace) -> str | None:
+    """The decoded-image cache folder the options ask for; None for --no-cache."""
+    from faceattr.cache import default_cache_dir
+
+    return None if args.no_cache else str(args.cache or default_cache_dir())
+
+
 def percent(x: float) -> str:
     return f"{100 * x:.2f} %"
 
@@ -44,7 +51,8 @@ def cmd_explore(args: argparse.Namespace) -> int:
     from faceattr.data import load_dataset
     from faceattr.explore import explore, format_summary
 
-    summary = explore(load_dataset(args.data, need="any"), args.out, args.workers)
+    data = load_dataset(args.data, need="any")
+    summary = explore(data, args.out, args.workers, cache_dir(args))
     print(format_summary(summary))
     print(f"wrote {Path(args.out) / 'explore.json'} and its pictures")
     return 0
@@ -73,6 +81,8 @@ def run_train(dataset, args: argparse.Namespace) -> int:
         seed=args.seed,
         pretrained=str(args.pretrained) if args.pretrained else None,
         workers=args.workers,
+        cache=cache_dir(args),
+        compile=args.compile,
     )
     log.info("training %s, %d folds x %d epochs on %s", cfg.arch, cfg.folds, cfg.epochs, device)
     summary = train_run(dataset, cfg, args.out, device)
@@ -108,6 +118,7 @@ def run_predict(images, models_dir: str | Path, args: argparse.Namespace) -> int
         args.vote,
         args.batch_size,
         args.workers,
+        cache_dir(args),
     )
     print(
         f"{summary['images']:,} images, {summary['models']} models, {summary['vote']} vote: "
@@ -163,6 +174,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0, help="seed for folds, weights and augmentation")
     p.add_argument(
+        "--compile", action="store_true", help="torch.compile the training step (pays on a GPU)"
+    )
+    p.add_argument(
         "--pretrained",
         type=Path,
         default=None,
@@ -173,7 +187,14 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
 def add_common(p: argparse.ArgumentParser, device: bool = True) -> None:
     if device:
         p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-    p.add_argument("--workers", type=int, default=None, help="image-decoding threads")
+    p.add_argument("--workers", type=int, default=None, help="image-decoding processes")
+    p.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="folder for decoded-image caches (default $FACEATTR_CACHE or ~/.cache/faceattr)",
+    )
+    p.add_argument("--no-cache", action="store_true", help="decode images in memory every time")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings, errors and results")
     p.add_argument("-v", "--verbose", action="store_true", help="more detail")
 

@@ -5,30 +5,24 @@ image N) and optionally `val_img/` (unlabelled test images), at the top of the f
 folder down (the exercise's zip has a top folder). Images are ordered by their number, never by
 string sort, so `2.jpg` comes before `10.jpg`.
 
-Every image is decoded once into a uint8 array of shape (N, 64, 64, 3): the rest of the project
-works on that array, never on files.
+Decoding the images into one array is `decode`'s job; this module only finds and checks them.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import threading
 import zipfile
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from faceattr.errors import FaceAttrError
 
 log = logging.getLogger("faceattr")
 
-SIZE = 64
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 TRAIN_DIR, LABEL_FILE, TEST_DIR = "train_img", "label_train.txt", "val_img"
 
@@ -40,7 +34,7 @@ class FolderSource:
     """Files under a folder on disk; paths are relative, with '/' separators."""
 
     def __init__(self, root: Path):
-        self.root = root
+        self.root = self.path = root
 
     def __str__(self) -> str:
         return str(self.root)
@@ -61,6 +55,11 @@ class FolderSource:
 
     def read(self, rel: str) -> bytes:
         return (self.root / rel).read_bytes()
+
+    def stat(self, rel: str) -> tuple:
+        """What identifies a file's version: size and modification time."""
+        st = (self.root / rel).stat()
+        return st.st_size, st.st_mtime_ns
 
     def describe(self, rel: str) -> str:
         return str(self.root / rel)
@@ -108,6 +107,11 @@ class ZipSource:
     def read(self, rel: str) -> bytes:
         with self._lock:
             return self.zip.read(rel)
+
+    def stat(self, rel: str) -> tuple:
+        """What identifies a member's version: size, CRC and time stamp."""
+        info = self.zip.getinfo(rel)
+        return info.file_size, info.CRC, info.date_time
 
     def describe(self, rel: str) -> str:
         return f"{self.path}:{rel}"
@@ -329,81 +333,3 @@ def load_test_images(path: str | Path) -> ImageSet:
     if root is None and isinstance(source, FolderSource):
         return numbered_images(source, "")
     raise FaceAttrError(f"{path}: no {TEST_DIR}/ folder and no numbered images found")
-
-
-# --- decoding -------------------------------------------------------------------------------------
-
-
-@dataclass
-class Audit:
-    """What decoding found: original sizes and modes, and how many images had to be converted."""
-
-    sizes: Counter = field(default_factory=Counter)
-    modes: Counter = field(default_factory=Counter)
-    resized: int = 0
-    converted: int = 0
-
-    def to_dict(self) -> dict:
-        return {
-            "sizes": dict(self.sizes.most_common()),
-            "modes": dict(self.modes.most_common()),
-            "resized": self.resized,
-            "converted": self.converted,
-        }
-
-
-def decode_image(raw: bytes, where: str) -> tuple[np.ndarray, tuple[int, int], str]:
-    """One image as 64x64 RGB uint8, with its original size and mode.
-
-    Non-square images are centre-cropped to a square before resizing, so faces keep their shape.
-    """
-    try:
-        with Image.open(io.BytesIO(raw)) as im:
-            size, mode = im.size, im.mode
-            if im.mode != "RGB":
-                im = im.convert("RGB")
-            if im.size != (SIZE, SIZE):
-                w, h = im.size
-                side = min(w, h)
-                box = (
-                    (w - side) // 2,
-                    (h - side) // 2,
-                    (w - side) // 2 + side,
-                    (h - side) // 2 + side,
-                )
-                im = im.resize((SIZE, SIZE), Image.Resampling.BICUBIC, box=box)
-            array = np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise FaceAttrError(f"{where}: cannot decode image ({e})") from None
-    return array, size, mode
-
-
-def decode_images(images: ImageSet, workers: int | None = None) -> tuple[np.ndarray, Audit]:
-    """Decode every image of `images` in parallel threads (PIL releases the GIL while decoding)."""
-    paths = images.paths()
-    out = np.empty((len(paths), SIZE, SIZE, 3), dtype=np.uint8)
-    audit = Audit()
-    source = images.source
-
-    def work(i: int) -> tuple[tuple[int, int], str]:
-        array, size, mode = decode_image(source.read(paths[i]), source.describe(paths[i]))
-        out[i] = array
-        return size, mode
-
-    workers = workers or min(32, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for size, mode in pool.map(work, range(len(paths))):
-            audit.sizes[f"{size[0]}x{size[1]}"] += 1
-            audit.modes[mode] += 1
-            audit.resized += size != (SIZE, SIZE)
-            audit.converted += mode != "RGB"
-    if audit.resized or audit.converted:
-        log.warning(
-            "%s: %d images resized to %dx%d, %d converted to RGB",
-            images.describe(),
-            audit.resized,
-            SIZE,
-            SIZE,
-            audit.converted,
-        )
-    return out, audit

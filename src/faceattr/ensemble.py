@@ -20,13 +20,14 @@ def to_model_input(images: torch.Tensor) -> torch.Tensor:
 def model_scores(model: nn.Module, images: torch.Tensor, batch_size: int = 1024) -> np.ndarray:
     """Probability of label 1 for every image of a uint8 (N, 64, 64, 3) tensor.
 
-    The model runs where the images are; the model is left in eval mode.
+    The images may sit on the host or on the model's device; batches go where the model is. The
+    model is left in eval mode.
     """
     model.eval()
-    device = images.device
+    device = next(model.parameters(), images).device
     out = []
     for start in range(0, len(images), batch_size):
-        x = to_model_input(images[start : start + batch_size])
+        x = to_model_input(images[start : start + batch_size].to(device, non_blocking=True))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(x)
         out.append(torch.sigmoid(logits.float()).cpu())

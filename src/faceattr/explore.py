@@ -6,7 +6,8 @@ import logging
 from pathlib import Path
 
 from faceattr import reports
-from faceattr.data import Dataset, decode_images
+from faceattr.cache import load_images
+from faceattr.data import Dataset
 from faceattr.outputs import ensure_writable_dir, write_json
 
 log = logging.getLogger("faceattr")
@@ -31,14 +32,20 @@ def imbalance_verdict(counts: dict[int, int]) -> str:
     )
 
 
-def explore(dataset: Dataset, out: str | Path, workers: int | None = None) -> dict:
-    """Write explore.json, class_balance.png and samples.png to `out`; return the summary."""
+def explore(
+    dataset: Dataset, out: str | Path, workers: int | None = None, cache: str | Path | None = None
+) -> dict:
+    """Write explore.json, class_balance.png and samples.png to `out`; return the summary.
+
+    Images are decoded through the same cache as `train` and `predict`, which then find them.
+    """
     out = ensure_writable_dir(out)
     summary: dict = {"data": dataset.where}
     if dataset.train is not None and dataset.labels is not None:
         labels = dataset.labels
         counts = {c: int((labels == c).sum()) for c in (0, 1)}
-        images, audit = decode_images(dataset.train, workers)
+        loaded = load_images(dataset.train, cache, workers, extra=labels.tobytes())
+        images, audit = loaded.array, loaded.audit
         summary.update(
             n_train=len(labels),
             class_counts={str(c): n for c, n in counts.items()},
@@ -49,7 +56,7 @@ def explore(dataset: Dataset, out: str | Path, workers: int | None = None) -> di
         reports.class_balance(counts, out / "class_balance.png")
         reports.sample_grid(images, labels, out / "samples.png")
     if dataset.test is not None:
-        _, test_audit = decode_images(dataset.test, workers)
+        test_audit = load_images(dataset.test, cache, workers).audit
         summary.update(n_test=len(dataset.test), test_audit=test_audit.to_dict())
     write_json(out / "explore.json", summary)
     return summary

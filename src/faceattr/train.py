@@ -19,8 +19,10 @@ from torch import nn
 
 from faceattr import reports
 from faceattr.augment import augment
+from faceattr.batches import DeviceImages
+from faceattr.cache import load_images
 from faceattr.checkpoints import save_fold_model
-from faceattr.data import Dataset, decode_images
+from faceattr.data import Dataset
 from faceattr.ensemble import model_scores, to_model_input
 from faceattr.errors import FaceAttrError
 from faceattr.folds import make_folds, save_folds
@@ -42,6 +44,7 @@ HISTORY_COLUMNS = [
     "val_far",
     "val_frr",
     "val_hter",
+    "train_seconds",
     "seconds",
 ]
 
@@ -60,7 +63,9 @@ class TrainConfig:
     seed: int = 0
     threshold: float = 0.5
     pretrained: str | None = None
-    workers: int | None = None  # image-decoding threads; None = one per core
+    workers: int | None = None  # image-decoding processes; None = one per core
+    cache: str | None = None  # folder of decoded-image caches; None = decode in memory every time
+    compile: bool = False  # torch.compile the training step
 
     def check(self) -> None:
         """Reject impossible settings before any work starts."""
@@ -103,26 +108,32 @@ def weighted_bce(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -
 
 def train_fold(
     model: nn.Module,
-    images: torch.Tensor,
+    images: DeviceImages | torch.Tensor,
     labels: torch.Tensor,
     train_idx: np.ndarray,
     val_idx: np.ndarray,
     cfg: TrainConfig,
     fold: int,
 ) -> FoldResult:
-    """Train `model` on `train_idx` of the device-resident `images`; keep the best epoch on `val_idx`.
+    """Train `model` on `train_idx` of `images`; keep its best epoch on `val_idx`.
+
+    `images[idx]` must give a uint8 batch on the device of `labels` and of the model.
 
     The best epoch is the one with the lowest validation HTER (ties go to the earlier epoch).
     """
-    device = images.device
+    device = labels.device
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + fold)
     order_gen = torch.Generator().manual_seed(cfg.seed * 1000 + fold)
     train_t = torch.as_tensor(train_idx, device=device)
-    y_val = labels[torch.as_tensor(val_idx, device=device)]
+    val_t = torch.as_tensor(val_idx, device=device)
+    y_val = labels[val_t]
     weights = class_weights(labels[train_t])
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step, gamma=cfg.gamma)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    # Compiled, the step sees one batch shape only (a remainder batch is dropped): no recompiles.
+    step_model = torch.compile(model) if cfg.compile else model
+    usable = len(train_idx) // cfg.batch_size * cfg.batch_size if cfg.compile else len(train_idx)
 
     best_hter, best_epoch, best_state, best_scores = math.inf, 0, {}, np.empty(0)
     history: list[dict] = []
@@ -131,7 +142,7 @@ def train_fold(
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         model.train()
-        order = train_t[torch.randperm(len(train_t), generator=order_gen).to(device)]
+        order = train_t[torch.randperm(len(train_t), generator=order_gen).to(device)][:usable]
         if len(order) % cfg.batch_size == 1:  # BatchNorm cannot train on a batch of one image
             order = order[:-1]
         loss_sum = torch.zeros((), device=device)
@@ -141,7 +152,7 @@ def train_fold(
             x = augment(to_model_input(images[idx]), gen)
             y = labels[idx]
             with autocast:
-                logits = model(x)
+                logits = step_model(x)
             loss = weighted_bce(logits, y, weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -149,9 +160,12 @@ def train_fold(
             loss_sum += loss.detach() * len(idx)
             predicted[s : s + len(idx)] = torch.sigmoid(logits.detach().float()) >= cfg.threshold
         scheduler.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # so that train_seconds is the work, not its queueing
+        train_seconds = time.perf_counter() - t0
 
         train_rates = error_rates(labels[order].cpu().numpy(), predicted.cpu().numpy())
-        val_scores = model_scores(model, images[torch.as_tensor(val_idx, device=device)])
+        val_scores = model_scores(model, images[val_t])
         val_logits = torch.logit(torch.as_tensor(val_scores, device=device), eps=1e-7)
         val_rates = error_rates(y_val.cpu().numpy(), scores_to_labels(val_scores, cfg.threshold))
         row = {
@@ -165,6 +179,7 @@ def train_fold(
             "val_far": val_rates["far"],
             "val_frr": val_rates["frr"],
             "val_hter": val_rates["hter"],
+            "train_seconds": train_seconds,
             "seconds": time.perf_counter() - t0,
         }
         history.append(row)
@@ -203,15 +218,7 @@ def train_run(dataset: Dataset, cfg: TrainConfig, out: str | Path, device: torch
     train_images, labels = dataset.require_train()
     fold_of = make_folds(labels, cfg.folds, cfg.seed)  # checks the labels before the long work
 
-    t0 = time.perf_counter()
-    array, audit = decode_images(train_images, cfg.workers)
-    decode_s = time.perf_counter() - t0
-    log.info(
-        "decoded %d training images in %.1fs (%.0f images/s)",
-        len(array),
-        decode_s,
-        len(array) / max(decode_s, 1e-9),
-    )
+    loaded = load_images(train_images, cfg.cache, cfg.workers, extra=labels.tobytes())
 
     names = train_images.names
     save_folds(out / "folds.csv", names, labels, fold_of)
@@ -222,12 +229,13 @@ def train_run(dataset: Dataset, cfg: TrainConfig, out: str | Path, device: torch
         "environment": describe(device),
         "n_train": len(labels),
         "class_counts": {str(c): int((labels == c).sum()) for c in (0, 1)},
-        "audit": audit.to_dict(),
+        "audit": loaded.audit.to_dict(),
+        "decode": loaded.summary(),
     }
     write_json(out / "run.json", summary)
 
     seed_everything(cfg.seed)
-    images = torch.from_numpy(array).to(device)
+    images = DeviceImages(loaded.array, device)
     labels_t = torch.from_numpy(labels).to(device)
     oof = np.full(len(labels), np.nan)
     folds_summary = []
@@ -299,7 +307,7 @@ def train_run(dataset: Dataset, cfg: TrainConfig, out: str | Path, device: torch
         folds=folds_summary,
         oof=oof_metrics,
         timings={
-            "decode_s": decode_s,
+            "decode_s": loaded.seconds,
             "total_s": time.perf_counter() - started,
             "folds_s": [f["train_seconds"] for f in folds_summary],
         },

@@ -1,0 +1,329 @@
+"""Throughput of faceattr against the compute ceiling and a typical per-image DataLoader pipeline.
+
+One JSON line per measurement on stdout, and the same lines appended to
+benchmarks/results/throughput-<device>.jsonl (device: e.g. h200, cpu):
+
+  ceiling     train steps/s of the model on random data already on the device (eager, compiled)
+  faceattr    training images/s over whole epochs of faceattr's loop on a real dataset, augmentation
+              included
+  baseline    the same model fed by a DataLoader that opens and decodes each JPEG with PIL and
+              applies torchvision's per-image transforms, num_workers = cores
+  decode      images/s of the decoded-image cache build
+  end_to_end  wall time of `faceattr train` + `faceattr predict` as a user runs them, data cached
+
+    python benchmarks/throughput.py --data ../shared/data/celeba64.zip            # everything
+    python benchmarks/throughput.py --data D --measures ceiling --arch resnet18    # one part
+
+On a CPU use small sizes (--steps, --epochs, --limit, --e2e-args); the test suite does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+from faceattr.batches import DeviceImages
+from faceattr.cache import load_images
+from faceattr.data import ImageSet, ZipSource, load_dataset
+from faceattr.models import create_model
+from faceattr.runtime import resolve_device
+from faceattr.train import TrainConfig, class_weights, train_fold, weighted_bce
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MEASURES = ("ceiling", "faceattr", "baseline", "decode", "end_to_end")
+
+
+def device_name(device: torch.device) -> str:
+    """A short name for the results file: 'cpu', or the GPU model ('h200', 'a100', ...)."""
+    if device.type != "cuda":
+        return "cpu"
+    words = torch.cuda.get_device_name(device).lower().replace("nvidia", "").split()
+    return words[0] if words else "cuda"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def subset(images: ImageSet, labels: np.ndarray, limit: int | None) -> tuple[ImageSet, np.ndarray]:
+    """The first `limit` images, for small runs."""
+    if not limit or limit >= len(images):
+        return images, labels
+    return ImageSet(images.source, images.folder, images.names[:limit]), labels[:limit]
+
+
+# --- 1. ceiling: the model alone ---------------------------------------------------------------
+
+
+def ceiling(arch: str, device: torch.device, batch: int, steps: int, compiled: bool) -> float:
+    """Train-step images/s on random data already on the device: no loader, no augmentation."""
+    torch.manual_seed(0)
+    model = create_model(arch).to(device).to(memory_format=torch.channels_last).train()
+    step_model = torch.compile(model) if compiled else model
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.rand(batch, 3, 64, 64, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 2, (batch,), device=device)
+    weights = class_weights(y)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = step_model(x)
+        loss = weighted_bce(logits, y, weights)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(3):  # warm-up, and compilation when asked
+        step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return batch * steps / (time.perf_counter() - start)
+
+
+# --- 2. faceattr: the real training loop -------------------------------------------------------
+
+
+def faceattr_loop(
+    array: np.ndarray,
+    labels: np.ndarray,
+    arch: str,
+    device: torch.device,
+    batch: int,
+    epochs: int,
+    compiled: bool,
+) -> float:
+    """Training images/s of faceattr's own loop (augmentation included) over whole epochs.
+
+    The first epoch is left out when there are more (it holds compilation and warm-up).
+    """
+    torch.manual_seed(0)
+    images = DeviceImages(array, device)
+    labels_t = torch.from_numpy(labels).to(device)
+    n = len(labels)
+    val_idx = np.arange(0, n, 5)
+    train_idx = np.setdiff1d(np.arange(n), val_idx)
+    cfg = TrainConfig(arch=arch, epochs=epochs, batch_size=batch, compile=compiled)
+    model = create_model(arch).to(device).to(memory_format=torch.channels_last)
+    result = train_fold(model, images, labels_t, train_idx, val_idx, cfg, fold=1)
+    timed = result.history[1:] or result.history
+    per_epoch = len(train_idx) // batch * batch if compiled else len(train_idx)
+    return per_epoch * len(timed) / sum(r["train_seconds"] for r in timed)
+
+
+# --- 3. baseline: a per-image DataLoader, as typical solutions do ---------------------------------
+
+
+class PILFaces(Dataset):
+    """Opens and decodes each JPEG with PIL, then torchvision's per-image transforms."""
+
+    def __init__(self, files: list[Path], labels: np.ndarray):
+        self.files, self.labels = files, labels
+        self.transform = T.Compose(
+            [
+                T.RandomAffine(degrees=5, translate=(4 / 64, 4 / 64)),
+                T.RandomHorizontalFlip(),
+                T.ToTensor(),
+            ]
+        )
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        with Image.open(self.files[i]) as im:
+            return self.transform(im.convert("RGB")), int(self.labels[i])
+
+
+def extract(images: ImageSet, folder: Path) -> list[Path]:
+    """The images as files on disk, as a typical solution reads them (a zip is unpacked first)."""
+    if isinstance(images.source, ZipSource):
+        folder.mkdir(parents=True, exist_ok=True)
+        files = []
+        for rel, name in zip(images.paths(), images.names, strict=True):
+            (folder / name).write_bytes(images.source.read(rel))
+            files.append(folder / name)
+        return files
+    return [Path(images.source.path) / rel for rel in images.paths()]
+
+
+def baseline(
+    files: list[Path],
+    labels: np.ndarray,
+    arch: str,
+    device: torch.device,
+    batch: int,
+    steps: int,
+    workers: int,
+) -> float:
+    """Train-step images/s of the same model fed by a PIL DataLoader."""
+    torch.manual_seed(0)
+    loader = DataLoader(
+        PILFaces(files, labels),
+        batch_size=batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+    )
+    model = create_model(arch).to(device).to(memory_format=torch.channels_last).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    weights = class_weights(torch.from_numpy(labels)).to(device)
+    done, start = 0, None
+    while done < steps + 3:
+        for x, y in loader:
+            if done == 3:  # the first batches wait for the workers to start
+                sync(device)
+                start = time.perf_counter()
+            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            y = y.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = model(x)
+            loss = weighted_bce(logits, y, weights)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            done += 1
+            if done == steps + 3:
+                break
+    sync(device)
+    return batch * steps / (time.perf_counter() - start)
+
+
+# --- 5. end to end: the commands ----------------------------------------------------------------
+
+
+def end_to_end(data: str, device: str, extra: list[str], cache: Path, work: Path) -> dict:
+    """Wall time of `faceattr train` then `faceattr predict`, run as a user runs them."""
+    base = [sys.executable, "-m", "faceattr"]
+    common = ["--device", device, "--cache", str(cache), "-q"]
+    timings = {}
+    for name, args in (
+        ("train_seconds", ["train", data, "--out", str(work / "run"), *extra]),
+        (
+            "predict_seconds",
+            ["predict", data, "--run", str(work / "run"), "--output", str(work / "label_val.txt")],
+        ),
+    ):
+        start = time.perf_counter()
+        subprocess.run([*base, *args, *common], check=True, stdout=subprocess.DEVNULL)
+        timings[name] = time.perf_counter() - start
+    timings["seconds"] = timings["train_seconds"] + timings["predict_seconds"]
+    return timings
+
+
+# --- driver ---------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="dataset folder or .zip (e.g. celeba64.zip)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--arch", nargs="+", default=["simple", "resnet18"])
+    p.add_argument("--measures", nargs="+", default=list(MEASURES), choices=MEASURES)
+    p.add_argument("--batch-size", type=int, default=None, help="default 512 on a GPU, 128 on CPU")
+    p.add_argument("--steps", type=int, default=50, help="timed train steps (ceiling, baseline)")
+    p.add_argument("--epochs", type=int, default=3, help="epochs of the faceattr loop")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--no-compile", action="store_true", help="skip the compiled measurements")
+    p.add_argument(
+        "--e2e-args", default="", help="extra `faceattr train` options, e.g. '--epochs 1'"
+    )
+    p.add_argument("--results", type=Path, default=None, help="results file (default: per device)")
+    args = p.parse_args(argv)
+
+    device = resolve_device(args.device)
+    name = device_name(device)
+    batch = args.batch_size or (512 if device.type == "cuda" else 128)
+    results = args.results or RESULTS / f"throughput-{name}.jsonl"
+    results.parent.mkdir(parents=True, exist_ok=True)
+    compile_modes = [False] if args.no_compile else [False, True]
+    workers = os.cpu_count() or 1
+    common = {
+        "device": name,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "batch_size": batch,
+        "cpu_cores": workers,
+    }
+
+    def emit(record: dict) -> None:
+        line = json.dumps({**record, **common})
+        print(line, flush=True)
+        with results.open("a") as f:
+            f.write(line + "\n")
+
+    dataset = load_dataset(args.data, need="any")
+    images, labels = subset(*dataset.require_train(), args.limit)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        loaded = load_images(images, tmp / "cache", extra=labels.tobytes())
+        if "decode" in args.measures:
+            emit(
+                {
+                    "measure": "decode",
+                    "img_per_s": loaded.images_per_s,
+                    "images": len(images),
+                    "workers": workers,
+                }
+            )
+        files = extract(images, tmp / "files") if "baseline" in args.measures else []
+        for arch in args.arch:
+            for compiled in compile_modes:
+                settings = {"arch": arch, "compiled": compiled}
+                if "ceiling" in args.measures:
+                    rate = ceiling(arch, device, batch, args.steps, compiled)
+                    emit({"measure": "ceiling", "img_per_s": rate, **settings, "steps": args.steps})
+                if "faceattr" in args.measures:
+                    rate = faceattr_loop(
+                        np.asarray(loaded.array), labels, arch, device, batch, args.epochs, compiled
+                    )
+                    emit(
+                        {
+                            "measure": "faceattr",
+                            "img_per_s": rate,
+                            **settings,
+                            "epochs": args.epochs,
+                            "images": len(images),
+                        }
+                    )
+            if "baseline" in args.measures:
+                rate = baseline(files, labels, arch, device, batch, args.steps, workers)
+                emit(
+                    {
+                        "measure": "baseline",
+                        "img_per_s": rate,
+                        "arch": arch,
+                        "compiled": False,
+                        "steps": args.steps,
+                        "num_workers": workers,
+                    }
+                )
+        if "end_to_end" in args.measures:
+            if dataset.test is not None:  # predict finds its images decoded, as train does
+                load_images(dataset.test, tmp / "cache")
+            extra = args.e2e_args.split()
+            timings = end_to_end(args.data, args.device, extra, tmp / "cache", tmp)
+            emit({"measure": "end_to_end", **timings, "train_args": " ".join(extra) or "defaults"})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,129 @@
+"""Decode once: every image set is cached as a memory-mapped .npy, keyed by a fingerprint.
+
+The fingerprint covers the source, every file's name, size and modification time (size, CRC and
+time stamp inside a zip), the decoder's version and any extra bytes the caller adds (the label
+file for a training set). A changed, added or removed file gives a new key, so a stale cache is
+never read. The array is memory-mapped, so a dataset larger than RAM still works.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from faceattr.data import ImageSet
+from faceattr.decode import SIZE, Audit, decode_images
+from faceattr.errors import FaceAttrError
+from faceattr.outputs import atomic_path, ensure_writable_dir, write_json
+
+log = logging.getLogger("faceattr")
+
+CACHE_VERSION = 1  # bump when decoding changes what lands in the array
+
+
+def default_cache_dir() -> Path:
+    """$FACEATTR_CACHE, else $XDG_CACHE_HOME/faceattr, else ~/.cache/faceattr."""
+    if os.environ.get("FACEATTR_CACHE"):
+        return Path(os.environ["FACEATTR_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "faceattr"
+
+
+def fingerprint(images: ImageSet, extra: bytes = b"") -> str:
+    """A key that changes whenever any input of the decoded array does."""
+    h = hashlib.sha256()
+    source = Path(images.source.path).resolve()
+    h.update(f"faceattr-cache v{CACHE_VERSION} {SIZE} {source} {images.folder}\n".encode())
+    for rel in images.paths():
+        h.update(f"{rel} {images.source.stat(rel)}\n".encode())
+    h.update(extra)
+    return h.hexdigest()[:32]
+
+
+@dataclass
+class Loaded:
+    """A decoded image set and how it was obtained."""
+
+    array: np.ndarray
+    audit: Audit
+    cache: str  # "hit", "miss" (decoded and stored) or "off"
+    seconds: float
+    path: str | None = None
+
+    @property
+    def images_per_s(self) -> float:
+        return len(self.array) / max(self.seconds, 1e-9)
+
+    def summary(self) -> dict:
+        return {
+            "cache": self.cache,
+            "path": self.path,
+            "seconds": self.seconds,
+            "images_per_s": self.images_per_s,
+        }
+
+
+def load_images(
+    images: ImageSet, cache_dir: str | Path | None, workers: int | None = None, extra: bytes = b""
+) -> Loaded:
+    """The decoded (N, 64, 64, 3) array of `images`, from the cache when it is there.
+
+    With `cache_dir` None nothing is cached. A cache folder that cannot be written is a warning,
+    not an error: the images are decoded in memory instead.
+    """
+    start = time.perf_counter()
+    if cache_dir is not None:
+        try:
+            cache_dir = ensure_writable_dir(cache_dir)
+        except FaceAttrError as e:
+            log.warning("not caching decoded images: %s", e)
+            cache_dir = None
+    if cache_dir is None:
+        array, audit = decode_images(images, workers)
+        return Loaded(array, audit, "off", time.perf_counter() - start)
+
+    key = fingerprint(images, extra)
+    npy, meta = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
+    if npy.exists() and meta.exists():
+        try:
+            # Copy-on-write: writable for torch, never written back to the file.
+            array = np.load(npy, mmap_mode="c")
+            audit = Audit.from_dict(json.loads(meta.read_text())["audit"])
+            if array.shape == (len(images), SIZE, SIZE, 3) and array.dtype == np.uint8:
+                log.info("decoded images of %s found in the cache", images.describe())
+                return Loaded(array, audit, "hit", time.perf_counter() - start, str(npy))
+        except (OSError, ValueError, KeyError, json.JSONDecodeError):
+            pass
+        log.warning("cache entry %s is damaged; decoding again", npy)
+
+    shape = (len(images), SIZE, SIZE, 3)
+    with atomic_path(npy) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        _, audit = decode_images(images, workers, out=out)
+        out.flush()
+        del out
+    seconds = time.perf_counter() - start
+    write_json(
+        meta,
+        {
+            "source": images.describe(),
+            "images": len(images),
+            "audit": audit.to_dict(),
+            "decode_s": seconds,
+        },
+    )
+    log.info(
+        "decoded %d images of %s in %.1fs (%.0f images/s)",
+        len(images),
+        images.describe(),
+        seconds,
+        len(images) / max(seconds, 1e-9),
+    )
+    return Loaded(np.load(npy, mmap_mode="c"), audit, "miss", seconds, str(npy))

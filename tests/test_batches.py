@@ -1,0 +1,30 @@
+import numpy as np
+import pytest
+import torch
+
+from faceattr.batches import DeviceImages, placement
+
+GB = 1 << 30
+
+
+@pytest.mark.parametrize(
+    ("device", "nbytes", "device_free", "host_free", "expected"),
+    [
+        ("cpu", 100 * GB, 0, 0, "device"),  # on a CPU the host is the device
+        ("cuda", 1 * GB, 80 * GB, 16 * GB, "device"),
+        ("cuda", 50 * GB, 80 * GB, 200 * GB, "pinned"),
+        ("cuda", 50 * GB, 80 * GB, 64 * GB, "mapped"),
+    ],
+)
+def test_placement(device, nbytes, device_free, host_free, expected):
+    assert placement(nbytes, torch.device(device), device_free, host_free) == expected
+
+
+@pytest.mark.parametrize("where", ["device", "mapped"])
+def test_batches_are_the_indexed_images(where):
+    array = np.random.default_rng(0).integers(0, 255, (50, 64, 64, 3), dtype=np.uint8)
+    images = DeviceImages(array, torch.device("cpu"), where=where)
+    idx = torch.tensor([3, 1, 49, 3])
+    batch = images[idx]
+    assert len(images) == 50 and batch.dtype == torch.uint8
+    assert np.array_equal(batch.numpy(), array[[3, 1, 49, 3]])

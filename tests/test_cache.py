@@ -1,0 +1,75 @@
+import json
+import os
+
+import numpy as np
+
+from conftest import cli
+from faceattr.cache import fingerprint, load_images
+from faceattr.data import load_dataset
+
+
+def test_miss_then_hit_with_the_same_array(dataset_dir, tmp_path):
+    images = load_dataset(dataset_dir).train
+    first = load_images(images, tmp_path)
+    assert first.cache == "miss" and first.images_per_s > 0
+    second = load_images(images, tmp_path)
+    assert second.cache == "hit"
+    assert isinstance(second.array, np.memmap)  # read from disk on demand, not loaded whole
+    assert np.array_equal(first.array, second.array)
+    assert second.audit == first.audit
+    assert len(list(tmp_path.glob("*.npy"))) == 1 and not list(tmp_path.glob(".*tmp"))
+
+
+def test_a_changed_file_or_label_file_misses(dataset_dir, tmp_path):
+    images = load_dataset(dataset_dir).train
+    key = fingerprint(images)
+    assert fingerprint(images) == key
+    assert fingerprint(images, extra=b"labels") != key
+    target = dataset_dir / "train_img" / "000007.jpg"
+    stat = target.stat()
+    try:
+        os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+        assert fingerprint(images) != key
+        assert load_images(images, tmp_path).cache == "miss"
+    finally:
+        os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert fingerprint(images) == key
+
+
+def test_damaged_entry_is_rebuilt(dataset_dir, tmp_path):
+    images = load_dataset(dataset_dir).train
+    good = np.array(load_images(images, tmp_path).array)
+    (npy,) = tmp_path.glob("*.npy")
+    npy.unlink()  # a new file: truncating a mapped one in place would kill this process
+    npy.write_bytes(b"garbage")
+    again = load_images(images, tmp_path)
+    assert again.cache == "miss" and np.array_equal(again.array, good)
+
+
+def test_unwritable_cache_folder_falls_back_to_memory(dataset_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache folder should be")
+    loaded = load_images(load_dataset(dataset_dir).train, blocker / "cache")
+    assert loaded.cache == "off" and loaded.array.shape == (160, 64, 64, 3)
+    assert load_images(load_dataset(dataset_dir).train, None).cache == "off"
+
+
+def test_second_train_does_not_decode_again(dataset_dir, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        result = cli(
+            "train",
+            str(dataset_dir),
+            "--out",
+            str(tmp_path / name),
+            "--folds",
+            "2",
+            "--epochs",
+            "1",
+            "--cache",
+            str(tmp_path / "cache"),
+        )
+        assert result.returncode == 0, result.stderr
+        runs.append(json.loads((tmp_path / name / "run.json").read_text()))
+    assert runs[0]["decode"]["cache"] == "miss" and runs[1]["decode"]["cache"] == "hit"
+    assert runs[0]["oof"] == runs[1]["oof"]

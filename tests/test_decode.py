@@ -1,0 +1,97 @@
+import io
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import write_image
+from faceattr import decode
+from faceattr.data import load_dataset, numbered_images, open_source
+from faceattr.decode import decode_image, decode_images
+from faceattr.errors import FaceAttrError
+
+
+def jpeg_bytes(array: np.ndarray, quality: int = 90) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def test_fast_jpeg_path_matches_pil():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        raw = jpeg_bytes(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+        fast, size, mode = decode_image(raw)
+        with Image.open(io.BytesIO(raw)) as im:
+            reference = np.asarray(im.convert("RGB"))
+        assert (size, mode) == ((64, 64), "RGB")
+        assert np.abs(fast.astype(int) - reference).max() <= 1
+
+
+def test_truncated_jpeg_is_named_not_padded():
+    raw = jpeg_bytes(np.full((64, 64, 3), 128, dtype=np.uint8))
+    with pytest.raises(FaceAttrError, match=r"broken\.jpg: cannot decode image"):
+        decode_image(raw[: len(raw) // 2], "broken.jpg")
+
+
+@pytest.mark.parametrize("use_zip", [False, True])
+def test_worker_processes_give_the_same_array_as_one_process(
+    dataset_dir, tmp_path, monkeypatch, use_zip
+):
+    path = dataset_dir
+    if use_zip:
+        path = tmp_path / "d.zip"
+        with zipfile.ZipFile(path, "w") as z:
+            for p in sorted(dataset_dir.rglob("*")):
+                z.write(p, p.relative_to(dataset_dir).as_posix())
+    images = load_dataset(path).train
+    serial, serial_audit = decode_images(images, workers=1)
+    monkeypatch.setattr(decode, "CHUNK", 16)
+    monkeypatch.setattr(decode, "PARALLEL_FROM", 32)
+    parallel, parallel_audit = decode_images(images, workers=2)
+    assert isinstance(parallel.base, (memoryview, bytes)) or parallel.base is not None
+    assert np.array_equal(serial, parallel)
+    assert serial_audit == parallel_audit and sum(parallel_audit.sizes.values()) == 160
+
+
+def test_an_error_in_a_worker_reaches_the_user(dataset_dir, tmp_path, monkeypatch):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    good = (dataset_dir / "train_img" / "000001.jpg").read_bytes()
+    for i in range(1, 65):
+        (folder / f"{i}.jpg").write_bytes(good if i != 50 else b"not an image")
+    monkeypatch.setattr(decode, "CHUNK", 8)
+    monkeypatch.setattr(decode, "PARALLEL_FROM", 16)
+    with pytest.raises(FaceAttrError, match=r"50\.jpg: cannot decode image"):
+        decode_images(numbered_images(open_source(tmp_path), "imgs"), workers=2)
+
+
+def test_other_sizes_and_modes_are_converted():
+    def encoded(mode, size, colour, fmt="PNG"):
+        buffer = io.BytesIO()
+        Image.new(mode, size, colour).save(buffer, format=fmt)
+        return buffer.getvalue()
+
+    gray, size, mode = decode_image(encoded("L", (64, 64), 100), "g")
+    assert gray.shape == (64, 64, 3) and (gray == 100).all() and mode == "L"
+    rgba, _, _ = decode_image(encoded("RGBA", (64, 64), (10, 20, 30, 255)), "a")
+    assert rgba[0, 0].tolist() == [10, 20, 30]
+    big, size, _ = decode_image(encoded("RGB", (128, 96), (5, 6, 7)), "b")
+    assert big.shape == (64, 64, 3) and size == (128, 96)
+
+
+def test_decode_audit_counts_conversions(tmp_path):
+    write_image(tmp_path / "v" / "1.png", 50, mode="L")
+    write_image(tmp_path / "v" / "2.jpg", (1, 2, 3), size=(80, 80))
+    write_image(tmp_path / "v" / "3.jpg", (1, 2, 3))
+    _, audit = decode_images(numbered_images(open_source(tmp_path), "v"))
+    assert (audit.resized, audit.converted) == (1, 1)
+    assert audit.modes == {"L": 1, "RGB": 2}
+
+
+def test_corrupt_image_is_named(tmp_path):
+    (tmp_path / "v").mkdir()
+    (tmp_path / "v" / "1.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(FaceAttrError, match=r"1\.jpg: cannot decode image"):
+        decode_images(numbered_images(open_source(tmp_path), "v"))
