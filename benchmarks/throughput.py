@@ -40,7 +40,7 @@ from faceattr.cache import load_images
 from faceattr.data import ImageSet, ZipSource, load_dataset
 from faceattr.models import create_model
 from faceattr.runtime import resolve_device
-from faceattr.train import TrainConfig, class_weights, train_fold, weighted_bce
+from faceattr.train import TrainConfig, class_weights, train_fold, train_step
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MEASURES = ("ceiling", "faceattr", "baseline", "decode", "end_to_end")
@@ -79,20 +79,12 @@ def ceiling(arch: str, device: torch.device, batch: int, steps: int, compiled: b
     y = torch.randint(0, 2, (batch,), device=device)
     weights = class_weights(y)
 
-    def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = step_model(x)
-        loss = weighted_bce(logits, y, weights)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
     for _ in range(3):  # warm-up, and compilation when asked
-        step()
+        train_step(step_model, optimizer, x, y, weights)
     sync(device)
     start = time.perf_counter()
     for _ in range(steps):
-        step()
+        train_step(step_model, optimizer, x, y, weights)
     sync(device)
     return batch * steps / (time.perf_counter() - start)
 
@@ -194,12 +186,7 @@ def baseline(
                 start = time.perf_counter()
             x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             y = y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = model(x)
-            loss = weighted_bce(logits, y, weights)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            train_step(model, optimizer, x, y, weights)
             done += 1
             if done == steps + 3:
                 break

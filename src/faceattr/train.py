@@ -106,6 +106,23 @@ def weighted_bce(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -
     return (loss * weights[y.long()]).mean()
 
 
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    weights: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step on a batch (bf16 autocast on CUDA); returns the loss and the logits."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+        logits = model(x)
+    loss = weighted_bce(logits, y, weights)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), logits.detach()
+
+
 def train_fold(
     model: nn.Module,
     images: DeviceImages | torch.Tensor,
@@ -130,7 +147,6 @@ def train_fold(
     weights = class_weights(labels[train_t])
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step, gamma=cfg.gamma)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     # Compiled, the step sees one batch shape only (a remainder batch is dropped): no recompiles.
     step_model = torch.compile(model) if cfg.compile else model
     usable = len(train_idx) // cfg.batch_size * cfg.batch_size if cfg.compile else len(train_idx)
@@ -151,14 +167,9 @@ def train_fold(
             idx = order[s : s + cfg.batch_size]
             x = augment(to_model_input(images[idx]), gen)
             y = labels[idx]
-            with autocast:
-                logits = step_model(x)
-            loss = weighted_bce(logits, y, weights)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach() * len(idx)
-            predicted[s : s + len(idx)] = torch.sigmoid(logits.detach().float()) >= cfg.threshold
+            loss, logits = train_step(step_model, optimizer, x, y, weights)
+            loss_sum += loss * len(idx)
+            predicted[s : s + len(idx)] = torch.sigmoid(logits.float()) >= cfg.threshold
         scheduler.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # so that train_seconds is the work, not its queueing
