@@ -33,9 +33,13 @@ def test_predict_writes_one_label_per_test_image_and_the_table(trained_run, data
         str(out),
         "--device",
         "cpu",
+        "--vote",
+        "majority",
     )
     assert result.returncode == 0, result.stderr
-    assert "40 images, 2 models, majority vote" in result.stdout
+    settings = json.loads((trained_run / "models" / "ensemble.json").read_text())
+    threshold = settings["threshold"]
+    assert f"40 images, 2 models, majority vote at threshold {threshold:.4f}" in result.stdout
     lines = read_lines(out)
     assert len(lines) == 40 and set(lines) <= {"0", "1"}
     rows = list(csv.DictReader((out.parent / "predictions.csv").open()))
@@ -45,16 +49,21 @@ def test_predict_writes_one_label_per_test_image_and_the_table(trained_run, data
         "score_2",
         "vote_1",
         "vote_2",
-        "ensemble_score",
+        "soft_score",
+        "soft_label",
+        "majority_share",
+        "majority_label",
         "label",
     ]
     assert [r["image"] for r in rows] == [f"{i:06d}.jpg" for i in range(1, 41)]
-    assert [r["label"] for r in rows] == lines
+    assert [r["label"] for r in rows] == lines == [r["majority_label"] for r in rows]
     for r in rows:
         votes = [int(r["vote_1"]), int(r["vote_2"])]
-        assert votes == [float(r["score_1"]) >= 0.5, float(r["score_2"]) >= 0.5]
+        assert votes == [float(r["score_1"]) >= threshold, float(r["score_2"]) >= threshold]
+        assert float(r["majority_share"]) == sum(votes) / 2
         if votes[0] == votes[1]:
             assert int(r["label"]) == votes[0]
+        assert int(r["soft_label"]) == (float(r["soft_score"]) >= threshold)
 
 
 def test_predict_soft_vote_from_a_zip_and_from_a_bare_folder(trained_run, dataset_dir, tmp_path):
@@ -64,34 +73,37 @@ def test_predict_soft_vote_from_a_zip_and_from_a_bare_folder(trained_run, datase
             z.write(p, f"top/val_img/{p.name}")
     soft = tmp_path / "soft.txt"
     result = cli(
-        "predict",
-        str(archive),
-        "--model-dir",
-        str(trained_run / "models"),
-        "--output",
-        str(soft),
-        "--vote",
-        "soft",
+        "predict", str(archive), "--model-dir", str(trained_run / "models"), "--output", str(soft)
     )
     assert result.returncode == 0, result.stderr
+    assert "soft vote at threshold" in result.stdout and "mirrored" in result.stdout
     rows = list(csv.DictReader((tmp_path / "predictions.csv").open()))
     for r in rows:
         mean = (float(r["score_1"]) + float(r["score_2"])) / 2
-        assert abs(float(r["ensemble_score"]) - mean) < 1e-5
-        assert int(r["label"]) == (float(r["ensemble_score"]) >= 0.5)
+        assert abs(float(r["soft_score"]) - mean) < 1e-5
+        assert r["label"] == r["soft_label"]
     bare = tmp_path / "bare.txt"
     result = cli(
-        "predict",
-        str(dataset_dir / "val_img"),
-        "--run",
-        str(trained_run),
-        "--output",
-        str(bare),
-        "--vote",
-        "soft",
+        "predict", str(dataset_dir / "val_img"), "--run", str(trained_run), "--output", str(bare)
     )
     assert result.returncode == 0, result.stderr
     assert read_lines(bare) == read_lines(soft)
+    plain = tmp_path / "plain" / "label_val.txt"
+    result = cli(
+        "predict",
+        str(dataset_dir),
+        "--run",
+        str(trained_run),
+        "--output",
+        str(plain),
+        "--threshold",
+        "0.5",
+        "--no-tta",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "threshold 0.5000:" in result.stdout
+    untta = list(csv.DictReader((plain.parent / "predictions.csv").open()))
+    assert any(a["score_1"] != b["score_1"] for a, b in zip(rows, untta, strict=True))
 
 
 def test_evaluate(dataset_dir, tmp_path):
@@ -102,7 +114,12 @@ def test_evaluate(dataset_dir, tmp_path):
     result = cli("evaluate", "--pred", str(pred), "--truth", str(truth))
     assert result.returncode == 0, result.stderr
     metrics = json.loads(result.stdout)
-    assert metrics["hter"] == 1.0 and metrics["n"] == 40
+    assert metrics["hter"] == 1.0 and metrics["n"] == 40 and metrics["hter_ci"] == [1.0, 1.0]
+    pred.write_text("".join(f"{v}\n" for v in [1 - flipped[0], *flipped[1:]]))
+    low, high = json.loads(cli("evaluate", "--pred", str(pred), "--truth", str(truth)).stdout)[
+        "hter_ci"
+    ]
+    assert low < 1.0 and high == 1.0
     pred.write_text("1\n0\n")
     assert_user_error(
         cli("evaluate", "--pred", str(pred), "--truth", str(truth)), "has 2 lines but", "has 40"

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from faceattr.ensemble import model_scores, to_model_input, vote
+from faceattr.ensemble import decision_rule, model_scores, to_model_input, vote
+from faceattr.metrics import best_threshold
 
 
 def test_majority_vote_counts_models():
@@ -51,3 +52,41 @@ def test_model_scores_are_probabilities_in_image_order():
 def test_model_input_layout():
     x = to_model_input(torch.full((2, 64, 64, 3), 255, dtype=torch.uint8))
     assert x.shape == (2, 3, 64, 64) and x.dtype == torch.float32 and torch.all(x == 1)
+
+
+def test_tta_averages_the_image_and_its_mirror():
+    class LeftHalf(torch.nn.Module):
+        """Logit = mean brightness of the left half minus that of the right half, times 10."""
+
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.tensor(10.0))
+
+        def forward(self, x):
+            w = x.shape[-1] // 2
+            return self.scale * (x[..., :w].mean(dim=(1, 2, 3)) - x[..., w:].mean(dim=(1, 2, 3)))
+
+    images = torch.zeros(2, 64, 64, 3, dtype=torch.uint8)
+    images[0, :, :32] = 255  # bright on the left
+    images[1, :, 32:] = 255  # bright on the right
+    plain = model_scores(LeftHalf(), images)
+    assert plain[0] > 0.99 and plain[1] < 0.01
+    mirrored = model_scores(LeftHalf(), images, tta=True)
+    assert mirrored == pytest.approx([0.5, 0.5])  # each image and its mirror cancel out
+
+
+def test_decision_rule_reports_tuned_nested_and_untuned_errors():
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 100 + [1] * 900)
+    scores = np.clip(0.35 + 0.3 * labels + rng.normal(0, 0.15, 1000), 0, 1)  # best cut near 0.5
+    fold_of = np.arange(1000) % 5
+    d = decision_rule(labels, scores, fold_of)
+    assert 0.35 < d["threshold"] < 0.65
+    assert d["oof"]["hter"] == best_threshold(labels, scores)[1]["hter"]
+    assert d["oof_nested"]["hter"] >= d["oof"]["hter"]
+    assert d["oof_at_0.5"]["hter"] >= d["oof"]["hter"]
+    for key in ("oof", "oof_nested", "oof_at_0.5"):
+        low, high = d[key]["hter_ci"]
+        assert low <= d[key]["hter"] <= high
+    assert d["eer"] == pytest.approx(d["oof"]["hter"], abs=0.03)
+    assert 0.9 < d["auc"] < 1

@@ -3,7 +3,15 @@ import math
 import numpy as np
 import pytest
 
-from faceattr.metrics import error_rates, hter, scores_to_labels
+from faceattr.metrics import (
+    auc,
+    best_threshold,
+    bootstrap_hter,
+    equal_error_rate,
+    error_rates,
+    hter,
+    scores_to_labels,
+)
 
 
 def test_hand_computed_case():
@@ -42,3 +50,67 @@ def test_length_mismatch_is_an_error():
 
 def test_scores_to_labels_threshold_is_inclusive():
     assert scores_to_labels(np.array([0.2, 0.5, 0.7]), 0.5).tolist() == [0, 1, 1]
+
+
+def brute_force_min_hter(labels, scores):
+    """Every threshold that matters, tried one by one."""
+    values = sorted(set(scores))
+    candidates = [values[0] - 1, *values, values[-1] + 1]
+    return min(hter(labels, scores_to_labels(np.array(scores), t)) for t in candidates)
+
+
+def test_best_threshold_finds_the_exact_minimum():
+    labels = np.array([0, 0, 0, 1, 1, 1, 1, 1, 1, 1])
+    scores = np.array([0.1, 0.4, 0.7, 0.3, 0.5, 0.6, 0.8, 0.85, 0.9, 0.95])
+    threshold, rates = best_threshold(labels, scores)
+    # Cutting between 0.7 and 0.8: FAR 0, FRR 3/7 -> 0.214; between 0.4 and 0.5: FAR 1/3, FRR 1/7.
+    assert rates["hter"] == pytest.approx(min(3 / 14, (1 / 3 + 1 / 7) / 2))
+    assert rates["hter"] == pytest.approx(brute_force_min_hter(labels, scores))
+    assert 0.4 < threshold < 0.5 or 0.7 < threshold < 0.8
+    assert hter(labels, scores_to_labels(scores, threshold)) == rates["hter"]
+
+
+def test_best_threshold_on_random_scores_matches_brute_force():
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        labels = (rng.random(60) > 0.2).astype(int)
+        labels[:2] = [0, 1]
+        scores = np.round(rng.random(60) * 0.5 + 0.4 * labels, 2)  # rounded: many tied scores
+        threshold, rates = best_threshold(labels, scores)
+        assert rates["hter"] == pytest.approx(brute_force_min_hter(labels, scores))
+        assert hter(labels, scores_to_labels(scores, threshold)) == rates["hter"]
+
+
+def test_best_threshold_ties_go_to_balanced_errors_then_lower_threshold():
+    # Perfectly separable: every cut between 0.3 and 0.7 has HTER 0 -> one cut, the lowest.
+    labels = np.array([0, 0, 1, 1])
+    threshold, rates = best_threshold(labels, np.array([0.1, 0.3, 0.7, 0.9]))
+    assert rates["hter"] == 0 and threshold == pytest.approx(0.5)
+    # Two cuts with HTER 0.25: (FAR 0.5, FRR 0) and (FAR 0.25, FRR 0.25): the balanced one wins.
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    scores = np.array([0.1, 0.2, 0.6, 0.8, 0.5, 0.7, 0.9, 0.95])
+    threshold, rates = best_threshold(labels, scores)
+    assert rates["hter"] == pytest.approx(0.25)
+    assert rates["far"] == rates["frr"] == pytest.approx(0.25)
+
+
+def test_equal_error_rate_and_auc():
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    perfect = np.array([0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9])
+    assert equal_error_rate(labels, perfect) == 0.0 and auc(labels, perfect) == 1.0
+    one_swap = np.array([0.1, 0.2, 0.3, 0.65, 0.6, 0.7, 0.8, 0.9])
+    assert equal_error_rate(labels, one_swap) == pytest.approx(0.25)
+    assert auc(labels, one_swap) == pytest.approx(15 / 16)
+
+
+def test_bootstrap_interval_brackets_the_estimate_and_narrows_with_data():
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 200 + [1] * 1800)
+    predictions = np.where(rng.random(2000) < np.where(labels == 0, 0.1, 0.05), 1 - labels, labels)
+    estimate = hter(labels, predictions)
+    low, high = bootstrap_hter(labels, predictions)
+    assert low < estimate < high and high - low < 0.06
+    small_low, small_high = bootstrap_hter(labels[::10], predictions[::10])
+    assert small_high - small_low > high - low
+    assert bootstrap_hter(labels, predictions) == (low, high)  # seeded: repeatable
+    assert bootstrap_hter(labels, labels) == (0.0, 0.0)

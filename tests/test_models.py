@@ -3,7 +3,7 @@ import torch
 import torchvision
 
 from faceattr.errors import FaceAttrError
-from faceattr.models import MODELS, count_parameters, create_model
+from faceattr.models import MODELS, count_parameters, create_model, for_inference
 
 
 def test_simple_is_the_seeds_network():
@@ -62,3 +62,17 @@ def test_pretrained_errors(tmp_path):
         create_model("resnet18", pretrained=tmp_path / "junk.pth")
     with pytest.raises(FaceAttrError, match="resnet18 only"):
         create_model("simple", pretrained=tmp_path / "r18.pth")
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_inference_model_folds_batchnorm_and_keeps_the_scores(name):
+    torch.manual_seed(0)
+    model = create_model(name)
+    model.train()(torch.rand(8, 3, 64, 64))  # move BatchNorm statistics away from the identity
+    model.eval()
+    x = torch.rand(4, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        fast = for_inference(model, torch.device("cpu"))
+        assert torch.allclose(fast(x), expected, atol=1e-4)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())

@@ -8,7 +8,7 @@ import torch
 from faceattr.checkpoints import load_fold_models
 from faceattr.data import load_dataset
 from faceattr.errors import FaceAttrError
-from faceattr.metrics import error_rates
+from faceattr.metrics import best_threshold, error_rates
 from faceattr.models import create_model
 from faceattr.train import TrainConfig, class_weights, train_fold, train_run
 
@@ -64,6 +64,15 @@ def test_train_run_writes_the_whole_run(trained_run, dataset_dir):
     assert all(0 <= float(r["score"]) <= 1 for r in oof)
     preds = np.array([int(r["prediction"]) for r in oof])
     assert error_rates(labels, preds)["hter"] == summary["oof"]["hter"]
+    scores = np.array([float(r["score"]) for r in oof])
+    assert summary["oof"]["hter"] == best_threshold(labels, scores)[1]["hter"]
+    low, high = summary["oof"]["hter_ci"]
+    assert low <= summary["oof"]["hter"] <= high
+    assert summary["oof_nested"]["hter"] >= summary["oof"]["hter"]  # tuned on other folds only
+    assert summary["oof_at_0.5"]["hter"] >= summary["oof"]["hter"]
+    assert 0 <= summary["eer"] <= 1 and 0 <= summary["auc"] <= 1
+    ensemble = json.loads((run / "models" / "ensemble.json").read_text())
+    assert ensemble == {"threshold": summary["threshold"], "vote": "soft", "tta": True}
     folds = list(csv.DictReader((run / "folds.csv").open()))
     assert [int(r["fold"]) for r in folds] == [int(r["fold"]) - 1 for r in oof]
 

@@ -67,3 +67,19 @@ def load_fold_models(models_dir: str | Path) -> list[FoldModel]:
             raise FaceAttrError(f"cannot load {weights}: {str(e).splitlines()[0]}") from None
         loaded.append(FoldModel(fold, model.eval(), config))
     return loaded
+
+
+def load_ensemble_settings(models_dir: str | Path, models: list[FoldModel]) -> dict:
+    """The ensemble's decision settings: models/ensemble.json, written by train once it chose them.
+
+    A folder without one (an older or hand-assembled run) votes at its models' own threshold
+    (0.5 unless they say otherwise), without test-time augmentation.
+    """
+    path = Path(models_dir) / "ensemble.json"
+    settings = {"threshold": float(models[0].config.get("threshold", 0.5)), "tta": False}
+    if path.exists():
+        try:
+            settings.update(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise FaceAttrError(f"cannot read {path}: {e}") from None
+    return settings

@@ -86,11 +86,17 @@ def run_train(dataset, args: argparse.Namespace) -> int:
     )
     log.info("training %s, %d folds x %d epochs on %s", cfg.arch, cfg.folds, cfg.epochs, device)
     summary = train_run(dataset, cfg, args.out, device)
-    oof = summary["oof"]
+    oof, nested = summary["oof"], summary["oof_nested"]
+    low, high = oof["hter_ci"]
     print(
-        f"out-of-fold HTER {percent(oof['hter'])} (FAR {percent(oof['far'])}, "
-        f"FRR {percent(oof['frr'])}) over {oof['n']:,} images; "
-        f"{summary['timings']['total_s']:.1f}s"
+        f"out-of-fold HTER {percent(oof['hter'])} (95 % CI {percent(low)} to {percent(high)}; "
+        f"FAR {percent(oof['far'])}, FRR {percent(oof['frr'])}) at threshold "
+        f"{summary['threshold']:.4f} over {oof['n']:,} images"
+    )
+    print(
+        f"  {percent(nested['hter'])} with each fold's threshold chosen on the other folds; "
+        f"{percent(summary['oof_at_0.5']['hter'])} at 0.5; EER {percent(summary['eer'])}, "
+        f"AUC {summary['auc']:.4f}; {summary['timings']['total_s']:.1f}s"
     )
     print(f"wrote {args.out}/: models/, oof.csv, folds.csv, run.json, fold_K/ curves")
     return 0
@@ -116,14 +122,21 @@ def run_predict(images, models_dir: str | Path, args: argparse.Namespace) -> int
         args.output,
         resolve_device(args.device),
         args.vote,
+        args.threshold,
+        False if args.no_tta else None,
         args.batch_size,
         args.workers,
         cache_dir(args),
     )
     print(
-        f"{summary['images']:,} images, {summary['models']} models, {summary['vote']} vote: "
-        f"{summary['predicted_0']:,} x 0, {summary['predicted_1']:,} x 1 "
-        f"({percent(summary['unanimous'])} unanimous)"
+        f"{summary['images']:,} images, {summary['models']} models, {summary['vote']} vote at "
+        f"threshold {summary['threshold']:.4f}{' with mirrored copies' if summary['tta'] else ''}:"
+        f" {summary['predicted_0']:,} x 0, {summary['predicted_1']:,} x 1"
+    )
+    print(
+        f"  soft vote {summary['soft_predicted_0']:,} x 0, majority vote "
+        f"{summary['majority_predicted_0']:,} x 0: they agree on {percent(summary['votes_agree'])}"
+        f"; the models are unanimous on {percent(summary['unanimous'])}"
     )
     print(f"wrote {summary['output']} and {summary['table']}")
     return 0
@@ -131,14 +144,14 @@ def run_predict(images, models_dir: str | Path, args: argparse.Namespace) -> int
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from faceattr.data import read_labels
-    from faceattr.metrics import error_rates
+    from faceattr.ensemble import with_interval
 
     pred, truth = read_labels(args.pred), read_labels(args.truth)
     if len(pred) != len(truth):
         raise FaceAttrError(
             f"{args.pred} has {len(pred)} lines but {args.truth} has {len(truth)}; they must agree"
         )
-    print(json.dumps(error_rates(truth, pred)))
+    print(json.dumps(with_interval(truth, pred)))
     return 0
 
 
@@ -184,6 +197,22 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_predict_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--vote",
+        choices=["soft", "majority"],
+        default="soft",
+        help="soft: mean probability (default); majority: the fold models' votes (the seed's rule)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="decision threshold (default: the one train chose on out-of-fold scores)",
+    )
+    p.add_argument("--no-tta", action="store_true", help="do not also score mirrored images")
+
+
 def add_common(p: argparse.ArgumentParser, device: bool = True) -> None:
     if device:
         p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
@@ -225,13 +254,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", help="run folder written by train")
     p.add_argument("--model-dir", "--model_dir", dest="model_dir", help="a run's models/ folder")
     p.add_argument("--output", default="label_val.txt", help="label file (default ./label_val.txt)")
+    add_predict_options(p)
     p.add_argument(
-        "--vote",
-        choices=["majority", "soft"],
-        default="majority",
-        help="majority of the fold models' votes (default), or mean probability",
+        "--batch-size",
+        "--batch_size",
+        dest="batch_size",
+        type=int,
+        default=None,
+        help="images per inference batch (default 4096 on a GPU, 512 on CPU)",
     )
-    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=1024)
     add_common(p)
     p.set_defaults(func=cmd_predict)
 

@@ -156,14 +156,15 @@ def decode_images(
 ) -> tuple[np.ndarray, Audit]:
     """Decode every image of `images` into `out` (a new array if None), in parallel when it pays.
 
-    `out` may be a memory-mapped file (the cache) or must otherwise be shared memory for the
-    workers' writes to be seen; a new one is allocated that way.
+    Worker processes write into `out` directly when it is a memory-mapped file (the cache);
+    otherwise they write into shared memory, which becomes (or is copied into) `out`.
     """
     paths = images.paths()
     n = len(paths)
     workers = min(workers or os.cpu_count() or 1, max(1, n // CHUNK))
     parallel = workers > 1 and n >= PARALLEL_FROM and sys.platform == "linux"
-    if out is None:
+    given = out
+    if out is None or (parallel and not isinstance(out, np.memmap)):
         out = shared_array(n) if parallel else np.empty((n, SIZE, SIZE, 3), dtype=np.uint8)
     audit = Audit()
     if not parallel:
@@ -178,6 +179,9 @@ def decode_images(
                     audit.merge(part)
         finally:
             _JOB.clear()
+    if given is not None and given is not out:
+        given[...] = out
+        out = given
     if audit.resized or audit.converted:
         log.warning(
             "%s: %d images resized to %dx%d, %d converted to RGB",

@@ -14,7 +14,7 @@ model that always answers the majority class scores 50 %, not 91 %.
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import confusion_matrix
+from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
 
 def error_rates(labels: np.ndarray, predictions: np.ndarray) -> dict[str, float | int]:
@@ -50,3 +50,69 @@ def hter(labels: np.ndarray, predictions: np.ndarray) -> float:
 def scores_to_labels(scores: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     """0/1 decisions: 1 where the score (probability of label 1) reaches the threshold."""
     return (np.asarray(scores) >= threshold).astype(np.int64)
+
+
+def best_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, dict]:
+    """The decision threshold with the lowest HTER on (out-of-fold) scores, and its error rates.
+
+    Every distinct score is a candidate cut: the threshold is put halfway between two neighbouring
+    distinct scores (below the lowest, above the highest at the ends), so small shifts of the
+    scores do not flip decisions. Ties in HTER go to the most balanced FAR and FRR, then to the
+    lower threshold.
+    """
+    labels = np.asarray(labels).astype(int).ravel()
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    n0, n1 = int((labels == 0).sum()), int((labels == 1).sum())
+    if n0 == 0 or n1 == 0:
+        raise ValueError("both classes are needed to choose a threshold")
+    values = np.unique(scores)
+    cuts = np.concatenate([[values[0] - 1e-6], (values[:-1] + values[1:]) / 2, [values[-1] + 1e-6]])
+    # FAR(t) = share of class 0 with score >= t; FRR(t) = share of class 1 with score < t.
+    far = 1 - np.searchsorted(np.sort(scores[labels == 0]), cuts, side="left") / n0
+    frr = np.searchsorted(np.sort(scores[labels == 1]), cuts, side="left") / n1
+    hter_ = (far + frr) / 2
+    order = np.lexsort((cuts, np.abs(far - frr), np.round(hter_, 12)))
+    best = order[0]
+    return float(cuts[best]), error_rates(labels, scores_to_labels(scores, cuts[best]))
+
+
+def equal_error_rate(labels: np.ndarray, scores: np.ndarray) -> float:
+    """The error rate where FAR equals FRR on the ROC curve (linearly interpolated)."""
+    far, tpr, _ = roc_curve(labels, scores)
+    frr = 1 - tpr
+    i = int(np.argmax(frr <= far))  # first point where FRR has dropped to FAR or below
+    if i == 0:
+        return float(far[0])
+    # Intersect the segment between points i-1 and i with the diagonal FAR = FRR.
+    d0, d1 = frr[i - 1] - far[i - 1], frr[i] - far[i]
+    w = d0 / (d0 - d1) if d0 != d1 else 0.0
+    return float(far[i - 1] + w * (far[i] - far[i - 1]))
+
+
+def auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve: the chance that a label-1 image outscores a label-0 image."""
+    return float(roc_auc_score(labels, scores))
+
+
+def bootstrap_hter(
+    labels: np.ndarray, predictions: np.ndarray, n: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """A percentile bootstrap confidence interval for the HTER.
+
+    Each class is resampled on its own (stratified), as HTER conditions on the class: every
+    resample then has both classes in their original numbers. Resampling m right-or-wrong answers
+    of which k are wrong draws the error count from Binomial(m, k/m), so that is what is drawn.
+    """
+    labels = np.asarray(labels).astype(int).ravel()
+    wrong = np.asarray(predictions).astype(int).ravel() != labels
+    rng = np.random.default_rng(seed)
+    rates = []
+    for c in (0, 1):
+        errors = wrong[labels == c]
+        if len(errors) == 0:
+            return float("nan"), float("nan")
+        rates.append(rng.binomial(len(errors), errors.mean(), size=n) / len(errors))
+    hters = (rates[0] + rates[1]) / 2
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(hters, [tail, 100 - tail])
+    return float(low), float(high)

@@ -9,6 +9,7 @@ import argparse
 
 from faceattr.cli import (
     add_common,
+    add_predict_options,
     add_train_options,
     cache_dir,
     run_command,
@@ -30,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model_dir", default="run/models", help="test: folder of fold models")
     p.add_argument("--output", default="label_val.txt", help="test: label file to write")
     p.add_argument("--out", default="explore", help="explore: output folder (default explore/)")
-    p.add_argument("--vote", choices=["majority", "soft"], default="majority")
+    add_predict_options(p)
     add_train_options(p)
     add_common(p)
     return p
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         return run_train(dataset_from_paths(args.img_train_dir, args.labels_txt, None), args)
     if not args.img_test_dir:
         raise FaceAttrError("--mode=test needs --img_test_dir")
-    args.batch_size = max(args.batch_size, 1024)  # inference batches; memory is not an issue
+    args.batch_size = None  # --batch_size is the training one; inference picks its own
     return run_predict(image_folder(args.img_test_dir), args.model_dir, args)
 
 

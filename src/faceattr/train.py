@@ -23,7 +23,7 @@ from faceattr.batches import DeviceImages
 from faceattr.cache import load_images
 from faceattr.checkpoints import save_fold_model
 from faceattr.data import Dataset
-from faceattr.ensemble import model_scores, to_model_input
+from faceattr.ensemble import decision_rule, model_scores, to_model_input
 from faceattr.errors import FaceAttrError
 from faceattr.folds import make_folds, save_folds
 from faceattr.metrics import error_rates, scores_to_labels
@@ -61,7 +61,8 @@ class TrainConfig:
     gamma: float = 0.7
     batch_size: int = 128
     seed: int = 0
-    threshold: float = 0.5
+    threshold: float = 0.5  # for choosing each fold's best epoch; the ensemble's is tuned after
+    tta: bool = True  # score validation (and later test) images mirrored too, and average
     pretrained: str | None = None
     workers: int | None = None  # image-decoding processes; None = one per core
     cache: str | None = None  # folder of decoded-image caches; None = decode in memory every time
@@ -176,7 +177,7 @@ def train_fold(
         train_seconds = time.perf_counter() - t0
 
         train_rates = error_rates(labels[order].cpu().numpy(), predicted.cpu().numpy())
-        val_scores = model_scores(model, images[val_t])
+        val_scores = model_scores(model, images[val_t], tta=cfg.tta)
         val_logits = torch.logit(torch.as_tensor(val_scores, device=device), eps=1e-7)
         val_rates = error_rates(y_val.cpu().numpy(), scores_to_labels(val_scores, cfg.threshold))
         row = {
@@ -303,7 +304,12 @@ def train_run(dataset: Dataset, cfg: TrainConfig, out: str | Path, device: torch
             100 * best["val_hter"],
         )
 
-    oof_labels = scores_to_labels(oof, cfg.threshold)
+    decision = decision_rule(labels, oof, fold_of)
+    oof_labels = scores_to_labels(oof, decision["threshold"])
+    write_json(
+        out / "models" / "ensemble.json",
+        {"threshold": decision["threshold"], "vote": "soft", "tta": cfg.tta},
+    )
     write_csv(
         out / "oof.csv",
         ["image", "label", "fold", "score", "prediction"],
@@ -312,11 +318,10 @@ def train_run(dataset: Dataset, cfg: TrainConfig, out: str | Path, device: torch
             for n, y, f, s, p in zip(names, labels, fold_of, oof, oof_labels, strict=True)
         ],
     )
-    oof_metrics = error_rates(labels, oof_labels)
     summary.update(
         status="complete",
         folds=folds_summary,
-        oof=oof_metrics,
+        **decision,
         timings={
             "decode_s": loaded.seconds,
             "total_s": time.perf_counter() - started,
