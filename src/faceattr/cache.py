@@ -71,11 +71,16 @@ class Loaded:
 
 
 def load_images(
-    images: ImageSet, cache_dir: str | Path | None, workers: int | None = None, extra: bytes = b""
+    images: ImageSet,
+    cache_dir: str | Path | None,
+    workers: int | None = None,
+    extra: bytes = b"",
+    skip_bad: bool = False,
 ) -> Loaded:
     """The decoded (N, 64, 64, 3) array of `images`, from the cache when it is there.
 
-    With `cache_dir` None nothing is cached. A cache folder that cannot be written is a warning,
+    Images that cannot be decoded are an error, or with `skip_bad` listed in `audit.bad` (the
+    cache remembers them either way). With `cache_dir` None nothing is cached. A cache folder that cannot be written is a warning,
     not an error: the images are decoded in memory instead.
     """
     start = time.perf_counter()
@@ -86,7 +91,7 @@ def load_images(
             log.warning("not caching decoded images: %s", e)
             cache_dir = None
     if cache_dir is None:
-        array, audit = decode_images(images, workers)
+        array, audit = decode_images(images, workers, skip_bad=skip_bad)
         return Loaded(array, audit, "off", time.perf_counter() - start)
 
     key = fingerprint(images, extra)
@@ -97,6 +102,7 @@ def load_images(
             array = np.load(npy, mmap_mode="c")
             audit = Audit.from_dict(json.loads(meta.read_text())["audit"])
             if array.shape == (len(images), SIZE, SIZE, 3) and array.dtype == np.uint8:
+                audit.check(skip_bad)
                 log.info("decoded images of %s found in the cache", images.describe())
                 return Loaded(array, audit, "hit", time.perf_counter() - start, str(npy))
         except (OSError, ValueError, KeyError, json.JSONDecodeError):
@@ -106,7 +112,7 @@ def load_images(
     shape = (len(images), SIZE, SIZE, 3)
     with atomic_path(npy) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-        _, audit = decode_images(images, workers, out=out)
+        _, audit = decode_images(images, workers, out=out, skip_bad=True)
         out.flush()
         del out
     seconds = time.perf_counter() - start
@@ -119,6 +125,7 @@ def load_images(
             "decode_s": seconds,
         },
     )
+    audit.check(skip_bad)
     log.info(
         "decoded %d images of %s in %.1fs (%.0f images/s)",
         len(images),

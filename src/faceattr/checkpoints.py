@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -83,3 +85,66 @@ def load_ensemble_settings(models_dir: str | Path, models: list[FoldModel]) -> d
         except (OSError, json.JSONDecodeError) as e:
             raise FaceAttrError(f"cannot read {path}: {e}") from None
     return settings
+
+
+# --- epoch checkpoints: everything needed to continue a fold exactly where it stopped ----------
+
+
+def save_training_state(path: str | Path, tensors: dict[str, torch.Tensor], info: dict) -> None:
+    """Write a fold's training state: tensors as `path`.safetensors, the rest as `path`.json.
+
+    The JSON is written last and names the epoch of the tensors beside it, so a state interrupted
+    half-way is recognised as such and not loaded.
+    """
+    path = Path(path)
+    flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    with atomic_path(path.with_suffix(".safetensors")) as tmp:
+        save_file(flat, str(tmp), metadata={"epoch": str(info["epoch"])})
+    write_json(path.with_suffix(".json"), info)
+
+
+def load_training_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """The state saved by `save_training_state`, or None when there is none or it is incomplete."""
+    path = Path(path)
+    weights, meta = path.with_suffix(".safetensors"), path.with_suffix(".json")
+    if not (weights.exists() and meta.exists()):
+        return None
+    try:
+        info = json.loads(meta.read_text())
+        with safe_open(str(weights), framework="pt") as f:
+            if f.metadata().get("epoch") != str(info["epoch"]):
+                return None
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
+    except (OSError, ValueError, KeyError, json.JSONDecodeError, SafetensorError):
+        return None
+    return tensors, info
+
+
+def remove_training_state(path: str | Path) -> None:
+    for suffix in (".json", ".safetensors"):
+        Path(path).with_suffix(suffix).unlink(missing_ok=True)
+
+
+def flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer's state_dict as named tensors plus a JSON-able remainder."""
+    tensors, scalars = {}, {}
+    for idx, entry in state["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{idx}.{key}"] = value
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
+    """The inverse of `flatten_optimizer`."""
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = value
+    for name, value in rest["scalars"].items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": rest["param_groups"]}

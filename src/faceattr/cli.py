@@ -6,10 +6,14 @@ Errors a user can cause arrive as `FaceAttrError` and leave as one line on stder
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import sys
 from pathlib import Path
+
+import numpy as np
+import torch
 
 import faceattr
 from faceattr.errors import FaceAttrError
@@ -19,8 +23,12 @@ log = logging.getLogger("faceattr")
 
 def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
     """Progress lines on stderr (results go to stdout); warnings always show."""
+    from faceattr import progress
+
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
+    bars = sys.stderr.isatty() and not quiet
+    progress.configure(bars)
+    handler = progress.TqdmHandler(sys.stderr) if bars else logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter())
     log.handlers[:] = [handler]
     log.setLevel(level)
@@ -83,9 +91,10 @@ def run_train(dataset, args: argparse.Namespace) -> int:
         workers=args.workers,
         cache=cache_dir(args),
         compile=args.compile,
+        skip_bad=args.skip_bad,
     )
     log.info("training %s, %d folds x %d epochs on %s", cfg.arch, cfg.folds, cfg.epochs, device)
-    summary = train_run(dataset, cfg, args.out, device)
+    summary = train_run(dataset, cfg, args.out, device, args.resume, args.overwrite)
     oof, nested = summary["oof"], summary["oof_nested"]
     low, high = oof["hter_ci"]
     print(
@@ -98,7 +107,8 @@ def run_train(dataset, args: argparse.Namespace) -> int:
         f"{percent(summary['oof_at_0.5']['hter'])} at 0.5; EER {percent(summary['eer'])}, "
         f"AUC {summary['auc']:.4f}; {summary['timings']['total_s']:.1f}s"
     )
-    print(f"wrote {args.out}/: models/, oof.csv, folds.csv, run.json, fold_K/ curves")
+    print(f"wrote {args.out}/: models/, oof.csv, folds.csv, run.json, fold_K/, evaluation/")
+    print(f"report: {Path(args.out) / 'report.html'}")
     return 0
 
 
@@ -139,19 +149,51 @@ def run_predict(images, models_dir: str | Path, args: argparse.Namespace) -> int
         f"; the models are unanimous on {percent(summary['unanimous'])}"
     )
     print(f"wrote {summary['output']} and {summary['table']}")
+    if "report" in summary:
+        print(f"report: {summary['report']}")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from faceattr import plots
     from faceattr.data import read_labels
     from faceattr.ensemble import with_interval
+    from faceattr.metrics import auc, equal_error_rate
 
     pred, truth = read_labels(args.pred), read_labels(args.truth)
     if len(pred) != len(truth):
         raise FaceAttrError(
             f"{args.pred} has {len(pred)} lines but {args.truth} has {len(truth)}; they must agree"
         )
-    print(json.dumps(with_interval(truth, pred)))
+    result = with_interval(truth, pred)
+    if args.scores:
+        scores, threshold = read_scores(args.scores, len(truth))
+        result.update(auc=auc(truth, scores), eer=equal_error_rate(truth, scores))
+        plots.evaluation(truth, scores, threshold, args.plots)
+        plots.confusion(truth, pred, Path(args.plots) / "confusion.png")
+    print(json.dumps(result))
+    return 0
+
+
+def read_scores(path: str | Path, n: int) -> tuple[np.ndarray, float]:
+    """The ensemble scores of a predictions.csv, and the threshold its labels imply."""
+    try:
+        with open(path) as f:
+            rows = list(csv.DictReader(f))
+        scores = np.array([float(r["soft_score"]) for r in rows])
+        labels = np.array([int(r["soft_label"]) for r in rows])
+    except (OSError, KeyError, ValueError) as e:
+        raise FaceAttrError(f"{path} is not a predictions.csv written by predict ({e})") from None
+    if len(scores) != n:
+        raise FaceAttrError(f"{path} has {len(scores)} rows but the truth has {n} labels")
+    above = scores[labels == 1]
+    return scores, float(above.min()) if len(above) else 1.0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from faceattr.report import build_report
+
+    print(f"wrote {build_report(args.run)}")
     return 0
 
 
@@ -186,6 +228,17 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gamma", type=float, default=0.7, help="StepLR factor (default 0.7)")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0, help="seed for folds, weights and augmentation")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the unfinished run in --out where it stopped",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="leave images that cannot be decoded out of training",
+    )
     p.add_argument(
         "--compile", action="store_true", help="torch.compile the training step (pays on a GPU)"
     )
@@ -269,7 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="HTER of a label file against the truth")
     p.add_argument("--pred", required=True, help="predicted label file")
     p.add_argument("--truth", required=True, help="true label file")
+    p.add_argument("--scores", help="the predictions.csv beside --pred: adds AUC, EER and plots")
+    p.add_argument("--plots", default="evaluation", help="folder for the plots (with --scores)")
     p.set_defaults(func=cmd_evaluate, quiet=False, verbose=False)
+
+    p = sub.add_parser("report", help="(re)build RUN/report.html")
+    p.add_argument("run", help="run folder written by train")
+    p.set_defaults(func=cmd_report, quiet=False, verbose=False)
 
     p = sub.add_parser("demo", help="synthetic data -> explore -> train -> predict -> evaluate")
     p.add_argument("--out", default="faceattr-demo", help="output folder (default faceattr-demo/)")
@@ -292,6 +351,13 @@ def run_command(func, args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("faceattr: interrupted", file=sys.stderr)
         return 130
+    except torch.OutOfMemoryError:
+        size = getattr(args, "batch_size", None)
+        hint = f" (it is {size})" if size else ""
+        print(
+            f"faceattr: error: out of GPU memory; try a smaller --batch-size{hint}", file=sys.stderr
+        )
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:

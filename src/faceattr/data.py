@@ -144,8 +144,12 @@ def parse_labels(text: str, where: str) -> np.ndarray:
     if "\r" in text:
         log.warning("%s has Windows (CRLF) line endings; reading it anyway", where)
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    blank = 0
     while lines and not lines[-1].strip():
         lines.pop()
+        blank += 1
+    if blank > 1:  # one empty string is just the final newline
+        log.warning("%s ends with %d blank lines; ignoring them", where, blank - 1)
     if not lines:
         raise FaceAttrError(f"{where} is empty")
     labels = np.empty(len(lines), dtype=np.int64)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from faceattr import progress
 from faceattr.data import ImageSet, Source, open_source
 from faceattr.errors import FaceAttrError
 
@@ -46,6 +47,7 @@ class Audit:
     modes: Counter = field(default_factory=Counter)
     resized: int = 0
     converted: int = 0
+    bad: dict[int, str] = field(default_factory=dict)  # index -> why it could not be decoded
 
     def add(self, size: tuple[int, int], mode: str) -> None:
         self.sizes[f"{size[0]}x{size[1]}"] += 1
@@ -58,6 +60,7 @@ class Audit:
         self.modes.update(other.modes)
         self.resized += other.resized
         self.converted += other.converted
+        self.bad.update(other.bad)
 
     def to_dict(self) -> dict:
         return {
@@ -65,11 +68,25 @@ class Audit:
             "modes": dict(self.modes.most_common()),
             "resized": self.resized,
             "converted": self.converted,
+            "bad": {str(i): why for i, why in sorted(self.bad.items())},
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> Audit:
-        return cls(Counter(d["sizes"]), Counter(d["modes"]), d["resized"], d["converted"])
+        bad = {int(i): why for i, why in d.get("bad", {}).items()}
+        return cls(Counter(d["sizes"]), Counter(d["modes"]), d["resized"], d["converted"], bad)
+
+    def check(self, skip_bad: bool) -> None:
+        """Stop at images that could not be decoded, or, with `skip_bad`, warn about them."""
+        if not self.bad:
+            return
+        first = self.bad[min(self.bad)]
+        more = f" (and {len(self.bad) - 1} more)" if len(self.bad) > 1 else ""
+        if not skip_bad:
+            raise FaceAttrError(f"{first}{more}; --skip-bad leaves such images out of training")
+        log.warning(
+            "leaving out %d image(s) that cannot be decoded: %s%s", len(self.bad), first, more
+        )
 
 
 def decode_into(raw: bytes, where: str, dest: np.ndarray) -> tuple[tuple[int, int], str]:
@@ -127,7 +144,11 @@ def _decode_range(source: Source, paths: list[str], out: np.ndarray, start: int,
     audit = Audit()
     with _quiet_torchvision():
         for i in range(start, end):
-            audit.add(*decode_into(source.read(paths[i]), source.describe(paths[i]), out[i]))
+            try:
+                audit.add(*decode_into(source.read(paths[i]), source.describe(paths[i]), out[i]))
+            except FaceAttrError as e:  # collected, so that every broken file can be named
+                out[i] = 0
+                audit.bad[i] = str(e)
     return audit
 
 
@@ -152,11 +173,15 @@ def shared_array(n: int) -> np.ndarray:
 
 
 def decode_images(
-    images: ImageSet, workers: int | None = None, out: np.ndarray | None = None
+    images: ImageSet,
+    workers: int | None = None,
+    out: np.ndarray | None = None,
+    skip_bad: bool = False,
 ) -> tuple[np.ndarray, Audit]:
     """Decode every image of `images` into `out` (a new array if None), in parallel when it pays.
 
-    Worker processes write into `out` directly when it is a memory-mapped file (the cache);
+    An image that cannot be decoded is an error naming it; with `skip_bad` it is left as zeros
+    and recorded in `Audit.bad` for the caller to drop. Worker processes write into `out` directly when it is a memory-mapped file (the cache);
     otherwise they write into shared memory, which becomes (or is copied into) `out`.
     """
     paths = images.paths()
@@ -167,18 +192,23 @@ def decode_images(
     if out is None or (parallel and not isinstance(out, np.memmap)):
         out = shared_array(n) if parallel else np.empty((n, SIZE, SIZE, 3), dtype=np.uint8)
     audit = Audit()
-    if not parallel:
-        audit = _decode_range(images.source, paths, out, 0, n)
-    else:
-        # fork, as DataLoader does: workers start in milliseconds and share `out` with the parent.
-        _JOB.update(path=images.source.path, paths=paths, out=out)
-        chunks = [(s, min(s + CHUNK, n)) for s in range(0, n, CHUNK)]
-        try:
-            with mp.get_context("fork").Pool(workers, initializer=_worker_init) as pool:
-                for part in pool.imap_unordered(_worker_task, chunks):
-                    audit.merge(part)
-        finally:
-            _JOB.clear()
+    chunks = [(s, min(s + CHUNK, n)) for s in range(0, n, CHUNK)]
+    with progress.bar(n, f"decoding {images.describe()}") as shown:
+        if not parallel:
+            for start, end in chunks:
+                audit.merge(_decode_range(images.source, paths, out, start, end))
+                shown.update(end - start)
+        else:
+            # fork, as DataLoader does: workers start at once and share `out` with the parent.
+            _JOB.update(path=images.source.path, paths=paths, out=out)
+            try:
+                with mp.get_context("fork").Pool(workers, initializer=_worker_init) as pool:
+                    for part in pool.imap_unordered(_worker_task, chunks):
+                        audit.merge(part)
+                        shown.update(sum(part.sizes.values()) + len(part.bad))
+            finally:
+                _JOB.clear()
+    audit.check(skip_bad)
     if given is not None and given is not out:
         given[...] = out
         out = given

@@ -31,7 +31,7 @@ def run_demo(
     dataset = load_dataset(out / "data", need="any")
     explore(dataset, out / "explore")
     cfg = TrainConfig(arch="simple", folds=3, epochs=epochs, step=3, batch_size=64)
-    train = train_run(dataset, cfg, out / "run", device)
+    train = train_run(dataset, cfg, out / "run", device, overwrite=True)
     pred = predict(dataset.require_test(), out / "run" / "models", out / "label_val.txt", device)
     metrics = error_rates(truth, read_labels(out / "label_val.txt"))
     return {

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from faceattr import progress
 from faceattr.metrics import (
     auc,
     best_threshold,
@@ -38,6 +39,7 @@ def ensemble_scores(
         model.eval()
     device = next(models[0].parameters(), images).device
     out: list[list[torch.Tensor]] = [[] for _ in models]
+    shown = progress.bar(len(images) * len(models), f"scoring with {len(models)} model(s)")
     for start in range(0, len(images), batch_size):
         x = to_model_input(images[start : start + batch_size].to(device, non_blocking=True))
         mirrored = x.flip(-1) if tta else None
@@ -47,6 +49,8 @@ def ensemble_scores(
                 if mirrored is not None:
                     p = (p + torch.sigmoid(model(mirrored).float())) / 2
                 scores.append(p.cpu())
+                shown.update(len(p))
+    shown.close()
     if not len(images):
         return np.empty((len(models), 0))
     return torch.stack([torch.cat(s) for s in out]).numpy().astype(np.float64)

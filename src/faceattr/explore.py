@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from faceattr import reports
+from faceattr import plots
 from faceattr.cache import load_images
 from faceattr.data import Dataset
 from faceattr.outputs import ensure_writable_dir, write_json
@@ -35,7 +35,7 @@ def imbalance_verdict(counts: dict[int, int]) -> str:
 def explore(
     dataset: Dataset, out: str | Path, workers: int | None = None, cache: str | Path | None = None
 ) -> dict:
-    """Write explore.json, class_balance.png and samples.png to `out`; return the summary.
+    """Write explore.json, class_balance.png, samples.png and audit.png to `out`; return the summary.
 
     Images are decoded through the same cache as `train` and `predict`, which then find them.
     """
@@ -44,7 +44,8 @@ def explore(
     if dataset.train is not None and dataset.labels is not None:
         labels = dataset.labels
         counts = {c: int((labels == c).sum()) for c in (0, 1)}
-        loaded = load_images(dataset.train, cache, workers, extra=labels.tobytes())
+        # Broken images are reported here, not fatal: finding them is what explore is for.
+        loaded = load_images(dataset.train, cache, workers, labels.tobytes(), skip_bad=True)
         images, audit = loaded.array, loaded.audit
         summary.update(
             n_train=len(labels),
@@ -53,11 +54,15 @@ def explore(
             imbalance=imbalance_verdict(counts),
             train_audit=audit.to_dict(),
         )
-        reports.class_balance(counts, out / "class_balance.png")
-        reports.sample_grid(images, labels, out / "samples.png")
+        plots.class_balance(counts, out / "class_balance.png")
+        plots.sample_grid(images, labels, out / "samples.png")
     if dataset.test is not None:
-        test_audit = load_images(dataset.test, cache, workers).audit
+        test_audit = load_images(dataset.test, cache, workers, skip_bad=True).audit
         summary.update(n_test=len(dataset.test), test_audit=test_audit.to_dict())
+    audits = {
+        part: summary[f"{part}_audit"] for part in ("train", "test") if f"{part}_audit" in summary
+    }
+    plots.image_audit(audits, out / "audit.png")
     write_json(out / "explore.json", summary)
     return summary
 

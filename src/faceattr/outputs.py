@@ -67,6 +67,16 @@ def ensure_writable_dir(path: str | Path) -> Path:
     return path
 
 
+def check_writable(path: str | Path) -> None:
+    """Fail now, not after an hour, if `path` (a folder, existing or not) cannot be written."""
+    path = Path(path).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise FaceAttrError(f"cannot write to {path}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise FaceAttrError(f"cannot write to {path}: permission denied")
+
+
 def _jsonable(obj: Any) -> Any:
     """Let numpy scalars and paths pass through json.dumps."""
     if hasattr(obj, "item"):

@@ -8,13 +8,15 @@ from pathlib import Path
 
 import torch
 
+from faceattr import plots
 from faceattr.cache import load_images
 from faceattr.checkpoints import load_ensemble_settings, load_fold_models
 from faceattr.data import ImageSet
 from faceattr.ensemble import ensemble_scores, vote
 from faceattr.metrics import scores_to_labels
 from faceattr.models import for_inference
-from faceattr.outputs import ensure_writable_dir, write_csv, write_text
+from faceattr.outputs import ensure_writable_dir, write_csv, write_json, write_text
+from faceattr.report import build_report
 
 log = logging.getLogger("faceattr")
 
@@ -106,4 +108,10 @@ def predict(
         },
     }
     log.info("scored %d images with %d models in %.1fs", len(labels), len(models), score_s)
+    run = Path(models_dir).parent
+    if (run / "run.json").exists():  # a run folder: its report gains a prediction section
+        plots.prediction_scores(soft_score, threshold, run / "prediction" / "scores.png")
+        plots.model_agreement(votes, run / "prediction" / "agreement.png")
+        write_json(run / "prediction" / "prediction.json", summary)
+        summary["report"] = str(build_report(run))
     return summary

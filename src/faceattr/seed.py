@@ -6,6 +6,7 @@ Every flag of the original script keeps its name and default; the extra ones mir
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from faceattr.cli import (
     add_common,
@@ -50,7 +51,12 @@ def run(args: argparse.Namespace) -> int:
     if args.mode == "train":
         if not (args.img_train_dir and args.labels_txt):
             raise FaceAttrError("--mode=train needs --img_train_dir and --labels_txt")
+        # As the seed did, training into an existing --save_dir replaces it, unless the run
+        # there was interrupted: then it continues.
         args.out = args.save_dir
+        previous = Path(args.save_dir) / "run.json"
+        unfinished = previous.exists() and '"status": "complete"' not in previous.read_text()
+        args.resume, args.overwrite = unfinished, not unfinished
         return run_train(dataset_from_paths(args.img_train_dir, args.labels_txt, None), args)
     if not args.img_test_dir:
         raise FaceAttrError("--mode=test needs --img_test_dir")

@@ -6,8 +6,10 @@ into it, augmented on the device (see `augment`). No DataLoader and no per-image
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,18 +19,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from faceattr import reports
+from faceattr import plots, progress
 from faceattr.augment import augment
 from faceattr.batches import DeviceImages
 from faceattr.cache import load_images
-from faceattr.checkpoints import save_fold_model
+from faceattr.checkpoints import (
+    flatten_optimizer,
+    load_training_state,
+    remove_training_state,
+    save_fold_model,
+    save_training_state,
+    unflatten_optimizer,
+)
 from faceattr.data import Dataset
 from faceattr.ensemble import decision_rule, model_scores, to_model_input
 from faceattr.errors import FaceAttrError
 from faceattr.folds import make_folds, save_folds
 from faceattr.metrics import error_rates, scores_to_labels
 from faceattr.models import count_parameters, create_model
-from faceattr.outputs import ensure_writable_dir, write_csv, write_json
+from faceattr.outputs import check_writable, ensure_writable_dir, write_csv, write_json
+from faceattr.report import build_report
 from faceattr.runtime import describe, seed_everything
 
 log = logging.getLogger("faceattr")
@@ -67,6 +77,7 @@ class TrainConfig:
     workers: int | None = None  # image-decoding processes; None = one per core
     cache: str | None = None  # folder of decoded-image caches; None = decode in memory every time
     compile: bool = False  # torch.compile the training step
+    skip_bad: bool = False  # leave images that cannot be decoded out, instead of stopping
 
     def check(self) -> None:
         """Reject impossible settings before any work starts."""
@@ -132,12 +143,15 @@ def train_fold(
     val_idx: np.ndarray,
     cfg: TrainConfig,
     fold: int,
+    checkpoint: Path | None = None,
 ) -> FoldResult:
     """Train `model` on `train_idx` of `images`; keep its best epoch on `val_idx`.
 
-    `images[idx]` must give a uint8 batch on the device of `labels` and of the model.
-
-    The best epoch is the one with the lowest validation HTER (ties go to the earlier epoch).
+    `images[idx]` must give a uint8 batch on the device of `labels` and of the model. The best
+    epoch is the one with the lowest validation HTER (ties go to the earlier epoch). With
+    `checkpoint`, the whole training state (model, optimiser, schedule, random generators, best
+    epoch so far) is saved there after every epoch, and training continues from it when it is
+    already there: an interrupted fold resumes exactly where it stopped.
     """
     device = labels.device
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + fold)
@@ -154,8 +168,26 @@ def train_fold(
 
     best_hter, best_epoch, best_state, best_scores = math.inf, 0, {}, np.empty(0)
     history: list[dict] = []
-    start = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
+    first_epoch, elapsed = 1, 0.0
+    saved = load_training_state(checkpoint) if checkpoint else None
+    if saved is not None:
+        tensors, info = saved
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        optimizer.load_state_dict(unflatten_optimizer(tensors, info["optimizer"]))
+        scheduler.load_state_dict(info["scheduler"])
+        torch.set_rng_state(tensors["rng.torch"])
+        order_gen.set_state(tensors["rng.order"])
+        gen.set_state(tensors["rng.augment"].to(gen.get_state().device))
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+        best_hter, best_epoch, history = info["best_hter"], info["best_epoch"], info["history"]
+        best_state = {k[5:]: v.to(device) for k, v in tensors.items() if k.startswith("best.")}
+        best_scores = tensors["best_scores"].numpy()
+        first_epoch, elapsed = info["epoch"] + 1, info["seconds"]
+        log.info("fold %d: resuming after epoch %d", fold, info["epoch"])
+
+    start = time.perf_counter() - elapsed
+    for epoch in range(first_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         model.train()
@@ -163,14 +195,24 @@ def train_fold(
         if len(order) % cfg.batch_size == 1:  # BatchNorm cannot train on a batch of one image
             order = order[:-1]
         loss_sum = torch.zeros((), device=device)
+        first_bad = torch.full((), -1, device=device)  # first step whose loss was not finite
         predicted = torch.empty(len(order), dtype=torch.bool, device=device)
-        for s in range(0, len(order), cfg.batch_size):
+        shown = progress.bar(len(order), f"fold {fold} epoch {epoch}/{cfg.epochs}")
+        for step, s in enumerate(range(0, len(order), cfg.batch_size), start=1):
             idx = order[s : s + cfg.batch_size]
             x = augment(to_model_input(images[idx]), gen)
-            y = labels[idx]
-            loss, logits = train_step(step_model, optimizer, x, y, weights)
+            loss, logits = train_step(step_model, optimizer, x, labels[idx], weights)
+            # Checked on the device and read once per epoch: no host sync in the loop.
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
             loss_sum += loss * len(idx)
             predicted[s : s + len(idx)] = torch.sigmoid(logits.float()) >= cfg.threshold
+            shown.update(len(idx))
+        shown.close()
+        if first_bad.item() >= 0:
+            raise FaceAttrError(
+                f"fold {fold}: the loss became infinite or NaN at epoch {epoch}, step "
+                f"{first_bad.item()}; training stopped (try a lower --lr)"
+            )
         scheduler.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # so that train_seconds is the work, not its queueing
@@ -178,6 +220,11 @@ def train_fold(
 
         train_rates = error_rates(labels[order].cpu().numpy(), predicted.cpu().numpy())
         val_scores = model_scores(model, images[val_t], tta=cfg.tta)
+        if not np.isfinite(val_scores).all():
+            raise FaceAttrError(
+                f"fold {fold}: the model's outputs became infinite or NaN at epoch {epoch} "
+                f"(after step {step}); training stopped (try a lower --lr)"
+            )
         val_logits = torch.logit(torch.as_tensor(val_scores, device=device), eps=1e-7)
         val_rates = error_rates(y_val.cpu().numpy(), scores_to_labels(val_scores, cfg.threshold))
         row = {
@@ -213,26 +260,87 @@ def train_fold(
             row["seconds"],
             "  *" if improved else "",
         )
+        if checkpoint is not None and epoch < cfg.epochs:
+            optim_tensors, optim_rest = flatten_optimizer(optimizer.state_dict())
+            tensors = {
+                **{f"model.{k}": v for k, v in model.state_dict().items()},
+                **{f"best.{k}": v for k, v in best_state.items()},
+                **optim_tensors,
+                "best_scores": torch.from_numpy(np.asarray(best_scores, dtype=np.float64)),
+                "rng.torch": torch.get_rng_state(),
+                "rng.order": order_gen.get_state(),
+                "rng.augment": gen.get_state(),
+            }
+            if device.type == "cuda":
+                tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+            save_training_state(
+                checkpoint,
+                tensors,
+                {
+                    "epoch": epoch,
+                    "best_epoch": best_epoch,
+                    "best_hter": best_hter,
+                    "history": history,
+                    "optimizer": optim_rest,
+                    "scheduler": scheduler.state_dict(),
+                    "seconds": time.perf_counter() - start,
+                },
+            )
     seconds = time.perf_counter() - start
     return FoldResult(fold, best_epoch, best_state, best_scores, history, seconds)
 
 
-def train_run(dataset: Dataset, cfg: TrainConfig, out: str | Path, device: torch.device) -> dict:
+def train_run(
+    dataset: Dataset,
+    cfg: TrainConfig,
+    out: str | Path,
+    device: torch.device,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> dict:
     """Train one model per fold and write the whole run folder; returns the run summary.
 
-    The run folder holds `folds.csv`, `models/fold_K.safetensors` (+ `.json`), `fold_K/history.csv`
-    and its curves, `oof.csv` (every training image scored by the model that did not see it) and
-    `run.json` (options, versions, folds, metrics, timings).
+    The run folder holds `folds.csv`, `models/fold_K.safetensors` (+ `.json`), `fold_K/` (history,
+    curves, the fold's result), `oof.csv` (every training image scored by the model that did not
+    see it), `run.json` (options, versions, folds, metrics, timings) and the report. Everything is
+    checked and decoded before the folder is touched, so bad input leaves nothing behind.
+
+    `resume` continues the unfinished run in `out` with its own settings: finished folds are
+    kept, the running one continues from its last epoch. A folder that already holds a run is
+    otherwise left alone unless `overwrite` is given.
     """
+    out = Path(out)
+    previous = _existing_run(out)
+    if resume:
+        if previous is None:
+            raise FaceAttrError(f"--resume: {out} holds no run to continue")
+        cfg = _resumed_config(cfg, previous["config"])
+    elif previous is not None and not overwrite:
+        state = "a finished" if previous.get("status") == "complete" else "an unfinished"
+        raise FaceAttrError(
+            f"{out} holds {state} run: --resume continues it, --overwrite starts it again, "
+            "or choose another --out"
+        )
     cfg.check()
-    out = ensure_writable_dir(out)
+    check_writable(out)
     started = time.perf_counter()
     train_images, labels = dataset.require_train()
-    fold_of = make_folds(labels, cfg.folds, cfg.seed)  # checks the labels before the long work
+    make_folds(labels, cfg.folds, cfg.seed)  # checks the labels before the long work
+    loaded = load_images(train_images, cfg.cache, cfg.workers, labels.tobytes(), cfg.skip_bad)
+    array, names = loaded.array, train_images.names
+    if loaded.audit.bad:  # --skip-bad: leave them out
+        keep = np.setdiff1d(np.arange(len(labels)), sorted(loaded.audit.bad))
+        array, labels, names = array[keep], labels[keep], [names[i] for i in keep]
+    fold_of = make_folds(labels, cfg.folds, cfg.seed)
+    if resume and previous.get("n_train") != len(labels):
+        raise FaceAttrError(
+            f"--resume: {out} was trained on {previous.get('n_train')} images, "
+            f"this data has {len(labels)}"
+        )
+    if overwrite and previous is not None:
+        _clear_run(out)
 
-    loaded = load_images(train_images, cfg.cache, cfg.workers, extra=labels.tobytes())
-
-    names = train_images.names
+    ensure_writable_dir(out)
     save_folds(out / "folds.csv", names, labels, fold_of)
     summary: dict = {
         "status": "running",
@@ -243,21 +351,28 @@ def train_run(dataset: Dataset, cfg: TrainConfig, out: str | Path, device: torch
         "class_counts": {str(c): int((labels == c).sum()) for c in (0, 1)},
         "audit": loaded.audit.to_dict(),
         "decode": loaded.summary(),
+        "resumed": (previous or {}).get("resumed", 0) + 1 if resume else 0,
     }
     write_json(out / "run.json", summary)
+    data_pictures(array, labels, {"train": summary["audit"]}, out / "data")
 
-    seed_everything(cfg.seed)
-    images = DeviceImages(loaded.array, device)
+    images = DeviceImages(array, device)
     labels_t = torch.from_numpy(labels).to(device)
     oof = np.full(len(labels), np.nan)
     folds_summary = []
     for k in range(cfg.folds):
         fold = k + 1
-        seed_everything(cfg.seed * 1000 + fold)
-        model = (
-            create_model(cfg.arch, cfg.pretrained).to(device).to(memory_format=torch.channels_last)
-        )
+        fold_dir = out / f"fold_{fold}"
         train_idx, val_idx = np.flatnonzero(fold_of != k), np.flatnonzero(fold_of == k)
+        done = _finished_fold(out, fold)
+        if done is not None:
+            log.info("fold %d/%d: finished before, kept", fold, cfg.folds)
+            oof[val_idx] = done["val_scores"]
+            folds_summary.append(done["summary"])
+            continue
+        seed_everything(cfg.seed * 1000 + fold)
+        model = create_model(cfg.arch, cfg.pretrained).to(device)
+        model = model.to(memory_format=torch.channels_last)
         log.info(
             "fold %d/%d: %d training, %d validation images",
             fold,
@@ -265,11 +380,18 @@ def train_run(dataset: Dataset, cfg: TrainConfig, out: str | Path, device: torch
             len(train_idx),
             len(val_idx),
         )
-        result = train_fold(model, images, labels_t, train_idx, val_idx, cfg, fold)
+        checkpoint = fold_dir / "checkpoint"
+        result = train_fold(model, images, labels_t, train_idx, val_idx, cfg, fold, checkpoint)
         model.load_state_dict(result.state)
         oof[val_idx] = result.val_scores
         best = result.history[result.best_epoch - 1]
         metrics = {key: best[key] for key in ("val_hter", "val_far", "val_frr", "val_loss")}
+        fold_summary = {
+            "fold": fold,
+            "best_epoch": result.best_epoch,
+            "train_seconds": result.seconds,
+            **metrics,
+        }
         save_fold_model(
             out / "models",
             fold,
@@ -282,21 +404,19 @@ def train_run(dataset: Dataset, cfg: TrainConfig, out: str | Path, device: torch
                 **metrics,
             },
         )
-        fold_dir = out / f"fold_{fold}"
         write_csv(
             fold_dir / "history.csv",
             HISTORY_COLUMNS,
             [[row[c] for c in HISTORY_COLUMNS] for row in result.history],
         )
-        reports.training_curves(result.history, fold_dir / "curves.png", result.best_epoch)
-        folds_summary.append(
-            {
-                "fold": fold,
-                "best_epoch": result.best_epoch,
-                "train_seconds": result.seconds,
-                **metrics,
-            }
+        plots.training_curves(result.history, fold_dir / "curves.png", result.best_epoch)
+        # The fold's result is written last: its presence marks the fold as finished.
+        write_json(
+            fold_dir / "result.json",
+            {"summary": fold_summary, "val_scores": result.val_scores.tolist()},
         )
+        remove_training_state(checkpoint)
+        folds_summary.append(fold_summary)
         log.info(
             "fold %d: best epoch %d, val HTER %.2f%%",
             fold,
@@ -329,4 +449,65 @@ def train_run(dataset: Dataset, cfg: TrainConfig, out: str | Path, device: torch
         },
     )
     write_json(out / "run.json", summary)
+    plots.evaluation(labels, oof, decision["threshold"], out / "evaluation", array, names)
+    build_report(out)
     return summary
+
+
+RUN_CONTENTS = (
+    "run.json",
+    "folds.csv",
+    "oof.csv",
+    "report.html",
+    "models",
+    "data",
+    "evaluation",
+    "prediction",
+)
+
+
+def _existing_run(out: Path) -> dict | None:
+    """The run.json of a run already in `out`, if any."""
+    try:
+        return json.loads((out / "run.json").read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, json.JSONDecodeError) as e:
+        raise FaceAttrError(
+            f"{out / 'run.json'} is unreadable ({e}); choose another --out"
+        ) from None
+
+
+def _clear_run(out: Path) -> None:
+    """Remove what a run wrote into `out` (and nothing else that may live there)."""
+    for name in [*RUN_CONTENTS, *(p.name for p in out.glob("fold_*"))]:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _resumed_config(asked: TrainConfig, saved: dict) -> TrainConfig:
+    """The saved run's settings; only where the work runs (workers, cache) may change."""
+    cfg = TrainConfig(**{**saved, "workers": asked.workers, "cache": asked.cache})
+    return cfg
+
+
+def _finished_fold(out: Path, fold: int) -> dict | None:
+    """A fold finished by an earlier, interrupted invocation: its summary and validation scores."""
+    result = out / f"fold_{fold}" / "result.json"
+    if not (result.exists() and (out / "models" / f"fold_{fold}.safetensors").exists()):
+        return None
+    try:
+        done = json.loads(result.read_text())
+        return {"summary": done["summary"], "val_scores": np.asarray(done["val_scores"])}
+    except (OSError, KeyError, json.JSONDecodeError):
+        return None
+
+
+def data_pictures(images: np.ndarray, labels: np.ndarray, audits: dict, out: Path) -> None:
+    """Class balance, sample images and the image audit, as explore draws them."""
+    plots.class_balance({c: int((labels == c).sum()) for c in (0, 1)}, out / "class_balance.png")
+    plots.sample_grid(images, labels, out / "samples.png")
+    plots.image_audit(audits, out / "audit.png")

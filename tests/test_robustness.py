@@ -1,0 +1,280 @@
+"""Bad input gets one clear line, a non-zero exit and no output; work is never lost."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+
+import pytest
+
+from conftest import assert_user_error, cli, read_lines, seed_main, write_image
+
+
+def small_layout(root, labels=(0, 1, 0, 1, 1, 1, 0, 1, 1, 1), n_test=3):
+    for i in range(1, len(labels) + 1):
+        write_image(root / "train_img" / f"{i:06d}.jpg", (i * 20, 90, 160))
+    for i in range(1, n_test + 1):
+        write_image(root / "val_img" / f"{i:06d}.jpg", (i * 30, 80, 10))
+    (root / "label_train.txt").write_text("".join(f"{v}\n" for v in labels))
+    return root
+
+
+def train(data, out, *extra):
+    return cli(
+        "train",
+        str(data),
+        "--out",
+        str(out),
+        "--folds",
+        "2",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        *extra,
+    )
+
+
+BAD_DATA = {
+    "missing image folder": (lambda d: shutil.rmtree(d / "train_img"), "train_img"),
+    "empty image folder": (
+        lambda d: [p.unlink() for p in (d / "train_img").iterdir()],
+        "has no images",
+    ),
+    "missing label file": (lambda d: (d / "label_train.txt").unlink(), "label_train.txt"),
+    "empty label file": (lambda d: (d / "label_train.txt").write_text(""), "is empty"),
+    "label not 0/1": (
+        lambda d: (d / "label_train.txt").write_text("0\n1\n2\n" + "1\n" * 7),
+        "line 3: expected 0 or 1, found '2'",
+    ),
+    "more labels than images": (
+        lambda d: (d / "label_train.txt").write_text("0\n1\n" * 6),
+        "has 12 labels but",
+    ),
+    "gap in numbering": (
+        lambda d: (d / "train_img" / "000004.jpg").rename(d / "train_img" / "000011.jpg"),
+        "4 is missing",
+    ),
+    "duplicate number": (
+        lambda d: shutil.copy(d / "train_img" / "000002.jpg", d / "train_img" / "2.jpg"),
+        "both have number 2",
+    ),
+    "image named by no number": (
+        lambda d: shutil.copy(d / "train_img" / "000002.jpg", d / "train_img" / "face.jpg"),
+        "face.jpg: image name is not a number",
+    ),
+    "corrupt jpeg": (
+        lambda d: (d / "train_img" / "000005.jpg").write_bytes(b"\xff\xd8\xff garbage"),
+        "000005.jpg: cannot decode image",
+    ),
+    "truncated jpeg": (
+        lambda d: (d / "train_img" / "000006.jpg").write_bytes(
+            (d / "train_img" / "000006.jpg").read_bytes()[:300]
+        ),
+        "000006.jpg: cannot decode image",
+    ),
+    "only one class": (
+        lambda d: (d / "label_train.txt").write_text("1\n" * 10),
+        "only class 1 is present",
+    ),
+    "fewer examples than folds": (
+        lambda d: (d / "label_train.txt").write_text("0\n" + "1\n" * 9),
+        "class 0 has 1 images, fewer than the 2 folds",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DATA))
+def test_bad_training_data(case, tmp_path):
+    data = small_layout(tmp_path / "data")
+    spoil, message = BAD_DATA[case]
+    spoil(data)
+    result = train(data, tmp_path / "run")
+    assert_user_error(result, message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_count_mismatch_names_both_counts(tmp_path):
+    data = small_layout(tmp_path / "data")
+    (data / "label_train.txt").write_text("0\n1\n" * 4)
+    assert_user_error(train(data, tmp_path / "run"), "has 8 labels but", "has 10 images")
+
+
+def test_zip_without_the_expected_folders(tmp_path):
+    archive = tmp_path / "wrong.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("photos/1.jpg", b"x")
+        z.writestr("notes.txt", "hi")
+    assert_user_error(train(archive, tmp_path / "run"), "expected train_img/")
+    assert not (tmp_path / "run").exists()
+
+
+def test_unwritable_output_locations(tmp_path):
+    data = small_layout(tmp_path / "data")
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    assert_user_error(train(data, blocker / "run"), "cannot write to")
+    assert_user_error(cli("explore", str(data), "--out", str(blocker / "ex")), "cannot write to")
+    result = train(data, tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    assert_user_error(
+        cli(
+            "predict",
+            str(data),
+            "--run",
+            str(tmp_path / "run"),
+            "--output",
+            str(blocker / "label_val.txt"),
+        ),
+        "cannot write to",
+    )
+
+
+def test_accepted_with_warnings(tmp_path):
+    data = small_layout(tmp_path / "data")
+    (data / "label_train.txt").write_text(
+        "0\r\n1\r\n0\r\n1\r\n1\r\n1\r\n0\r\n1\r\n1\r\n1\r\n\r\n\r\n"
+    )
+    (data / "train_img" / "notes.txt").write_text("not an image")
+    write_image(data / "train_img" / "000003.jpg", 120, mode="L")
+    (data / "train_img" / "000004.jpg").unlink()
+    write_image(data / "train_img" / "000004.png", (1, 2, 3, 255), size=(90, 70), mode="RGBA")
+    (data / "train_img" / "000005.jpg").rename(data / "train_img" / "000005.jpeg")
+    result = train(data, tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    assert "CRLF" in result.stderr and "notes.txt: not an image" in result.stderr
+    assert "1 images resized to 64x64, 2 converted to RGB" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_skip_bad_drops_the_image_with_a_warning(tmp_path):
+    data = small_layout(tmp_path / "data", labels=(0, 1) * 8)
+    (data / "train_img" / "000005.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    assert_user_error(train(data, tmp_path / "r1"), "000005.jpg", "--skip-bad")
+    result = train(data, tmp_path / "run", "--skip-bad")
+    assert result.returncode == 0, result.stderr
+    assert "leaving out 1 image(s)" in result.stderr and "000005.jpg" in result.stderr
+    summary = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert summary["n_train"] == 15
+    assert "000005.jpg" not in (tmp_path / "run" / "oof.csv").read_text()
+
+
+def test_non_finite_loss_stops_with_the_epoch_and_step(tmp_path, dataset_dir):
+    result = train(dataset_dir, tmp_path / "run", "--lr", "1e30", "--batch-size", "16")
+    assert_user_error(result, "loss became infinite or NaN at epoch 1, step 2", "--lr")
+    # One step an epoch: the loss is still finite, the outputs after it are not.
+    result = train(small_layout(tmp_path / "data"), tmp_path / "run2", "--lr", "1e30")
+    assert_user_error(result, "outputs became infinite or NaN at epoch 1 (after step 1)")
+
+
+def test_existing_run_is_not_replaced_by_accident(tmp_path):
+    data = small_layout(tmp_path / "data")
+    assert train(data, tmp_path / "run").returncode == 0
+    before = (tmp_path / "run" / "run.json").read_text()
+    assert_user_error(train(data, tmp_path / "run"), "holds a finished run", "--overwrite")
+    assert (tmp_path / "run" / "run.json").read_text() == before
+    assert train(data, tmp_path / "run", "--overwrite").returncode == 0
+    assert_user_error(train(data, tmp_path / "other", "--resume"), "holds no run to continue")
+
+
+def test_out_of_gpu_memory_is_one_line(capsys):
+    import argparse
+
+    import torch
+
+    from faceattr.cli import run_command
+
+    def boom(args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    args = argparse.Namespace(quiet=True, verbose=False, batch_size=512)
+    assert run_command(boom, args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["faceattr: error: out of GPU memory; try a smaller --batch-size (it is 512)"]
+
+
+def test_same_seed_same_label_file(dataset_dir, tmp_path):
+    outputs = []
+    for name in ("a", "b"):
+        run = tmp_path / name
+        assert train(dataset_dir, run, "--batch-size", "32").returncode == 0
+        out = run / "label_val.txt"
+        assert (
+            cli("predict", str(dataset_dir), "--run", str(run), "--output", str(out)).returncode
+            == 0
+        )
+        outputs.append(
+            (
+                out.read_text(),
+                (run / "folds.csv").read_text(),
+                (run / "models" / "fold_2.safetensors").read_bytes(),
+            )
+        )
+    assert outputs[0] == outputs[1]
+
+
+def test_resume_after_sigkill_gives_the_uninterrupted_result(dataset_dir, tmp_path):
+    args = ["--folds", "2", "--epochs", "6", "--batch-size", "16", "--device", "cpu"]
+    reference = tmp_path / "reference"
+    result = cli("train", str(dataset_dir), "--out", str(reference), *args)
+    assert result.returncode == 0, result.stderr
+
+    run = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "faceattr",
+        "train",
+        str(dataset_dir),
+        "--out",
+        str(run),
+        *args,
+        "-q",
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = run / "fold_2" / "checkpoint.json"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert checkpoint.exists(), "training ended before fold 2 saved a checkpoint"
+    assert json.loads((run / "run.json").read_text())["status"] == "running"
+    assert not (run / "models" / "fold_2.safetensors").exists()
+
+    result = cli("train", str(dataset_dir), "--out", str(run), "--resume")
+    assert result.returncode == 0, result.stderr
+    assert "fold 1/2: finished before, kept" in result.stderr
+    assert "fold 2: resuming after epoch" in result.stderr
+    for fold in (1, 2):
+        name = f"models/fold_{fold}.safetensors"
+        assert (run / name).read_bytes() == (reference / name).read_bytes()
+    assert (run / "oof.csv").read_text() == (reference / "oof.csv").read_text()
+    assert not checkpoint.exists()
+    assert json.loads((run / "run.json").read_text())["resumed"] == 1
+
+
+def test_seed_train_continues_an_interrupted_save_dir(dataset_dir, tmp_path):
+    train_dir, labels = dataset_dir / "train_img", dataset_dir / "label_train.txt"
+    seed_args = [
+        f"--img_train_dir={train_dir}",
+        f"--labels_txt={labels}",
+        "--epochs=2",
+        "--save_dir=RUN",
+        "--folds=2",
+        "--batch_size=32",
+    ]
+    assert seed_main("--mode=train", *seed_args, cwd=tmp_path).returncode == 0
+    summary = json.loads((tmp_path / "RUN" / "run.json").read_text())
+    summary["status"] = "running"  # as if it had been killed after its last fold
+    (tmp_path / "RUN" / "run.json").write_text(json.dumps(summary))
+    result = seed_main("--mode=train", *seed_args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "finished before, kept" in result.stderr
+    result = seed_main("--mode=train", *seed_args, cwd=tmp_path)  # finished: trained afresh
+    assert result.returncode == 0 and "finished before" not in result.stderr
+    assert len(read_lines(tmp_path / "RUN" / "folds.csv")) == 161
