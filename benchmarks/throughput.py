@@ -10,6 +10,7 @@ benchmarks/results/throughput-<device>.jsonl (device: e.g. h200, cpu):
               applies torchvision's per-image transforms, num_workers = cores
   decode      images/s of the decoded-image cache build
   end_to_end  wall time of `faceattr train` + `faceattr predict` as a user runs them, data cached
+  inference   (on a CPU) scoring images/s of one model with PyTorch and with onnxruntime
 
     python benchmarks/throughput.py --data ../shared/data/celeba64.zip            # everything
     python benchmarks/throughput.py --data D --measures ceiling --arch resnet18    # one part
@@ -37,13 +38,16 @@ from torchvision import transforms as T
 
 from faceattr.batches import DeviceImages
 from faceattr.cache import load_images
+from faceattr.checkpoints import save_fold_model
 from faceattr.data import ImageSet, ZipSource, load_dataset
-from faceattr.models import create_model
+from faceattr.ensemble import ensemble_scores
+from faceattr.export import OnnxEnsemble, export_onnx
+from faceattr.models import create_model, for_inference
 from faceattr.runtime import resolve_device
 from faceattr.train import TrainConfig, class_weights, train_fold, train_step
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MEASURES = ("ceiling", "faceattr", "baseline", "decode", "end_to_end")
+MEASURES = ("ceiling", "faceattr", "baseline", "decode", "end_to_end", "inference")
 
 
 def device_name(device: torch.device) -> str:
@@ -216,6 +220,32 @@ def end_to_end(data: str, device: str, extra: list[str], cache: Path, work: Path
     return timings
 
 
+# --- 6. inference on a CPU: PyTorch and onnxruntime ----------------------------------------------
+
+
+def inference(arch: str, runtime: str, batch: int, n: int, work: Path) -> float:
+    """Images/s of one model scoring uint8 images on the CPU, as `faceattr predict` runs it."""
+    torch.manual_seed(0)
+    model = create_model(arch).eval()
+    images = np.random.default_rng(0).integers(0, 256, (n, 64, 64, 3), dtype=np.uint8)
+    if runtime == "torch":
+        nets = [for_inference(model, torch.device("cpu"))]
+
+        def score(x: np.ndarray) -> None:
+            ensemble_scores(nets, torch.from_numpy(x), batch)
+    else:
+        save_fold_model(work / arch / "models", 1, model, {"arch": arch})
+        ensemble = OnnxEnsemble(export_onnx(work / arch / "models", work / arch / "onnx")[0].parent)
+
+        def score(x: np.ndarray) -> None:
+            ensemble.scores(x, batch)
+
+    score(images[:batch])  # warm-up
+    start = time.perf_counter()
+    score(images)
+    return n / (time.perf_counter() - start)
+
+
 # --- driver ---------------------------------------------------------------------------------------
 
 
@@ -303,6 +333,21 @@ def main(argv: list[str] | None = None) -> int:
                         "num_workers": workers,
                     }
                 )
+        if "inference" in args.measures and device.type == "cpu":
+            for arch in args.arch:
+                n = 4096 if arch == "simple" else 256
+                for runtime in ("torch", "onnxruntime"):
+                    rate = inference(arch, runtime, 512, n, tmp / "inference")
+                    emit(
+                        {
+                            "measure": "inference",
+                            "img_per_s": rate,
+                            "arch": arch,
+                            "runtime": runtime,
+                            "images": n,
+                            "threads": torch.get_num_threads(),
+                        }
+                    )
         if "end_to_end" in args.measures:
             if dataset.test is not None:  # predict finds its images decoded, as train does
                 load_images(dataset.test, tmp / "cache")

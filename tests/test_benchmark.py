@@ -20,10 +20,19 @@ def test_benchmark_writes_every_measure(dataset_dir, tmp_path):
     lines = [json.loads(line) for line in results.read_text().splitlines()]
     assert [json.loads(line) for line in result.stdout.splitlines()] == lines
     by_measure = {line["measure"]: line for line in lines}
-    assert set(by_measure) == {"decode", "ceiling", "faceattr", "baseline", "end_to_end"}
+    assert set(by_measure) == {
+        "decode",
+        "ceiling",
+        "faceattr",
+        "baseline",
+        "end_to_end",
+        "inference",
+    }
+    runtimes = {line["runtime"] for line in lines if line["measure"] == "inference"}
+    assert runtimes == {"torch", "onnxruntime"}
     for line in lines:
         assert line["device"] == "cpu" and line["torch"] and line["batch_size"] == 32
-    for measure in ("decode", "ceiling", "faceattr", "baseline"):
+    for measure in ("decode", "ceiling", "faceattr", "baseline", "inference"):
         assert by_measure[measure]["img_per_s"] > 0
     for measure in ("ceiling", "faceattr", "baseline"):
         assert by_measure[measure]["arch"] == "simple"

@@ -1,5 +1,6 @@
 """On real faces: a slice of celeba64.zip (skipped where the shared data is absent)."""
 
+import csv
 import json
 import zipfile
 
@@ -55,3 +56,15 @@ def test_train_and_predict_on_real_faces(celeba_slice, tmp_path):
     assert result.returncode == 0, result.stderr
     lines = read_lines(out)
     assert len(lines) == N_TEST and set(lines) == {"0", "1"}
+    # The same ensemble exported to ONNX scores these real faces as PyTorch does.
+    assert cli("export", str(run), "--onnx", str(tmp_path / "onnx")).returncode == 0
+    onnx_out = tmp_path / "ort" / "label_val.txt"
+    result = cli(
+        "predict", str(celeba_slice), "--onnx", str(tmp_path / "onnx"), "--output", str(onnx_out)
+    )
+    assert result.returncode == 0, result.stderr
+    assert read_lines(onnx_out) == lines
+    torch_rows = list(csv.DictReader((tmp_path / "predictions.csv").open()))
+    onnx_rows = list(csv.DictReader((onnx_out.parent / "predictions.csv").open()))
+    for a, b in zip(torch_rows, onnx_rows, strict=True):
+        assert abs(float(a["soft_score"]) - float(b["soft_score"])) < 1e-4

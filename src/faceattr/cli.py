@@ -115,9 +115,10 @@ def run_train(dataset, args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from faceattr.data import load_test_images
 
-    if (args.run is None) == (args.model_dir is None):
-        raise FaceAttrError("give exactly one of --run RUN or --model-dir DIR")
-    models_dir = args.model_dir or Path(args.run) / "models"
+    given = [a for a in (args.run, args.model_dir, args.onnx) if a is not None]
+    if len(given) != 1:
+        raise FaceAttrError("give exactly one of --run RUN, --model-dir DIR or --onnx DIR")
+    models_dir = args.onnx or args.model_dir or Path(args.run) / "models"
     return run_predict(load_test_images(args.data), models_dir, args)
 
 
@@ -137,6 +138,7 @@ def run_predict(images, models_dir: str | Path, args: argparse.Namespace) -> int
         args.batch_size,
         args.workers,
         cache_dir(args),
+        onnx=getattr(args, "onnx", None) is not None,
     )
     print(
         f"{summary['images']:,} images, {summary['models']} models, {summary['vote']} vote at "
@@ -188,6 +190,14 @@ def read_scores(path: str | Path, n: int) -> tuple[np.ndarray, float]:
         raise FaceAttrError(f"{path} has {len(scores)} rows but the truth has {n} labels")
     above = scores[labels == 1]
     return scores, float(above.min()) if len(above) else 1.0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from faceattr.export import export_onnx
+
+    paths = export_onnx(Path(args.run) / "models", args.onnx)
+    print(f"wrote {len(paths)} ONNX models and ensemble.json to {args.onnx}")
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -306,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="dataset folder or .zip with val_img/, or a folder of images")
     p.add_argument("--run", help="run folder written by train")
     p.add_argument("--model-dir", "--model_dir", dest="model_dir", help="a run's models/ folder")
+    p.add_argument("--onnx", help="a folder written by `faceattr export --onnx` (onnxruntime)")
     p.add_argument("--output", default="label_val.txt", help="label file (default ./label_val.txt)")
     add_predict_options(p)
     p.add_argument(
@@ -325,6 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scores", help="the predictions.csv beside --pred: adds AUC, EER and plots")
     p.add_argument("--plots", default="evaluation", help="folder for the plots (with --scores)")
     p.set_defaults(func=cmd_evaluate, quiet=False, verbose=False)
+
+    p = sub.add_parser("export", help="write the fold models as ONNX files")
+    p.add_argument("run", help="run folder written by train")
+    p.add_argument("--onnx", required=True, help="output folder")
+    p.set_defaults(func=cmd_export, quiet=False, verbose=False)
 
     p = sub.add_parser("report", help="(re)build RUN/report.html")
     p.add_argument("run", help="run folder written by train")

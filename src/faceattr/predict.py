@@ -6,6 +6,7 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from faceattr import plots
@@ -13,6 +14,7 @@ from faceattr.cache import load_images
 from faceattr.checkpoints import load_ensemble_settings, load_fold_models
 from faceattr.data import ImageSet
 from faceattr.ensemble import ensemble_scores, vote
+from faceattr.export import OnnxEnsemble
 from faceattr.metrics import scores_to_labels
 from faceattr.models import for_inference
 from faceattr.outputs import ensure_writable_dir, write_csv, write_json, write_text
@@ -32,6 +34,7 @@ def predict(
     batch_size: int | None = None,
     workers: int | None = None,
     cache: str | Path | None = None,
+    onnx: bool = False,
 ) -> dict:
     """Write `output` (one 0/1 per image, in numeric order) and predictions.csv beside it.
 
@@ -39,28 +42,26 @@ def predict(
     given. Both votes are computed, `rule` decides the label file; predictions.csv has, per image,
     each model's score (probability of label 1) and vote, both ensemble scores and labels, and the
     label written. Models are loaded before anything is decoded, so a wrong folder fails at once.
+    With `onnx`, `models_dir` is a folder written by `faceattr export --onnx` and onnxruntime
+    scores the images.
     """
     started = time.perf_counter()
     output = Path(output)
     ensure_writable_dir(output.parent)
-    models = load_fold_models(models_dir)
-    settings = load_ensemble_settings(models_dir, models)
-    threshold = settings["threshold"] if threshold is None else threshold
-    tta = settings["tta"] if tta is None else tta
+    ensemble = OnnxEnsemble(models_dir) if onnx else TorchEnsemble(models_dir, device)
+    threshold = ensemble.settings["threshold"] if threshold is None else threshold
+    tta = ensemble.settings["tta"] if tta is None else tta
     loaded = load_images(images, cache, workers)
-    x = torch.from_numpy(loaded.array)
-    if device.type == "cuda":
-        x = x.to(device)
     t0 = time.perf_counter()
-    nets = [for_inference(m.model, device) for m in models]
-    scores = ensemble_scores(nets, x, batch_size or (4096 if device.type == "cuda" else 512), tta)
+    batch_size = batch_size or (4096 if device.type == "cuda" and not onnx else 512)
+    scores = ensemble.scores(loaded.array, batch_size, tta)
     score_s = time.perf_counter() - t0
     soft_score, soft_label = vote(scores, "soft", threshold)
     share, majority_label = vote(scores, "majority", threshold)
     labels = soft_label if rule == "soft" else majority_label
 
     csv_path = output.with_name("predictions.csv")
-    folds = [m.fold for m in models]
+    folds = ensemble.folds
     header = [
         "image",
         *(f"score_{f}" for f in folds),
@@ -89,7 +90,8 @@ def predict(
     write_text(output, "".join(f"{v}\n" for v in labels))
     summary = {
         "images": len(labels),
-        "models": len(models),
+        "models": len(folds),
+        "runtime": "onnxruntime" if onnx else "torch",
         "vote": rule,
         "threshold": threshold,
         "tta": tta,
@@ -107,11 +109,30 @@ def predict(
             "total_s": time.perf_counter() - started,
         },
     }
-    log.info("scored %d images with %d models in %.1fs", len(labels), len(models), score_s)
+    log.info("scored %d images with %d models in %.1fs", len(labels), len(folds), score_s)
     run = Path(models_dir).parent
-    if (run / "run.json").exists():  # a run folder: its report gains a prediction section
+    if (
+        not onnx and (run / "run.json").exists()
+    ):  # a run folder: its report gains a prediction section
         plots.prediction_scores(soft_score, threshold, run / "prediction" / "scores.png")
         plots.model_agreement(votes, run / "prediction" / "agreement.png")
         write_json(run / "prediction" / "prediction.json", summary)
         summary["report"] = str(build_report(run))
     return summary
+
+
+class TorchEnsemble:
+    """A run's fold models, ready for inference on `device`."""
+
+    def __init__(self, models_dir: str | Path, device: torch.device):
+        models = load_fold_models(models_dir)
+        self.settings = load_ensemble_settings(models_dir, models)
+        self.folds = [m.fold for m in models]
+        self.nets = [for_inference(m.model, device) for m in models]
+        self.device = device
+
+    def scores(self, images: np.ndarray, batch_size: int, tta: bool) -> np.ndarray:
+        x = torch.from_numpy(images)
+        if self.device.type == "cuda":
+            x = x.to(self.device)
+        return ensemble_scores(self.nets, x, batch_size, tta)

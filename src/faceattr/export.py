@@ -1,0 +1,104 @@
+"""Deployment: the fold models as ONNX files, and an ensemble that runs them with onnxruntime.
+
+`faceattr export RUN --onnx DIR` writes `fold_K.onnx` (input `images`: float32 (N, 3, 64, 64) RGB
+in [0, 1]; output `logits`: (N,), the log-odds of label 1; normalisation is inside the graph) and
+`ensemble.json`, which says how to prepare images and how the run decides. `faceattr predict
+--onnx DIR` then needs onnxruntime and nothing of the training code's models.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from faceattr.checkpoints import load_ensemble_settings, load_fold_models
+from faceattr.errors import FaceAttrError
+from faceattr.outputs import atomic_path, ensure_writable_dir, write_json
+
+PREPROCESSING = {
+    "input": "images",
+    "layout": "NCHW",
+    "dtype": "float32",
+    "channels": "RGB",
+    "size": 64,
+    "range": "pixel values / 255, in [0, 1]; the graph normalises with ImageNet mean and std",
+    "resize": "other sizes: centre-crop to a square, then bicubic resize to 64x64",
+    "output": "logits: log-odds of label 1, one per image; probability = sigmoid(logit)",
+    "tta": "when true, also score the image mirrored left-right and average the probabilities",
+    "vote": "soft: mean probability of the fold models; label 1 where it reaches the threshold",
+}
+
+
+def export_onnx(models_dir: str | Path, out: str | Path, opset: int = 17) -> list[Path]:
+    """Write one ONNX model per fold and ensemble.json (preprocessing and decision) into `out`."""
+    models = load_fold_models(models_dir)
+    settings = load_ensemble_settings(models_dir, models)
+    out = ensure_writable_dir(out)
+    paths = []
+    example = torch.rand(2, 3, 64, 64)
+    for m in models:
+        path = out / f"fold_{m.fold}.onnx"
+        with atomic_path(path) as tmp, warnings.catch_warnings():
+            # The TorchScript-based exporter works from torch 2.4 on and needs no onnxscript.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(m.model.eval(), (example,), str(tmp), input_names=["images"],
+                              output_names=["logits"], opset_version=opset, dynamo=False,
+                              dynamic_axes={"images": {0: "n"}, "logits": {0: "n"}})  # fmt: skip
+        paths.append(path)
+    write_json(out / "ensemble.json", {
+        "folds": [m.fold for m in models], "arch": models[0].config.get("arch"),
+        "threshold": settings["threshold"], "tta": settings["tta"], "vote": "soft",
+        "preprocessing": PREPROCESSING,
+    })  # fmt: skip
+    return paths
+
+
+class OnnxEnsemble:
+    """The exported fold models, run by onnxruntime on the CPU."""
+
+    def __init__(self, folder: str | Path, threads: int | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise FaceAttrError("--onnx needs onnxruntime: pip install onnxruntime") from None
+        folder = Path(folder)
+        try:
+            self.settings = json.loads((folder / "ensemble.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise FaceAttrError(f"{folder} is not a faceattr ONNX export ({e})") from None
+        files = sorted(
+            (int(m.group(1)), p) for p in folder.glob("fold_*.onnx")
+            if (m := re.fullmatch(r"fold_(\d+)\.onnx", p.name))
+        )  # fmt: skip
+        if not files:
+            raise FaceAttrError(f"{folder} holds no fold_K.onnx model")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.folds = [fold for fold, _ in files]
+        self.sessions = [ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
+                         for _, p in files]  # fmt: skip
+
+    def scores(self, images: np.ndarray, batch_size: int = 512, tta: bool = False) -> np.ndarray:
+        """Probability of label 1 from every model for uint8 (N, 64, 64, 3) images: (models, N)."""
+        out = np.empty((len(self.sessions), len(images)))
+        for start in range(0, len(images), batch_size):
+            x = np.ascontiguousarray(
+                images[start : start + batch_size].transpose(0, 3, 1, 2), dtype=np.float32
+            ) / np.float32(255)
+            for m, session in enumerate(self.sessions):
+                p = _sigmoid(session.run(None, {"images": x})[0])
+                if tta:
+                    mirrored = np.ascontiguousarray(x[..., ::-1])
+                    p = (p + _sigmoid(session.run(None, {"images": mirrored})[0])) / 2
+                out[m, start : start + len(x)] = p
+        return out
+
+
+def _sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-logits.astype(np.float64)))

@@ -1,0 +1,72 @@
+"""ONNX export: the files, and onnxruntime scores equal to PyTorch's on real image files."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import assert_user_error, cli, read_lines
+from faceattr.checkpoints import save_fold_model
+from faceattr.data import load_dataset
+from faceattr.decode import decode_images
+from faceattr.ensemble import ensemble_scores
+from faceattr.export import OnnxEnsemble, export_onnx
+from faceattr.models import create_model
+
+
+@pytest.mark.parametrize("arch", ["simple", "resnet18"])
+def test_onnx_scores_equal_pytorch_scores(arch, dataset_dir, tmp_path):
+    torch.manual_seed(0)
+    models = []
+    for fold in (1, 2):
+        model = create_model(arch)
+        model.train()(torch.rand(8, 3, 64, 64))  # BatchNorm statistics away from the identity
+        save_fold_model(tmp_path / "models", fold, model.eval(), {"arch": arch})
+        models.append(model)
+    paths = export_onnx(tmp_path / "models", tmp_path / "onnx")
+    assert [p.name for p in paths] == ["fold_1.onnx", "fold_2.onnx"]
+    images, _ = decode_images(load_dataset(dataset_dir, need="test").test)
+    expected = ensemble_scores(models, torch.from_numpy(images), tta=True)
+    got = OnnxEnsemble(tmp_path / "onnx").scores(images, batch_size=16, tta=True)
+    assert got.shape == expected.shape == (2, 40)
+    assert np.abs(got - expected).max() < 1e-4
+
+
+def test_export_and_predict_with_onnxruntime(trained_run, dataset_dir, tmp_path):
+    result = cli("export", str(trained_run), "--onnx", str(tmp_path / "onnx"))
+    assert result.returncode == 0, result.stderr
+    settings = json.loads((tmp_path / "onnx" / "ensemble.json").read_text())
+    run_settings = json.loads((trained_run / "models" / "ensemble.json").read_text())
+    assert settings["threshold"] == run_settings["threshold"] and settings["folds"] == [1, 2]
+    assert settings["preprocessing"]["layout"] == "NCHW"
+
+    torch_out, onnx_out = tmp_path / "torch" / "label_val.txt", tmp_path / "ort" / "label_val.txt"
+    assert (
+        cli(
+            "predict", str(dataset_dir), "--run", str(trained_run), "--output", str(torch_out)
+        ).returncode
+        == 0
+    )
+    result = cli(
+        "predict", str(dataset_dir), "--onnx", str(tmp_path / "onnx"), "--output", str(onnx_out)
+    )
+    assert result.returncode == 0, result.stderr
+    assert read_lines(onnx_out) == read_lines(torch_out)
+    rows = [
+        list(csv.DictReader((p.parent / "predictions.csv").open())) for p in (torch_out, onnx_out)
+    ]
+    for a, b in zip(*rows, strict=True):
+        for column in ("score_1", "score_2", "soft_score"):
+            assert abs(float(a[column]) - float(b[column])) < 1e-4
+
+
+def test_onnx_user_errors(dataset_dir, trained_run, tmp_path):
+    assert_user_error(
+        cli("predict", str(dataset_dir), "--onnx", str(tmp_path)), "not a faceattr ONNX export"
+    )
+    assert_user_error(
+        cli("predict", str(dataset_dir), "--onnx", str(tmp_path), "--run", str(trained_run)),
+        "exactly one of",
+    )
