@@ -126,6 +126,39 @@ def test_evaluate(dataset_dir, tmp_path):
     )
 
 
+def test_evaluate_a_labelled_test_set_with_pictures(trained_run, dataset_dir, tmp_path):
+    out = tmp_path / "label_val.txt"
+    assert (
+        cli("predict", str(dataset_dir), "--run", str(trained_run), "--output", str(out)).returncode
+        == 0
+    )
+    truth = dataset_dir.parent / "truth_val.txt"
+    result = cli(
+        "evaluate",
+        "--pred",
+        str(out),
+        "--truth",
+        str(truth),
+        "--scores",
+        str(tmp_path / "predictions.csv"),
+        "--plots",
+        str(tmp_path / "ev"),
+        "--images",
+        str(dataset_dir),
+    )
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(result.stdout)
+    assert {"hter", "hter_ci", "auc", "eer"} <= metrics.keys()
+    names = sorted(p.name for p in (tmp_path / "ev").iterdir())
+    assert names == [
+        "confusion.png",
+        "roc_det.png",
+        "scores.png",
+        "threshold.png",
+        "worst_errors.png",
+    ]
+
+
 def test_user_errors_are_one_line_and_leave_no_output(dataset_dir, trained_run, tmp_path):
     assert_user_error(cli("explore", str(tmp_path / "missing")), "does not exist")
     assert_user_error(

@@ -44,6 +44,7 @@ class DeviceImages:
             free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
             where = placement(array.nbytes, device, free, host_free_bytes())
         self.where = where
+        log.debug("%d images (%.0f MB) kept in %s memory", len(array), array.nbytes / 1e6, where)
         if where == "device":
             self.data = host.to(device)
         else:

@@ -96,6 +96,7 @@ def load_images(
 
     key = fingerprint(images, extra)
     npy, meta = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
+    log.debug("decoded-image cache for %s: %s", images.describe(), npy)
     if npy.exists() and meta.exists():
         try:
             # Copy-on-write: writable for torch, never written back to the file.

@@ -171,7 +171,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.scores:
         scores, threshold = read_scores(args.scores, len(truth))
         result.update(auc=auc(truth, scores), eer=equal_error_rate(truth, scores))
-        plots.evaluation(truth, scores, threshold, args.plots)
+        images = None
+        if args.images:
+            from faceattr.cache import load_images
+            from faceattr.data import load_test_images
+
+            images = load_images(load_test_images(args.images), cache_dir(args)).array
+            if len(images) != len(truth):
+                raise FaceAttrError(
+                    f"{args.images} has {len(images)} images, the truth {len(truth)}"
+                )
+        plots.evaluation(truth, scores, threshold, args.plots, images)
         plots.confusion(truth, pred, Path(args.plots) / "confusion.png")
     print(json.dumps(result))
     return 0
@@ -335,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truth", required=True, help="true label file")
     p.add_argument("--scores", help="the predictions.csv beside --pred: adds AUC, EER and plots")
     p.add_argument("--plots", default="evaluation", help="folder for the plots (with --scores)")
-    p.set_defaults(func=cmd_evaluate, quiet=False, verbose=False)
+    p.add_argument("--images", help="the test images (dataset or folder): adds the worst errors")
+    p.set_defaults(func=cmd_evaluate, quiet=False, verbose=False, no_cache=False, cache=None)
 
     p = sub.add_parser("export", help="write the fold models as ONNX files")
     p.add_argument("run", help="run folder written by train")

@@ -273,6 +273,7 @@ def train_fold(
             }
             if device.type == "cuda":
                 tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+            log.debug("fold %d: epoch %d state saved to %s", fold, epoch, checkpoint)
             save_training_state(
                 checkpoint,
                 tensors,

@@ -1,0 +1,35 @@
+import pytest
+
+from faceattr.errors import FaceAttrError
+from faceattr.outputs import atomic_path, check_writable, write_csv, write_json, write_text
+
+
+def test_an_interrupted_write_leaves_the_old_file_whole(tmp_path):
+    target = tmp_path / "label_val.txt"
+    write_text(target, "0\n1\n")
+    with pytest.raises(KeyboardInterrupt), atomic_path(target) as tmp:
+        tmp.write_text("1\n")  # half of the new content...
+        raise KeyboardInterrupt  # ...then the user presses Ctrl-C
+    assert target.read_text() == "0\n1\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["label_val.txt"]  # no temporary left over
+
+
+def test_a_new_file_appears_only_when_complete(tmp_path):
+    target = tmp_path / "sub" / "run.json"
+    with pytest.raises(RuntimeError), atomic_path(target):
+        raise RuntimeError("crash")
+    assert not target.exists()
+    write_json(target, {"a": 1})
+    assert target.read_text() == '{\n  "a": 1\n}\n'
+
+
+def test_csv_format(tmp_path):
+    write_csv(tmp_path / "t.csv", ["image", "score"], [["1.jpg", 0.123456789], ["2.jpg", 1]])
+    assert (tmp_path / "t.csv").read_text() == "image,score\n1.jpg,0.123457\n2.jpg,1\n"
+
+
+def test_check_writable(tmp_path):
+    check_writable(tmp_path / "new" / "deeper")  # not there yet: its parent decides
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FaceAttrError, match="is not a folder"):
+        check_writable(tmp_path / "file" / "run")
