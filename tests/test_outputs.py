@@ -1,3 +1,6 @@
+import os
+import stat
+
 import pytest
 
 from faceattr.errors import FaceAttrError
@@ -33,3 +36,12 @@ def test_check_writable(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(FaceAttrError, match="is not a folder"):
         check_writable(tmp_path / "file" / "run")
+
+
+def test_outputs_get_the_usual_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = write_text(tmp_path / "label_val.txt", "1\n")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
