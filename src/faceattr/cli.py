@@ -74,10 +74,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def run_train(dataset, args: argparse.Namespace) -> int:
     """Shared by `faceattr train` and the seed's `--mode=train`."""
+    from faceattr import distributed
     from faceattr.runtime import default_arch, resolve_device
     from faceattr.train import TrainConfig, train_run
 
-    device = resolve_device(args.device)
+    ranks, device = distributed.from_environment(resolve_device(args.device))
     cfg = TrainConfig(
         arch=args.arch or default_arch(device),
         folds=args.folds,
@@ -94,7 +95,12 @@ def run_train(dataset, args: argparse.Namespace) -> int:
         skip_bad=args.skip_bad,
     )
     log.info("training %s, %d folds x %d epochs on %s", cfg.arch, cfg.folds, cfg.epochs, device)
-    summary = train_run(dataset, cfg, args.out, device, args.resume, args.overwrite)
+    try:
+        summary = train_run(dataset, cfg, args.out, device, args.resume, args.overwrite, ranks)
+    finally:
+        distributed.finish()
+    if summary is None:  # a torchrun process other than rank 0: its folds are written
+        return 0
     oof, nested = summary["oof"], summary["oof_nested"]
     low, high = oof["hter_ci"]
     print(

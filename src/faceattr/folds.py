@@ -20,10 +20,9 @@ def make_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
     if len(classes) < 2:
         raise FaceAttrError(f"only class {classes[0]} is present in the labels; need both 0 and 1")
     if counts.min() < k:
-        rare = classes[counts.argmin()]
-        raise FaceAttrError(
-            f"class {rare} has {counts.min()} images, fewer than the {k} folds; use --folds {counts.min()}"
-        )
+        rare, n = classes[counts.argmin()], int(counts.min())
+        hint = f"use --folds {n}" if n >= 2 else "at least 2 of each class are needed"
+        raise FaceAttrError(f"class {rare} has {n} images, fewer than the {k} folds; {hint}")
     fold = np.empty(len(labels), dtype=np.int64)
     splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
     for f, (_, val_idx) in enumerate(splitter.split(np.zeros(len(labels)), labels)):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -32,6 +33,7 @@ from faceattr.checkpoints import (
     unflatten_optimizer,
 )
 from faceattr.data import Dataset
+from faceattr.distributed import SINGLE, Ranks
 from faceattr.ensemble import decision_rule, model_scores, to_model_input
 from faceattr.errors import FaceAttrError
 from faceattr.folds import make_folds, save_folds
@@ -298,7 +300,8 @@ def train_run(
     device: torch.device,
     resume: bool = False,
     overwrite: bool = False,
-) -> dict:
+    ranks: Ranks = SINGLE,
+) -> dict | None:
     """Train one model per fold and write the whole run folder; returns the run summary.
 
     The run folder holds `folds.csv`, `models/fold_K.safetensors` (+ `.json`), `fold_K/` (history,
@@ -308,7 +311,8 @@ def train_run(
 
     `resume` continues the unfinished run in `out` with its own settings: finished folds are
     kept, the running one continues from its last epoch. A folder that already holds a run is
-    otherwise left alone unless `overwrite` is given.
+    otherwise left alone unless `overwrite` is given. Under torchrun (`ranks`), each process
+    trains its share of the folds and rank 0 writes everything else; the others return None.
     """
     out = Path(out)
     previous = _existing_run(out)
@@ -327,7 +331,8 @@ def train_run(
     started = time.perf_counter()
     train_images, labels = dataset.require_train()
     make_folds(labels, cfg.folds, cfg.seed)  # checks the labels before the long work
-    loaded = load_images(train_images, cfg.cache, cfg.workers, labels.tobytes(), cfg.skip_bad)
+    workers = cfg.workers or max(1, (os.cpu_count() or 1) // ranks.world)
+    loaded = load_images(train_images, cfg.cache, workers, labels.tobytes(), cfg.skip_bad)
     array, names = loaded.array, train_images.names
     if loaded.audit.bad:  # --skip-bad: leave them out
         keep = np.setdiff1d(np.arange(len(labels)), sorted(loaded.audit.bad))
@@ -338,11 +343,7 @@ def train_run(
             f"--resume: {out} was trained on {previous.get('n_train')} images, "
             f"this data has {len(labels)}"
         )
-    if overwrite and previous is not None:
-        _clear_run(out)
-
-    ensure_writable_dir(out)
-    save_folds(out / "folds.csv", names, labels, fold_of)
+    ranks.barrier()  # every process has checked the input: only now is the folder touched
     summary: dict = {
         "status": "running",
         "data": dataset.where,
@@ -354,22 +355,25 @@ def train_run(
         "decode": loaded.summary(),
         "resumed": (previous or {}).get("resumed", 0) + 1 if resume else 0,
     }
-    write_json(out / "run.json", summary)
-    data_pictures(array, labels, {"train": summary["audit"]}, out / "data")
+    if ranks.main:
+        if overwrite and previous is not None:
+            _clear_run(out)
+        ensure_writable_dir(out)
+        save_folds(out / "folds.csv", names, labels, fold_of)
+        write_json(out / "run.json", summary)
+        data_pictures(array, labels, {"train": summary["audit"]}, out / "data")
+    ranks.barrier()
 
     images = DeviceImages(array, device)
     labels_t = torch.from_numpy(labels).to(device)
-    oof = np.full(len(labels), np.nan)
-    folds_summary = []
     for k in range(cfg.folds):
         fold = k + 1
         fold_dir = out / f"fold_{fold}"
         train_idx, val_idx = np.flatnonzero(fold_of != k), np.flatnonzero(fold_of == k)
-        done = _finished_fold(out, fold)
-        if done is not None:
+        if not ranks.mine(k):
+            continue  # another process trains this fold
+        if _finished_fold(out, fold) is not None:
             log.info("fold %d/%d: finished before, kept", fold, cfg.folds)
-            oof[val_idx] = done["val_scores"]
-            folds_summary.append(done["summary"])
             continue
         seed_everything(cfg.seed * 1000 + fold)
         model = create_model(cfg.arch, cfg.pretrained).to(device)
@@ -384,7 +388,6 @@ def train_run(
         checkpoint = fold_dir / "checkpoint"
         result = train_fold(model, images, labels_t, train_idx, val_idx, cfg, fold, checkpoint)
         model.load_state_dict(result.state)
-        oof[val_idx] = result.val_scores
         best = result.history[result.best_epoch - 1]
         metrics = {key: best[key] for key in ("val_hter", "val_far", "val_frr", "val_loss")}
         fold_summary = {
@@ -417,13 +420,25 @@ def train_run(
             {"summary": fold_summary, "val_scores": result.val_scores.tolist()},
         )
         remove_training_state(checkpoint)
-        folds_summary.append(fold_summary)
         log.info(
             "fold %d: best epoch %d, val HTER %.2f%%",
             fold,
             result.best_epoch,
             100 * best["val_hter"],
         )
+
+    ranks.barrier()
+    if not ranks.main:
+        return None
+    # Every fold's result is on disk, whichever process (or earlier invocation) trained it.
+    oof = np.full(len(labels), np.nan)
+    folds_summary = []
+    for k in range(cfg.folds):
+        done = _finished_fold(out, k + 1)
+        if done is None:
+            raise FaceAttrError(f"fold {k + 1} of {out} has no result; was a process killed?")
+        oof[fold_of == k] = done["val_scores"]
+        folds_summary.append(done["summary"])
 
     decision = decision_rule(labels, oof, fold_of)
     oof_labels = scores_to_labels(oof, decision["threshold"])

@@ -1,0 +1,58 @@
+"""Several training processes under torchrun: which folds are whose, and waiting for each other.
+
+`torchrun --nproc_per_node=G -m faceattr train ...` starts G processes; rank r trains the folds k
+with k mod G = r on its own device, all write into the same run folder (each fold's files are its
+own), and rank 0 gathers the out-of-fold scores and writes the run's summary. Multi-node works
+through torchrun's usual rendezvous flags; the run folder must then be on a shared filesystem.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the training processes (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def mine(self, fold_index: int) -> bool:
+        """Whether this process trains the fold with 0-based index `fold_index`."""
+        return fold_index % self.world == self.rank
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+SINGLE = Ranks()  # one process, as without torchrun
+
+
+def from_environment(device: torch.device) -> tuple[Ranks, torch.device]:
+    """The ranks torchrun set up (none outside torchrun), and this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Ranks(), device
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Ranks(dist.get_rank(), dist.get_world_size(), local_rank), device
+
+
+def finish() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,78 @@
+"""torchrun: folds trained in parallel processes (gloo on CPU) give the single-process run."""
+
+import os
+import subprocess
+import sys
+
+from conftest import cli
+from faceattr.distributed import Ranks
+
+
+def test_ranks_share_the_folds():
+    ranks = [Ranks(rank=r, world=3) for r in range(3)]
+    assert [[k for k in range(7) if r.mine(k)] for r in ranks] == [[0, 3, 6], [1, 4], [2, 5]]
+    assert ranks[0].main and not ranks[1].main
+    assert all(Ranks().mine(k) for k in range(5))
+
+
+def test_fold_parallel_torchrun_equals_one_process(dataset_dir, tmp_path):
+    # torchrun gives each process one thread; the reference gets the same, so sums add up alike.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [
+        "train",
+        str(dataset_dir),
+        "--folds",
+        "2",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--device",
+        "cpu",
+    ]
+    reference = subprocess.run(
+        [sys.executable, "-m", "faceattr", *args, "--out", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert reference.returncode == 0, reference.stderr
+    parallel = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "faceattr",
+            *args,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert parallel.returncode == 0, parallel.stderr
+    assert parallel.stdout.count("out-of-fold HTER") == 1  # rank 0 alone reports
+    one, two = tmp_path / "one", tmp_path / "two"
+    for name in (
+        "folds.csv",
+        "oof.csv",
+        "models/fold_1.safetensors",
+        "models/fold_2.safetensors",
+        "models/ensemble.json",
+    ):
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+    labels = []
+    for run in (one, two):
+        out = run / "label_val.txt"
+        assert (
+            cli("predict", str(dataset_dir), "--run", str(run), "--output", str(out)).returncode
+            == 0
+        )
+        labels.append(out.read_text())
+    assert labels[0] == labels[1]
