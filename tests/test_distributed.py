@@ -1,5 +1,6 @@
 """torchrun: folds trained in parallel processes (gloo on CPU) give the single-process run."""
 
+import json
 import os
 import subprocess
 import sys
@@ -76,3 +77,43 @@ def test_fold_parallel_torchrun_equals_one_process(dataset_dir, tmp_path):
         )
         labels.append(out.read_text())
     assert labels[0] == labels[1]
+
+
+def test_data_parallel_torchrun_trains_and_predicts(dataset_dir, tmp_path):
+    run = tmp_path / "ddp"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "faceattr",
+            "train",
+            str(dataset_dir),
+            "--out",
+            str(run),
+            "--folds",
+            "2",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "32",
+            "--device",
+            "cpu",
+            "--ddp",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((run / "run.json").read_text())
+    assert summary["status"] == "complete" and summary["config"]["ddp"] is True
+    assert [f["fold"] for f in summary["folds"]] == [1, 2]
+    # Both processes trained fold 1 together, each on its half of every epoch.
+    assert result.stderr.count("fold 1 epoch  1/2") == 2
+    out = tmp_path / "label_val.txt"
+    assert cli("predict", str(dataset_dir), "--run", str(run), "--output", str(out)).returncode == 0
+    assert len(out.read_text().splitlines()) == 40

@@ -9,6 +9,7 @@ import argparse
 import csv
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -93,6 +94,7 @@ def run_train(dataset, args: argparse.Namespace) -> int:
         cache=cache_dir(args),
         compile=args.compile,
         skip_bad=args.skip_bad,
+        ddp=args.ddp,
     )
     log.info("training %s, %d folds x %d epochs on %s", cfg.arch, cfg.folds, cfg.epochs, device)
     try:
@@ -261,6 +263,11 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     p.add_argument(
+        "--ddp",
+        action="store_true",
+        help="under torchrun: train each fold data-parallel across all processes",
+    )
+    p.add_argument(
         "--skip-bad",
         action="store_true",
         help="leave images that cannot be decoded out of training",
@@ -384,6 +391,9 @@ def run_command(func, args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("faceattr: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `faceattr ... | head`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except torch.OutOfMemoryError:
         size = getattr(args, "batch_size", None)
         hint = f" (it is {size})" if size else ""

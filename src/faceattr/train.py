@@ -17,8 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from faceattr import plots, progress
 from faceattr.augment import augment
@@ -80,6 +82,7 @@ class TrainConfig:
     cache: str | None = None  # folder of decoded-image caches; None = decode in memory every time
     compile: bool = False  # torch.compile the training step
     skip_bad: bool = False  # leave images that cannot be decoded out, instead of stopping
+    ddp: bool = False  # under torchrun: train each fold data-parallel across all processes
 
     def check(self) -> None:
         """Reject impossible settings before any work starts."""
@@ -146,6 +149,7 @@ def train_fold(
     cfg: TrainConfig,
     fold: int,
     checkpoint: Path | None = None,
+    ranks: Ranks = SINGLE,
 ) -> FoldResult:
     """Train `model` on `train_idx` of `images`; keep its best epoch on `val_idx`.
 
@@ -154,9 +158,17 @@ def train_fold(
     `checkpoint`, the whole training state (model, optimiser, schedule, random generators, best
     epoch so far) is saved there after every epoch, and training continues from it when it is
     already there: an interrupted fold resumes exactly where it stopped.
+
+    With `cfg.ddp` under torchrun, all `ranks` train this fold together (DistributedDataParallel):
+    each takes its shard of every epoch's order and `batch_size / world` images a step, and rank
+    0 alone saves the state. A resumed data-parallel fold continues from its last epoch, with
+    fresh augmentation draws.
     """
     device = labels.device
-    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + fold)
+    parallel = cfg.ddp and ranks.world > 1
+    batch = max(2, cfg.batch_size // ranks.world) if parallel else cfg.batch_size
+    augment_seed = cfg.seed * 1000 + fold + (7919 * ranks.rank if parallel else 0)
+    gen = torch.Generator(device=device).manual_seed(augment_seed)
     order_gen = torch.Generator().manual_seed(cfg.seed * 1000 + fold)
     train_t = torch.as_tensor(train_idx, device=device)
     val_t = torch.as_tensor(val_idx, device=device)
@@ -164,9 +176,11 @@ def train_fold(
     weights = class_weights(labels[train_t])
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step, gamma=cfg.gamma)
+    net = model
+    if parallel:
+        net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     # Compiled, the step sees one batch shape only (a remainder batch is dropped): no recompiles.
-    step_model = torch.compile(model) if cfg.compile else model
-    usable = len(train_idx) // cfg.batch_size * cfg.batch_size if cfg.compile else len(train_idx)
+    step_model = torch.compile(net) if cfg.compile else net
 
     best_hter, best_epoch, best_state, best_scores = math.inf, 0, {}, np.empty(0)
     history: list[dict] = []
@@ -179,7 +193,10 @@ def train_fold(
         scheduler.load_state_dict(info["scheduler"])
         torch.set_rng_state(tensors["rng.torch"])
         order_gen.set_state(tensors["rng.order"])
-        gen.set_state(tensors["rng.augment"].to(gen.get_state().device))
+        if parallel:  # only rank 0's generator was saved: the others draw afresh
+            gen.manual_seed(augment_seed + 104729 * info["epoch"])
+        else:
+            gen.set_state(tensors["rng.augment"].to(gen.get_state().device))
         if device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng.cuda"], device)
         best_hter, best_epoch, history = info["best_hter"], info["best_epoch"], info["history"]
@@ -193,15 +210,19 @@ def train_fold(
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         model.train()
-        order = train_t[torch.randperm(len(train_t), generator=order_gen).to(device)][:usable]
-        if len(order) % cfg.batch_size == 1:  # BatchNorm cannot train on a batch of one image
+        order = train_t[torch.randperm(len(train_t), generator=order_gen).to(device)]
+        if parallel:  # the same order on every rank; each takes every world-th image
+            order = order[: len(order) // ranks.world * ranks.world][ranks.rank :: ranks.world]
+        if cfg.compile:
+            order = order[: len(order) // batch * batch]
+        if len(order) % batch == 1:  # BatchNorm cannot train on a batch of one image
             order = order[:-1]
         loss_sum = torch.zeros((), device=device)
         first_bad = torch.full((), -1, device=device)  # first step whose loss was not finite
         predicted = torch.empty(len(order), dtype=torch.bool, device=device)
         shown = progress.bar(len(order), f"fold {fold} epoch {epoch}/{cfg.epochs}")
-        for step, s in enumerate(range(0, len(order), cfg.batch_size), start=1):
-            idx = order[s : s + cfg.batch_size]
+        for step, s in enumerate(range(0, len(order), batch), start=1):
+            idx = order[s : s + batch]
             x = augment(to_model_input(images[idx]), gen)
             loss, logits = train_step(step_model, optimizer, x, labels[idx], weights)
             # Checked on the device and read once per epoch: no host sync in the loop.
@@ -210,6 +231,10 @@ def train_fold(
             predicted[s : s + len(idx)] = torch.sigmoid(logits.float()) >= cfg.threshold
             shown.update(len(idx))
         shown.close()
+        if parallel:
+            dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
+            for buffer in model.buffers():  # BatchNorm statistics: rank 0's, so all validate alike
+                dist.broadcast(buffer, 0)
         if first_bad.item() >= 0:
             raise FaceAttrError(
                 f"fold {fold}: the loss became infinite or NaN at epoch {epoch}, step "
@@ -262,7 +287,7 @@ def train_fold(
             row["seconds"],
             "  *" if improved else "",
         )
-        if checkpoint is not None and epoch < cfg.epochs:
+        if checkpoint is not None and epoch < cfg.epochs and (ranks.main or not parallel):
             optim_tensors, optim_rest = flatten_optimizer(optimizer.state_dict())
             tensors = {
                 **{f"model.{k}": v for k, v in model.state_dict().items()},
@@ -370,7 +395,7 @@ def train_run(
         fold = k + 1
         fold_dir = out / f"fold_{fold}"
         train_idx, val_idx = np.flatnonzero(fold_of != k), np.flatnonzero(fold_of == k)
-        if not ranks.mine(k):
+        if not (cfg.ddp or ranks.mine(k)):
             continue  # another process trains this fold
         if _finished_fold(out, fold) is not None:
             log.info("fold %d/%d: finished before, kept", fold, cfg.folds)
@@ -386,7 +411,11 @@ def train_run(
             len(val_idx),
         )
         checkpoint = fold_dir / "checkpoint"
-        result = train_fold(model, images, labels_t, train_idx, val_idx, cfg, fold, checkpoint)
+        result = train_fold(
+            model, images, labels_t, train_idx, val_idx, cfg, fold, checkpoint, ranks
+        )
+        if cfg.ddp and not ranks.main:
+            continue  # rank 0 writes the fold trained by all
         model.load_state_dict(result.state)
         best = result.history[result.best_epoch - 1]
         metrics = {key: best[key] for key in ("val_hter", "val_far", "val_frr", "val_loss")}
