@@ -41,11 +41,18 @@ def dataset_dir(tmp_path_factory) -> Path:
 def trained_run(dataset_dir, tmp_path_factory) -> Path:
     """A 2-fold, 2-epoch run of the simple CNN on the synthetic dataset."""
     run = tmp_path_factory.mktemp("run") / "run"
-    result = cli(
+    result = cli(*train_args(dataset_dir, run, "--arch", "simple"))
+    assert result.returncode == 0, result.stderr
+    return run
+
+
+def train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    """`train` arguments for a small, quick run: 2 folds of 2 epochs on the CPU."""
+    return [
         "train",
-        str(dataset_dir),
+        str(data),
         "--out",
-        str(run),
+        str(out),
         "--folds",
         "2",
         "--epochs",
@@ -54,32 +61,39 @@ def trained_run(dataset_dir, tmp_path_factory) -> Path:
         "32",
         "--device",
         "cpu",
-        "--arch",
-        "simple",
-    )
-    assert result.returncode == 0, result.stderr
-    return run
+        *extra,
+    ]
 
 
-def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def cli(
+    *args: str, cwd: Path | None = None, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run `python -m faceattr ARGS` as a user would."""
-    return subprocess.run(
-        [sys.executable, "-m", "faceattr", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=600,
-    )
+    return run_python("-m", "faceattr", *args, cwd=cwd, env=env)
 
 
 def seed_main(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run the seed's `python main.py ARGS`."""
+    return run_python(str(ROOT / "main.py"), *args, cwd=cwd)
+
+
+def torchrun(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `torchrun --standalone --nproc_per_node=2 -m faceattr ARGS` (gloo on a CPU)."""
+    return run_python(
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "faceattr",
+        *args,
+        env=env,
+    )
+
+
+def run_python(*args: str, cwd: Path | None = None, env: dict | None = None):
     return subprocess.run(
-        [sys.executable, str(ROOT / "main.py"), *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=600,
+        [sys.executable, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600
     )
 
 

@@ -1,11 +1,9 @@
-"""torchrun: folds trained in parallel processes (gloo on CPU) give the single-process run."""
+"""torchrun on a CPU (gloo, 2 processes): fold-parallel equals one process; DDP trains."""
 
 import json
 import os
-import subprocess
-import sys
 
-from conftest import cli
+from conftest import cli, torchrun, train_args
 from faceattr.distributed import Ranks
 
 
@@ -19,47 +17,12 @@ def test_ranks_share_the_folds():
 def test_fold_parallel_torchrun_equals_one_process(dataset_dir, tmp_path):
     # torchrun gives each process one thread; the reference gets the same, so sums add up alike.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = [
-        "train",
-        str(dataset_dir),
-        "--folds",
-        "2",
-        "--epochs",
-        "2",
-        "--batch-size",
-        "32",
-        "--device",
-        "cpu",
-    ]
-    reference = subprocess.run(
-        [sys.executable, "-m", "faceattr", *args, "--out", str(tmp_path / "one")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    one, two = tmp_path / "one", tmp_path / "two"
+    reference = cli(*train_args(dataset_dir, one), env=env)
     assert reference.returncode == 0, reference.stderr
-    parallel = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "faceattr",
-            *args,
-            "--out",
-            str(tmp_path / "two"),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    parallel = torchrun(*train_args(dataset_dir, two), env=env)
     assert parallel.returncode == 0, parallel.stderr
     assert parallel.stdout.count("out-of-fold HTER") == 1  # rank 0 alone reports
-    one, two = tmp_path / "one", tmp_path / "two"
     for name in (
         "folds.csv",
         "oof.csv",
@@ -81,33 +44,7 @@ def test_fold_parallel_torchrun_equals_one_process(dataset_dir, tmp_path):
 
 def test_data_parallel_torchrun_trains_and_predicts(dataset_dir, tmp_path):
     run = tmp_path / "ddp"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "faceattr",
-            "train",
-            str(dataset_dir),
-            "--out",
-            str(run),
-            "--folds",
-            "2",
-            "--epochs",
-            "2",
-            "--batch-size",
-            "32",
-            "--device",
-            "cpu",
-            "--ddp",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = torchrun(*train_args(dataset_dir, run, "--ddp"))
     assert result.returncode == 0, result.stderr
     summary = json.loads((run / "run.json").read_text())
     assert summary["status"] == "complete" and summary["config"]["ddp"] is True
