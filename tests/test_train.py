@@ -1,4 +1,5 @@
 import csv
+import itertools
 import json
 
 import numpy as np
@@ -10,7 +11,14 @@ from faceattr.data import load_dataset
 from faceattr.errors import FaceAttrError
 from faceattr.metrics import best_threshold, error_rates
 from faceattr.models import create_model
-from faceattr.train import TrainConfig, class_weights, train_fold, train_run
+from faceattr.train import (
+    TrainConfig,
+    class_weights,
+    lr_factor,
+    train_fold,
+    train_run,
+    weighted_bce,
+)
 
 
 def test_class_weights_balance_the_classes():
@@ -112,3 +120,40 @@ def test_compiled_training_saves_plain_weights(dataset_dir, tmp_path):
     assert summary["config"]["compile"] is True
     (model, *_) = load_fold_models(tmp_path / "run" / "models")  # no "_orig_mod." prefixes
     assert model.config["arch"] == "simple"
+
+
+def test_learning_rate_schedules():
+    cfg = TrainConfig(epochs=10, step=5, gamma=0.7)
+    step = [lr_factor("step", i, 4, cfg) for i in range(40)]
+    assert step[:20] == [1.0] * 20 and step[20:] == [0.7] * 20  # StepLR: x0.7 after 5 epochs
+    cosine = [lr_factor("cosine", i, 4, cfg) for i in range(40)]
+    assert cosine[:4] == [0.25, 0.5, 0.75, 1.0]  # one epoch of warm-up
+    assert all(a >= b for a, b in itertools.pairwise(cosine[3:])) and cosine[-1] < 0.01
+    onecycle = [lr_factor("onecycle", i, 4, cfg) for i in range(40)]
+    assert max(onecycle) == onecycle[11] == 1.0 and onecycle[0] < 0.1 and onecycle[-1] < 0.01
+
+
+def test_label_smoothing_pulls_targets_to_the_middle():
+    logits, y, w = torch.tensor([8.0, -8.0]), torch.tensor([1, 0]), torch.ones(2)
+    assert weighted_bce(logits, y, w) < 0.001
+    assert weighted_bce(logits, y, w, smoothing=0.2) > 0.5  # confident answers now cost
+
+
+@pytest.mark.parametrize(("optimizer", "schedule"), [("adamw", "cosine"), ("sgd", "onecycle")])
+def test_other_recipes_train(optimizer, schedule, dataset_dir, tmp_path):
+    cfg = TrainConfig(
+        folds=2,
+        epochs=2,
+        batch_size=32,
+        optimizer=optimizer,
+        schedule=schedule,
+        weight_decay=1e-4,
+        label_smoothing=0.1,
+    )
+    summary = train_run(load_dataset(dataset_dir), cfg, tmp_path / "run", torch.device("cpu"))
+    assert summary["status"] == "complete" and summary["config"]["optimizer"] == optimizer
+    lrs = [
+        float(line.split(",")[1])
+        for line in (tmp_path / "run" / "fold_1" / "history.csv").read_text().splitlines()[1:]
+    ]
+    assert len(set(lrs)) == 2 and max(lrs) <= 1e-3  # the rate moves from epoch to epoch

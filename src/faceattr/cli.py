@@ -95,6 +95,10 @@ def run_train(dataset, args: argparse.Namespace) -> int:
         compile=args.compile,
         skip_bad=args.skip_bad,
         ddp=args.ddp,
+        optimizer=args.optimizer,
+        schedule=args.schedule,
+        weight_decay=args.weight_decay,
+        label_smoothing=args.label_smoothing,
     )
     log.info("training %s, %d folds x %d epochs on %s", cfg.arch, cfg.folds, cfg.epochs, device)
     try:
@@ -254,6 +258,15 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 0.001)")
     p.add_argument("--step", type=int, default=5, help="StepLR step in epochs (default 5)")
     p.add_argument("--gamma", type=float, default=0.7, help="StepLR factor (default 0.7)")
+    p.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default="adam")
+    p.add_argument(
+        "--schedule",
+        choices=["step", "cosine", "onecycle"],
+        default="step",
+        help="step: StepLR as the seed (default); cosine: warm-up then cosine; onecycle",
+    )
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="pull targets towards 0.5")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0, help="seed for folds, weights and augmentation")
     p.add_argument(

@@ -13,6 +13,7 @@ import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +79,10 @@ class TrainConfig:
     threshold: float = 0.5  # for choosing each fold's best epoch; the ensemble's is tuned after
     tta: bool = True  # score validation (and later test) images mirrored too, and average
     pretrained: str | None = None
+    optimizer: str = "adam"  # adam (the seed's), adamw or sgd
+    schedule: str = "step"  # step (the seed's StepLR), cosine or onecycle
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.0
     workers: int | None = None  # image-decoding processes; None = one per core
     cache: str | None = None  # folder of decoded-image caches; None = decode in memory every time
     compile: bool = False  # torch.compile the training step
@@ -93,6 +98,12 @@ class TrainConfig:
         ):
             if value < low:
                 raise FaceAttrError(f"--{name} must be at least {low}, got {value}")
+        if self.optimizer not in OPTIMIZERS or self.schedule not in SCHEDULES:
+            raise FaceAttrError(
+                f"unknown --optimizer {self.optimizer!r} or --schedule {self.schedule!r}"
+            )
+        if not 0 <= self.label_smoothing < 1 or self.weight_decay < 0:
+            raise FaceAttrError("--label-smoothing must be in [0, 1), --weight-decay >= 0")
         if not (self.lr > 0 and self.gamma > 0):
             raise FaceAttrError(
                 f"--lr and --gamma must be positive, got {self.lr} and {self.gamma}"
@@ -117,10 +128,47 @@ def class_weights(labels: torch.Tensor) -> torch.Tensor:
     return counts.sum() / (2 * counts)
 
 
-def weighted_bce(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy with each example weighted by its class weight."""
-    loss = F.binary_cross_entropy_with_logits(logits.float(), y.float(), reduction="none")
+def weighted_bce(
+    logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, smoothing: float = 0.0
+) -> torch.Tensor:
+    """Binary cross-entropy with each example weighted by its class weight.
+
+    `smoothing` pulls the targets towards 0.5 (label smoothing): a hedge against noisy labels.
+    """
+    target = y.float() * (1 - smoothing) + 0.5 * smoothing
+    loss = F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none")
     return (loss * weights[y.long()]).mean()
+
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("step", "cosine", "onecycle")
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam (the seed's), AdamW, or SGD with Nesterov momentum."""
+    params, lr, wd = model.parameters(), cfg.lr, cfg.weight_decay
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=wd)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+
+
+def lr_factor(schedule: str, i: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
+    """The learning rate at optimiser step `i`, as a multiple of --lr.
+
+    - step: the seed's StepLR, times `gamma` every `step` epochs;
+    - cosine: one epoch of linear warm-up, then a cosine down to zero at the last step;
+    - onecycle: up linearly over the first 30 % of the steps, then a cosine down to zero.
+    """
+    total = max(1, cfg.epochs * steps_per_epoch)
+    if schedule == "step":
+        return cfg.gamma ** ((i // steps_per_epoch) // cfg.step)
+    warm = steps_per_epoch if schedule == "cosine" else int(0.3 * total)
+    warm = max(1, min(warm, total - 1))
+    if i < warm:
+        return (i + 1) / warm
+    return 0.5 * (1 + math.cos(math.pi * (i - warm) / max(1, total - warm)))
 
 
 def train_step(
@@ -129,11 +177,12 @@ def train_step(
     x: torch.Tensor,
     y: torch.Tensor,
     weights: torch.Tensor,
+    smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimiser step on a batch (bf16 autocast on CUDA); returns the loss and the logits."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
         logits = model(x)
-    loss = weighted_bce(logits, y, weights)
+    loss = weighted_bce(logits, y, weights, smoothing)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -174,8 +223,11 @@ def train_fold(
     val_t = torch.as_tensor(val_idx, device=device)
     y_val = labels[val_t]
     weights = class_weights(labels[train_t])
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step, gamma=cfg.gamma)
+    optimizer = make_optimizer(model, cfg)
+    steps_per_epoch = _steps_per_epoch(len(train_idx), batch, cfg, ranks.world if parallel else 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(lr_factor, cfg.schedule, steps_per_epoch=steps_per_epoch, cfg=cfg)
+    )  # stepped after every optimiser step
     net = model
     if parallel:
         net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
@@ -224,7 +276,10 @@ def train_fold(
         for step, s in enumerate(range(0, len(order), batch), start=1):
             idx = order[s : s + batch]
             x = augment(to_model_input(images[idx]), gen)
-            loss, logits = train_step(step_model, optimizer, x, labels[idx], weights)
+            loss, logits = train_step(
+                step_model, optimizer, x, labels[idx], weights, cfg.label_smoothing
+            )
+            scheduler.step()
             # Checked on the device and read once per epoch: no host sync in the loop.
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
             loss_sum += loss * len(idx)
@@ -240,7 +295,6 @@ def train_fold(
                 f"fold {fold}: the loss became infinite or NaN at epoch {epoch}, step "
                 f"{first_bad.item()}; training stopped (try a lower --lr)"
             )
-        scheduler.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # so that train_seconds is the work, not its queueing
         train_seconds = time.perf_counter() - t0
@@ -316,6 +370,16 @@ def train_fold(
             )
     seconds = time.perf_counter() - start
     return FoldResult(fold, best_epoch, best_state, best_scores, history, seconds)
+
+
+def _steps_per_epoch(n: int, batch: int, cfg: TrainConfig, world: int) -> int:
+    """Optimiser steps in one epoch of `n` training images, trimmed as the loop trims them."""
+    n = n // world
+    if cfg.compile:
+        n = n // batch * batch
+    if n % batch == 1:
+        n -= 1
+    return max(1, math.ceil(n / batch))
 
 
 def train_run(
