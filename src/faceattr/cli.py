@@ -76,8 +76,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def run_train(dataset, args: argparse.Namespace) -> int:
     """Shared by `faceattr train` and the seed's `--mode=train`."""
     from faceattr import distributed
+    from faceattr.run import train_run
     from faceattr.runtime import default_arch, resolve_device
-    from faceattr.train import TrainConfig, train_run
+    from faceattr.train import TrainConfig
 
     ranks, device = distributed.from_environment(resolve_device(args.device))
     cfg = TrainConfig(

@@ -13,8 +13,9 @@ from faceattr.explore import explore
 from faceattr.metrics import error_rates
 from faceattr.outputs import write_text
 from faceattr.predict import predict
+from faceattr.run import train_run
 from faceattr.synthetic import make_dataset
-from faceattr.train import TrainConfig, train_run
+from faceattr.train import TrainConfig
 
 log = logging.getLogger("faceattr")
 

@@ -1,0 +1,278 @@
+"""A training run: every fold trained (or resumed, or left to another process), then the run folder.
+
+The run folder holds `folds.csv`, `models/fold_K.safetensors` (+ `.json`, + `ensemble.json`),
+`fold_K/` (history, curves, the fold's result, while it trains its epoch checkpoint), `oof.csv`,
+`run.json`, the pictures and `report.html`. Everything is checked and decoded before the folder is
+touched, so bad input leaves nothing behind; a fold counts as finished once its result is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from faceattr import plots
+from faceattr.batches import DeviceImages
+from faceattr.cache import load_images
+from faceattr.checkpoints import remove_training_state, save_fold_model
+from faceattr.data import Dataset
+from faceattr.distributed import SINGLE, Ranks
+from faceattr.ensemble import decision_rule
+from faceattr.errors import FaceAttrError
+from faceattr.folds import make_folds, save_folds
+from faceattr.metrics import scores_to_labels
+from faceattr.models import count_parameters, create_model
+from faceattr.outputs import check_writable, ensure_writable_dir, write_csv, write_json
+from faceattr.report import build_report
+from faceattr.runtime import describe, seed_everything
+from faceattr.train import HISTORY_COLUMNS, TrainConfig, train_fold
+
+log = logging.getLogger("faceattr")
+
+
+def train_run(
+    dataset: Dataset,
+    cfg: TrainConfig,
+    out: str | Path,
+    device: torch.device,
+    resume: bool = False,
+    overwrite: bool = False,
+    ranks: Ranks = SINGLE,
+) -> dict | None:
+    """Train one model per fold and write the whole run folder; returns the run summary.
+
+    The run folder holds `folds.csv`, `models/fold_K.safetensors` (+ `.json`), `fold_K/` (history,
+    curves, the fold's result), `oof.csv` (every training image scored by the model that did not
+    see it), `run.json` (options, versions, folds, metrics, timings) and the report. Everything is
+    checked and decoded before the folder is touched, so bad input leaves nothing behind.
+
+    `resume` continues the unfinished run in `out` with its own settings: finished folds are
+    kept, the running one continues from its last epoch. A folder that already holds a run is
+    otherwise left alone unless `overwrite` is given. Under torchrun (`ranks`), each process
+    trains its share of the folds and rank 0 writes everything else; the others return None.
+    """
+    out = Path(out)
+    previous = _existing_run(out)
+    if resume:
+        if previous is None:
+            raise FaceAttrError(f"--resume: {out} holds no run to continue")
+        cfg = _resumed_config(cfg, previous["config"])
+    elif previous is not None and not overwrite:
+        state = "a finished" if previous.get("status") == "complete" else "an unfinished"
+        raise FaceAttrError(
+            f"{out} holds {state} run: --resume continues it, --overwrite starts it again, "
+            "or choose another --out"
+        )
+    cfg.check()
+    check_writable(out)
+    started = time.perf_counter()
+    train_images, labels = dataset.require_train()
+    make_folds(labels, cfg.folds, cfg.seed)  # checks the labels before the long work
+    workers = cfg.workers or max(1, (os.cpu_count() or 1) // ranks.world)
+    loaded = load_images(train_images, cfg.cache, workers, labels.tobytes(), cfg.skip_bad)
+    array, names = loaded.array, train_images.names
+    if loaded.audit.bad:  # --skip-bad: leave them out
+        keep = np.setdiff1d(np.arange(len(labels)), sorted(loaded.audit.bad))
+        array, labels, names = array[keep], labels[keep], [names[i] for i in keep]
+    fold_of = make_folds(labels, cfg.folds, cfg.seed)
+    if resume and previous.get("n_train") != len(labels):
+        raise FaceAttrError(
+            f"--resume: {out} was trained on {previous.get('n_train')} images, "
+            f"this data has {len(labels)}"
+        )
+    ranks.barrier()  # every process has checked the input: only now is the folder touched
+    summary: dict = {
+        "status": "running",
+        "data": dataset.where,
+        "config": asdict(cfg),
+        "environment": describe(device),
+        "n_train": len(labels),
+        "class_counts": {str(c): int((labels == c).sum()) for c in (0, 1)},
+        "audit": loaded.audit.to_dict(),
+        "decode": loaded.summary(),
+        "resumed": (previous or {}).get("resumed", 0) + 1 if resume else 0,
+    }
+    if ranks.main:
+        if overwrite and previous is not None:
+            _clear_run(out)
+        ensure_writable_dir(out)
+        save_folds(out / "folds.csv", names, labels, fold_of)
+        write_json(out / "run.json", summary)
+        data_pictures(array, labels, {"train": summary["audit"]}, out / "data")
+    ranks.barrier()
+
+    images = DeviceImages(array, device)
+    labels_t = torch.from_numpy(labels).to(device)
+    for k in range(cfg.folds):
+        fold = k + 1
+        fold_dir = out / f"fold_{fold}"
+        train_idx, val_idx = np.flatnonzero(fold_of != k), np.flatnonzero(fold_of == k)
+        if not (cfg.ddp or ranks.mine(k)):
+            continue  # another process trains this fold
+        if _finished_fold(out, fold) is not None:
+            log.info("fold %d/%d: finished before, kept", fold, cfg.folds)
+            continue
+        seed_everything(cfg.seed * 1000 + fold)
+        model = create_model(cfg.arch, cfg.pretrained).to(device)
+        model = model.to(memory_format=torch.channels_last)
+        log.info(
+            "fold %d/%d: %d training, %d validation images",
+            fold,
+            cfg.folds,
+            len(train_idx),
+            len(val_idx),
+        )
+        checkpoint = fold_dir / "checkpoint"
+        result = train_fold(
+            model, images, labels_t, train_idx, val_idx, cfg, fold, checkpoint, ranks
+        )
+        if cfg.ddp and not ranks.main:
+            continue  # rank 0 writes the fold trained by all
+        model.load_state_dict(result.state)
+        best = result.history[result.best_epoch - 1]
+        metrics = {key: best[key] for key in ("val_hter", "val_far", "val_frr", "val_loss")}
+        fold_summary = {
+            "fold": fold,
+            "best_epoch": result.best_epoch,
+            "train_seconds": result.seconds,
+            **metrics,
+        }
+        save_fold_model(
+            out / "models",
+            fold,
+            model,
+            {
+                "arch": cfg.arch,
+                "epoch": result.best_epoch,
+                "threshold": cfg.threshold,
+                "parameters": count_parameters(model),
+                **metrics,
+            },
+        )
+        write_csv(
+            fold_dir / "history.csv",
+            HISTORY_COLUMNS,
+            [[row[c] for c in HISTORY_COLUMNS] for row in result.history],
+        )
+        plots.training_curves(result.history, fold_dir / "curves.png", result.best_epoch)
+        # The fold's result is written last: its presence marks the fold as finished.
+        write_json(
+            fold_dir / "result.json",
+            {"summary": fold_summary, "val_scores": result.val_scores.tolist()},
+        )
+        remove_training_state(checkpoint)
+        log.info(
+            "fold %d: best epoch %d, val HTER %.2f%%",
+            fold,
+            result.best_epoch,
+            100 * best["val_hter"],
+        )
+
+    ranks.barrier()
+    if not ranks.main:
+        return None
+    # Every fold's result is on disk, whichever process (or earlier invocation) trained it.
+    oof = np.full(len(labels), np.nan)
+    folds_summary = []
+    for k in range(cfg.folds):
+        done = _finished_fold(out, k + 1)
+        if done is None:
+            raise FaceAttrError(f"fold {k + 1} of {out} has no result; was a process killed?")
+        oof[fold_of == k] = done["val_scores"]
+        folds_summary.append(done["summary"])
+
+    decision = decision_rule(labels, oof, fold_of)
+    oof_labels = scores_to_labels(oof, decision["threshold"])
+    write_json(
+        out / "models" / "ensemble.json",
+        {"threshold": decision["threshold"], "vote": "soft", "tta": cfg.tta},
+    )
+    write_csv(
+        out / "oof.csv",
+        ["image", "label", "fold", "score", "prediction"],
+        [
+            [n, int(y), int(f) + 1, float(s), int(p)]
+            for n, y, f, s, p in zip(names, labels, fold_of, oof, oof_labels, strict=True)
+        ],
+    )
+    summary.update(
+        status="complete",
+        folds=folds_summary,
+        **decision,
+        timings={
+            "decode_s": loaded.seconds,
+            "total_s": time.perf_counter() - started,
+            "folds_s": [f["train_seconds"] for f in folds_summary],
+        },
+    )
+    write_json(out / "run.json", summary)
+    plots.evaluation(labels, oof, decision["threshold"], out / "evaluation", array, names)
+    build_report(out)
+    return summary
+
+
+RUN_CONTENTS = (
+    "run.json",
+    "folds.csv",
+    "oof.csv",
+    "report.html",
+    "models",
+    "data",
+    "evaluation",
+    "prediction",
+)
+
+
+def _existing_run(out: Path) -> dict | None:
+    """The run.json of a run already in `out`, if any."""
+    try:
+        return json.loads((out / "run.json").read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, json.JSONDecodeError) as e:
+        raise FaceAttrError(
+            f"{out / 'run.json'} is unreadable ({e}); choose another --out"
+        ) from None
+
+
+def _clear_run(out: Path) -> None:
+    """Remove what a run wrote into `out` (and nothing else that may live there)."""
+    for name in [*RUN_CONTENTS, *(p.name for p in out.glob("fold_*"))]:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _resumed_config(asked: TrainConfig, saved: dict) -> TrainConfig:
+    """The saved run's settings; only where the work runs (workers, cache) may change."""
+    cfg = TrainConfig(**{**saved, "workers": asked.workers, "cache": asked.cache})
+    return cfg
+
+
+def _finished_fold(out: Path, fold: int) -> dict | None:
+    """A fold finished by an earlier, interrupted invocation: its summary and validation scores."""
+    result = out / f"fold_{fold}" / "result.json"
+    if not (result.exists() and (out / "models" / f"fold_{fold}.safetensors").exists()):
+        return None
+    try:
+        done = json.loads(result.read_text())
+        return {"summary": done["summary"], "val_scores": np.asarray(done["val_scores"])}
+    except (OSError, KeyError, json.JSONDecodeError):
+        return None
+
+
+def data_pictures(images: np.ndarray, labels: np.ndarray, audits: dict, out: Path) -> None:
+    """Class balance, sample images and the image audit, as explore draws them."""
+    plots.class_balance({c: int((labels == c).sum()) for c in (0, 1)}, out / "class_balance.png")
+    plots.sample_grid(images, labels, out / "samples.png")
+    plots.image_audit(audits, out / "audit.png")

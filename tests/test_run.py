@@ -1,0 +1,108 @@
+"""The training run: the run folder it writes, its checks, determinism and recipes."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from faceattr.checkpoints import load_fold_models
+from faceattr.data import load_dataset
+from faceattr.errors import FaceAttrError
+from faceattr.metrics import best_threshold, error_rates
+from faceattr.run import train_run
+from faceattr.train import TrainConfig
+
+
+def test_train_run_writes_the_whole_run(trained_run, dataset_dir):
+    run = trained_run
+    summary = json.loads((run / "run.json").read_text())
+    assert summary["status"] == "complete"
+    assert summary["config"]["folds"] == 2 and summary["config"]["arch"] == "simple"
+    assert {"torch", "python", "device"} <= summary["environment"].keys()
+    assert len(summary["folds"]) == 2 and 0 <= summary["oof"]["hter"] <= 1
+    assert summary["timings"]["total_s"] > 0
+    for fold in (1, 2):
+        assert (run / "models" / f"fold_{fold}.safetensors").stat().st_size > 1_000_000
+        config = json.loads((run / "models" / f"fold_{fold}.json").read_text())
+        assert config["arch"] == "simple" and config["epoch"] in (1, 2)
+        rows = list(csv.DictReader((run / f"fold_{fold}" / "history.csv").open()))
+        assert [int(r["epoch"]) for r in rows] == [1, 2]
+        assert {"train_loss", "val_far", "val_frr", "val_hter", "lr"} <= rows[0].keys()
+        assert (run / f"fold_{fold}" / "curves.png").stat().st_size > 5_000
+    oof = list(csv.DictReader((run / "oof.csv").open()))
+    labels = load_dataset(dataset_dir).labels
+    assert len(oof) == len(labels)
+    assert [int(r["label"]) for r in oof] == labels.tolist()
+    assert all(0 <= float(r["score"]) <= 1 for r in oof)
+    preds = np.array([int(r["prediction"]) for r in oof])
+    assert error_rates(labels, preds)["hter"] == summary["oof"]["hter"]
+    scores = np.array([float(r["score"]) for r in oof])
+    assert summary["oof"]["hter"] == best_threshold(labels, scores)[1]["hter"]
+    low, high = summary["oof"]["hter_ci"]
+    assert low <= summary["oof"]["hter"] <= high
+    assert summary["oof_nested"]["hter"] >= summary["oof"]["hter"]  # tuned on other folds only
+    assert summary["oof_at_0.5"]["hter"] >= summary["oof"]["hter"]
+    assert 0 <= summary["eer"] <= 1 and 0 <= summary["auc"] <= 1
+    ensemble = json.loads((run / "models" / "ensemble.json").read_text())
+    assert ensemble == {"threshold": summary["threshold"], "vote": "soft", "tta": True}
+    folds = list(csv.DictReader((run / "folds.csv").open()))
+    assert [int(r["fold"]) for r in folds] == [int(r["fold"]) - 1 for r in oof]
+
+
+def test_same_seed_same_weights_on_cpu(dataset_dir, tmp_path):
+    data = load_dataset(dataset_dir)
+    cfg = TrainConfig(folds=2, epochs=1, batch_size=32)
+    a = train_run(data, cfg, tmp_path / "a", torch.device("cpu"))
+    b = train_run(data, cfg, tmp_path / "b", torch.device("cpu"))
+    assert a["oof"] == b["oof"]
+    for fold in (1, 2):
+        name = f"models/fold_{fold}.safetensors"
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert (tmp_path / "a" / "oof.csv").read_text() == (tmp_path / "b" / "oof.csv").read_text()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"epochs": 0}, "--epochs must be at least 1"),
+        ({"batch_size": 1}, "--batch-size"),
+        ({"step": 0}, "--step"),
+        ({"lr": 0.0}, "--lr and --gamma must be positive"),
+    ],
+)
+def test_impossible_settings_are_rejected_before_any_work(change, message, dataset_dir, tmp_path):
+    cfg = TrainConfig(**change)
+    with pytest.raises(FaceAttrError, match=message):
+        train_run(load_dataset(dataset_dir), cfg, tmp_path / "run", torch.device("cpu"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_compiled_training_saves_plain_weights(dataset_dir, tmp_path):
+    data = load_dataset(dataset_dir)
+    cfg = TrainConfig(folds=2, epochs=1, batch_size=32, compile=True)
+    summary = train_run(data, cfg, tmp_path / "run", torch.device("cpu"))
+    assert summary["config"]["compile"] is True
+    (model, *_) = load_fold_models(tmp_path / "run" / "models")  # no "_orig_mod." prefixes
+    assert model.config["arch"] == "simple"
+
+
+@pytest.mark.parametrize(("optimizer", "schedule"), [("adamw", "cosine"), ("sgd", "onecycle")])
+def test_other_recipes_train(optimizer, schedule, dataset_dir, tmp_path):
+    cfg = TrainConfig(
+        folds=2,
+        epochs=2,
+        batch_size=32,
+        optimizer=optimizer,
+        schedule=schedule,
+        weight_decay=1e-4,
+        label_smoothing=0.1,
+    )
+    summary = train_run(load_dataset(dataset_dir), cfg, tmp_path / "run", torch.device("cpu"))
+    assert summary["status"] == "complete" and summary["config"]["optimizer"] == optimizer
+    lrs = [
+        float(line.split(",")[1])
+        for line in (tmp_path / "run" / "fold_1" / "history.csv").read_text().splitlines()[1:]
+    ]
+    assert len(set(lrs)) == 2 and max(lrs) <= 1e-3  # the rate moves from epoch to epoch
