@@ -43,16 +43,22 @@ def save_fold_model(models_dir: str | Path, fold: int, model: nn.Module, config:
     return weights
 
 
+def fold_files(folder: Path, suffix: str) -> list[tuple[int, Path]]:
+    """The `fold_K<suffix>` files of a folder with their fold numbers, in numeric order."""
+    pattern = re.compile(rf"fold_(\d+){re.escape(suffix)}")
+    return sorted(
+        (int(m.group(1)), p)
+        for p in folder.glob(f"fold_*{suffix}")
+        if (m := pattern.fullmatch(p.name))
+    )
+
+
 def load_fold_models(models_dir: str | Path) -> list[FoldModel]:
     """Every fold model of a run's models folder, in fold order, in eval mode on the CPU."""
     models_dir = Path(models_dir)
     if not models_dir.is_dir():
         raise FaceAttrError(f"model folder {models_dir} does not exist")
-    found = sorted(
-        (int(m.group(1)), p)
-        for p in models_dir.glob("fold_*.safetensors")
-        if (m := re.fullmatch(r"fold_(\d+)\.safetensors", p.name))
-    )
+    found = fold_files(models_dir, ".safetensors")
     if not found:
         raise FaceAttrError(f"{models_dir} holds no fold_K.safetensors model")
     loaded = []

@@ -9,14 +9,13 @@ in [0, 1]; output `logits`: (N,), the log-odds of label 1; normalisation is insi
 from __future__ import annotations
 
 import json
-import re
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from faceattr.checkpoints import load_ensemble_settings, load_fold_models
+from faceattr.checkpoints import fold_files, load_ensemble_settings, load_fold_models
 from faceattr.errors import FaceAttrError
 from faceattr.outputs import atomic_path, ensure_writable_dir, write_json
 
@@ -71,10 +70,7 @@ class OnnxEnsemble:
             self.settings = json.loads((folder / "ensemble.json").read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise FaceAttrError(f"{folder} is not a faceattr ONNX export ({e})") from None
-        files = sorted(
-            (int(m.group(1)), p) for p in folder.glob("fold_*.onnx")
-            if (m := re.fullmatch(r"fold_(\d+)\.onnx", p.name))
-        )  # fmt: skip
+        files = fold_files(folder, ".onnx")
         if not files:
             raise FaceAttrError(f"{folder} holds no fold_K.onnx model")
         options = ort.SessionOptions()

@@ -60,7 +60,7 @@ def train_run(
     trains its share of the folds and rank 0 writes everything else; the others return None.
     """
     out = Path(out)
-    previous = _existing_run(out)
+    previous = existing_run(out)
     if resume:
         if previous is None:
             raise FaceAttrError(f"--resume: {out} holds no run to continue")
@@ -231,7 +231,7 @@ RUN_CONTENTS = (
 )
 
 
-def _existing_run(out: Path) -> dict | None:
+def existing_run(out: Path) -> dict | None:
     """The run.json of a run already in `out`, if any."""
     try:
         return json.loads((out / "run.json").read_text())

@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from faceattr.data import dataset_from_paths, image_folder
     from faceattr.explore import explore, format_summary
+    from faceattr.run import existing_run
 
     if args.mode == "explore":
         if not (args.img_train_dir or args.img_test_dir):
@@ -54,8 +55,8 @@ def run(args: argparse.Namespace) -> int:
         # As the seed did, training into an existing --save_dir replaces it, unless the run
         # there was interrupted: then it continues.
         args.out = args.save_dir
-        previous = Path(args.save_dir) / "run.json"
-        unfinished = previous.exists() and '"status": "complete"' not in previous.read_text()
+        previous = existing_run(Path(args.save_dir))
+        unfinished = previous is not None and previous.get("status") != "complete"
         args.resume, args.overwrite = unfinished, not unfinished
         return run_train(dataset_from_paths(args.img_train_dir, args.labels_txt, None), args)
     if not args.img_test_dir:
