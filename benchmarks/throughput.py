@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             for arch in args.arch:
                 n = 4096 if arch == "simple" else 256
                 for runtime in ("torch", "onnxruntime"):
-                    rate = inference(arch, runtime, 512, n, tmp / "inference")
+                    rate = inference(arch, runtime, 64, n, tmp / "inference")
                     emit(
                         {
                             "measure": "inference",

@@ -19,6 +19,15 @@ from faceattr.metrics import (
 VOTES = ("majority", "soft")
 
 
+def inference_batch_size(device: torch.device) -> int:
+    """Images per forward pass when scoring.
+
+    Large on a GPU, to keep it busy; small on a CPU, where a batch's activations must stay in the
+    caches: 64 scores the simple CNN 2.3x faster than 512 on two cores (5.2k vs 2.2k img/s).
+    """
+    return 4096 if device.type == "cuda" else 64
+
+
 def to_model_input(images: torch.Tensor) -> torch.Tensor:
     """uint8 (N, 64, 64, 3) -> float (N, 3, 64, 64) in [0, 1], kept channels-last in memory."""
     return images.permute(0, 3, 1, 2).float().div_(255)
@@ -26,7 +35,10 @@ def to_model_input(images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def ensemble_scores(
-    models: list[nn.Module], images: torch.Tensor, batch_size: int = 512, tta: bool = False
+    models: list[nn.Module],
+    images: torch.Tensor,
+    batch_size: int | None = None,
+    tta: bool = False,
 ) -> np.ndarray:
     """Probability of label 1 from every model for every image: shape (models, images).
 
@@ -38,6 +50,7 @@ def ensemble_scores(
     for model in models:
         model.eval()
     device = next(models[0].parameters(), images).device
+    batch_size = batch_size or inference_batch_size(device)
     out: list[list[torch.Tensor]] = [[] for _ in models]
     shown = progress.bar(len(images) * len(models), f"scoring with {len(models)} model(s)")
     for start in range(0, len(images), batch_size):
@@ -57,7 +70,7 @@ def ensemble_scores(
 
 
 def model_scores(
-    model: nn.Module, images: torch.Tensor, batch_size: int = 512, tta: bool = False
+    model: nn.Module, images: torch.Tensor, batch_size: int | None = None, tta: bool = False
 ) -> np.ndarray:
     """Probability of label 1 from one model for every image (see `ensemble_scores`)."""
     return ensemble_scores([model], images, batch_size, tta)[0]

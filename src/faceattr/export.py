@@ -80,7 +80,7 @@ class OnnxEnsemble:
         self.sessions = [ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
                          for _, p in files]  # fmt: skip
 
-    def scores(self, images: np.ndarray, batch_size: int = 512, tta: bool = False) -> np.ndarray:
+    def scores(self, images: np.ndarray, batch_size: int = 64, tta: bool = False) -> np.ndarray:
         """Probability of label 1 from every model for uint8 (N, 64, 64, 3) images: (models, N)."""
         out = np.empty((len(self.sessions), len(images)))
         for start in range(0, len(images), batch_size):

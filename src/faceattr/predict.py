@@ -13,7 +13,7 @@ from faceattr import plots
 from faceattr.cache import load_images
 from faceattr.checkpoints import load_ensemble_settings, load_fold_models
 from faceattr.data import ImageSet
-from faceattr.ensemble import ensemble_scores, vote
+from faceattr.ensemble import ensemble_scores, inference_batch_size, vote
 from faceattr.export import OnnxEnsemble
 from faceattr.metrics import scores_to_labels
 from faceattr.models import for_inference
@@ -53,7 +53,7 @@ def predict(
     tta = ensemble.settings["tta"] if tta is None else tta
     loaded = load_images(images, cache, workers)
     t0 = time.perf_counter()
-    batch_size = batch_size or (4096 if device.type == "cuda" and not onnx else 512)
+    batch_size = batch_size or inference_batch_size(torch.device("cpu") if onnx else device)
     scores = ensemble.scores(loaded.array, batch_size, tta)
     score_s = time.perf_counter() - t0
     soft_score, soft_label = vote(scores, "soft", threshold)
