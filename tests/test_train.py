@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+from faceattr import train as train_module
+from faceattr.ensemble import model_scores
 from faceattr.metrics import error_rates
 from faceattr.models import create_model
 from faceattr.train import (
@@ -58,3 +60,56 @@ def test_label_smoothing_pulls_targets_to_the_middle():
     logits, y, w = torch.tensor([8.0, -8.0]), torch.tensor([1, 0]), torch.ones(2)
     assert weighted_bce(logits, y, w) < 0.001
     assert weighted_bce(logits, y, w, smoothing=0.2) > 0.5  # confident answers now cost
+
+
+def easy_data(n: int = 96) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bright images are label 1, dark ones label 0 (a quarter of them)."""
+    g = torch.Generator().manual_seed(0)
+    labels = (torch.rand(n, generator=g) > 0.25).long()
+    level = torch.where(labels.bool(), 200, 40).view(-1, 1, 1, 1)
+    return (level + torch.randint(0, 40, (n, 64, 64, 3), generator=g)).to(torch.uint8), labels
+
+
+def test_ema_keeps_and_judges_the_averaged_weights():
+    images, labels = easy_data()
+    torch.manual_seed(0)
+    model = create_model("simple")
+    cfg = TrainConfig(epochs=1, batch_size=16, ema=0.5, tta=False)
+    result = train_fold(model, images, labels, np.arange(64), np.arange(64, 96), cfg, fold=1)
+    raw = model.state_dict()
+    assert any(not torch.equal(raw[k], v) for k, v in result.state.items())  # not the raw weights
+    kept = create_model("simple")
+    kept.load_state_dict(result.state)
+    np.testing.assert_allclose(model_scores(kept, images[64:]), result.val_scores, atol=1e-6)
+
+
+def test_an_interrupted_fold_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    images, labels = easy_data()
+    cfg = TrainConfig(epochs=3, batch_size=16, ema=0.9, schedule="onecycle")
+    split = np.arange(64), np.arange(64, 96)
+
+    def fold(checkpoint):
+        torch.manual_seed(0)
+        return train_fold(create_model("simple"), images, labels, *split, cfg, 1, checkpoint)
+
+    whole = fold(None)
+    real_save = train_module.save_training_state
+
+    def save_then_stop(path, tensors, info):
+        real_save(path, tensors, info)
+        if info["epoch"] == 2:
+            raise KeyboardInterrupt  # killed right after epoch 2 was saved
+
+    monkeypatch.setattr(train_module, "save_training_state", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        fold(tmp_path / "state")
+    monkeypatch.setattr(train_module, "save_training_state", real_save)
+    torch.manual_seed(123)  # the resumed run must not depend on the process's generator
+    resumed = fold(tmp_path / "state")
+    assert resumed.best_epoch == whole.best_epoch
+    assert all(torch.equal(resumed.state[k], v) for k, v in whole.state.items())
+    np.testing.assert_array_equal(resumed.val_scores, whole.val_scores)
+    drop = ("seconds", "train_seconds")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed.history] == [
+        {k: v for k, v in r.items() if k not in drop} for r in whole.history
+    ]

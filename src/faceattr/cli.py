@@ -101,6 +101,7 @@ def run_train(dataset, args: argparse.Namespace) -> int:
         schedule=args.schedule,
         weight_decay=args.weight_decay,
         label_smoothing=args.label_smoothing,
+        ema=args.ema,
     )
     log.info("training %s, %d folds x %d epochs on %s", cfg.arch, cfg.folds, cfg.epochs, device)
     try:
@@ -269,6 +270,14 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--label-smoothing", type=float, default=0.0, help="pull targets towards 0.5")
+    p.add_argument(
+        "--ema",
+        type=float,
+        default=0.0,
+        metavar="DECAY",
+        help="validate and keep a moving average of the weights, updated every step with this "
+        "decay (e.g. 0.999); 0: off (default)",
+    )
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0, help="seed for folds, weights and augmentation")
     p.add_argument(

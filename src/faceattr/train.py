@@ -1,8 +1,9 @@
 """Training one fold: loss, optimiser, schedule, the step, and the epoch loop with its checkpoints.
 
-The fold's model is kept at its epoch with the lowest validation HTER. The whole training set sits
-in one uint8 tensor on the training device; batches are index lookups into it, augmented on the
-device (see `augment`): no DataLoader and no per-image Python work. `run` trains all the folds.
+The fold's model (or, with `ema`, the moving average of its weights) is kept at its epoch with the
+lowest validation HTER. The whole training set sits in one uint8 tensor on the training device;
+batches are index lookups into it, augmented on the device (see `augment`): no DataLoader and no
+per-image Python work. `run` trains all the folds.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from faceattr import progress
 from faceattr.augment import augment
@@ -72,6 +74,7 @@ class TrainConfig:
     schedule: str = "step"  # step (the seed's StepLR), cosine or onecycle
     weight_decay: float = 0.0
     label_smoothing: float = 0.0
+    ema: float = 0.0  # decay of an exponential moving average of the weights, kept and judged; 0: off
     workers: int | None = None  # image-decoding processes; None = one per core
     cache: str | None = None  # folder of decoded-image caches; None = decode in memory every time
     compile: bool = False  # torch.compile the training step
@@ -91,8 +94,10 @@ class TrainConfig:
             raise FaceAttrError(
                 f"unknown --optimizer {self.optimizer!r} or --schedule {self.schedule!r}"
             )
-        if not 0 <= self.label_smoothing < 1 or self.weight_decay < 0:
-            raise FaceAttrError("--label-smoothing must be in [0, 1), --weight-decay >= 0")
+        if not 0 <= self.label_smoothing < 1 or self.weight_decay < 0 or not 0 <= self.ema < 1:
+            raise FaceAttrError(
+                "--label-smoothing and --ema must be in [0, 1), --weight-decay >= 0"
+            )
         if not (self.lr > 0 and self.gamma > 0):
             raise FaceAttrError(
                 f"--lr and --gamma must be positive, got {self.lr} and {self.gamma}"
@@ -160,6 +165,15 @@ def lr_factor(schedule: str, i: int, steps_per_epoch: int, cfg: TrainConfig) -> 
     return 0.5 * (1 + math.cos(math.pi * (i - warm) / max(1, total - warm)))
 
 
+def weight_average(model: nn.Module, decay: float) -> AveragedModel:
+    """An exponential moving average of `model`'s weights and BatchNorm statistics.
+
+    Updated after every optimiser step, it averages away the noise of the last steps: the
+    averaged model is the one validated and kept. timm's ModelEmaV2 does the same.
+    """
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -217,6 +231,8 @@ def train_fold(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_factor, cfg.schedule, steps_per_epoch=steps_per_epoch, cfg=cfg)
     )  # stepped after every optimiser step
+    ema = weight_average(model, cfg.ema) if cfg.ema else None
+    judged = ema.module if ema is not None else model  # the weights validated and kept
     net = model
     if parallel:
         net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
@@ -230,6 +246,8 @@ def train_fold(
     if saved is not None:
         tensors, info = saved
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        if ema is not None:
+            ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
         optimizer.load_state_dict(unflatten_optimizer(tensors, info["optimizer"]))
         scheduler.load_state_dict(info["scheduler"])
         torch.set_rng_state(tensors["rng.torch"])
@@ -269,6 +287,8 @@ def train_fold(
                 step_model, optimizer, x, labels[idx], weights, cfg.label_smoothing
             )
             scheduler.step()
+            if ema is not None:
+                ema.update_parameters(model)
             # Checked on the device and read once per epoch: no host sync in the loop.
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
             loss_sum += loss * len(idx)
@@ -277,7 +297,7 @@ def train_fold(
         shown.close()
         if parallel:
             dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
-            for buffer in model.buffers():  # BatchNorm statistics: rank 0's, so all validate alike
+            for buffer in judged.buffers():  # BatchNorm statistics: rank 0's, so all validate alike
                 dist.broadcast(buffer, 0)
         if first_bad.item() >= 0:
             raise FaceAttrError(
@@ -289,7 +309,7 @@ def train_fold(
         train_seconds = time.perf_counter() - t0
 
         train_rates = error_rates(labels[order].cpu().numpy(), predicted.cpu().numpy())
-        val_scores = model_scores(model, images[val_t], tta=cfg.tta)
+        val_scores = model_scores(judged, images[val_t], tta=cfg.tta)
         if not np.isfinite(val_scores).all():
             raise FaceAttrError(
                 f"fold {fold}: the model's outputs became infinite or NaN at epoch {epoch} "
@@ -315,7 +335,7 @@ def train_fold(
         improved = row["val_hter"] < best_hter
         if improved:
             best_hter, best_epoch, best_scores = row["val_hter"], epoch, val_scores
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().clone() for k, v in judged.state_dict().items()}
         log.info(
             "fold %d epoch %2d/%d  loss %.4f  val loss %.4f  val HTER %5.2f%% (FAR %.2f%% FRR %.2f%%)"
             "  %.1fs%s",
@@ -334,6 +354,7 @@ def train_fold(
             optim_tensors, optim_rest = flatten_optimizer(optimizer.state_dict())
             tensors = {
                 **{f"model.{k}": v for k, v in model.state_dict().items()},
+                **({f"ema.{k}": v for k, v in ema.state_dict().items()} if ema else {}),
                 **{f"best.{k}": v for k, v in best_state.items()},
                 **optim_tensors,
                 "best_scores": torch.from_numpy(np.asarray(best_scores, dtype=np.float64)),
