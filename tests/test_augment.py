@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from faceattr.augment import augment, random_affine
+from faceattr.augment import POLICIES, augment, color_jitter, random_affine, random_erase
 
 
 def test_shape_dtype_and_range_are_kept():
@@ -44,3 +44,49 @@ def test_without_shift_or_rotation_it_only_flips():
     y = augment(x, torch.Generator().manual_seed(2), max_shift=0.0, max_degrees=0.0)
     for xi, yi in zip(x, y, strict=True):
         assert torch.allclose(yi, xi, atol=1e-5) or torch.allclose(yi, xi.flip(-1), atol=1e-5)
+
+
+def test_strong_policy_zooms_by_at_most_ten_percent():
+    theta = random_affine(
+        10_000, torch.Generator().manual_seed(0), torch.device("cpu"), max_zoom=0.1
+    )
+    scale = theta[:, :, :2].det().abs().sqrt()  # output-to-input: 1 / zoom
+    assert scale.min() >= 1 / 1.1 - 1e-5 and scale.max() <= 1 / 0.9 + 1e-5
+    assert scale.min() < 1 / 1.09 and scale.max() > 1 / 0.91  # the whole range is used
+
+
+def test_colour_jitter_is_per_image_bounded_and_off_at_zero():
+    x = torch.rand(1, 3, 64, 64).repeat(8, 1, 1, 1)
+    y = color_jitter(x, torch.Generator().manual_seed(0), 0.2)
+    assert y.min() >= 0 and y.max() <= 1
+    assert min((y[i] - y[j]).abs().max() for i in range(8) for j in range(i + 1, 8)) > 1e-3
+    assert torch.allclose(color_jitter(x, torch.Generator().manual_seed(0), 0.0), x, atol=1e-6)
+    gray = torch.full((4, 3, 8, 8), 0.5)  # no colour and no contrast: only brightness moves it
+    out = color_jitter(gray, torch.Generator().manual_seed(1), 0.2)
+    assert torch.allclose(out, out[:, :1, :1, :1].expand_as(out))
+    assert out.min() >= 0.4 - 1e-6 and out.max() <= 0.6 + 1e-6
+
+
+def test_random_erase_blanks_one_small_rectangle_per_chosen_image():
+    x = torch.full((64, 3, 64, 64), -1.0)  # noise is in [0, 1): erased pixels are easy to see
+    y = random_erase(x, torch.Generator().manual_seed(0), 1.0)
+    for img in y:
+        mask = (img >= 0).all(0)
+        rows, cols = mask.nonzero(as_tuple=True)
+        box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+        assert mask.sum() == box  # a rectangle
+        assert 0.01 * 64 * 64 <= box <= 0.1 * 64 * 64
+    assert torch.equal(random_erase(x, torch.Generator().manual_seed(0), 0.0), x)
+    some = random_erase(x, torch.Generator().manual_seed(0), 0.25)
+    erased = (some >= 0).flatten(1).any(1).float().mean()
+    assert 0.05 < erased < 0.5
+
+
+def test_policies():
+    x = torch.rand(8, 3, 64, 64)
+    assert augment(x, torch.Generator(), POLICIES["none"]) is x
+    light = augment(x, torch.Generator().manual_seed(3))
+    assert torch.equal(light, augment(x, torch.Generator().manual_seed(3), POLICIES["light"]))
+    strong = augment(x, torch.Generator().manual_seed(3), POLICIES["strong"])
+    assert strong.shape == x.shape and strong.min() >= 0 and strong.max() <= 1
+    assert not torch.allclose(strong, light)

@@ -70,6 +70,8 @@ def test_same_seed_same_weights_on_cpu(dataset_dir, tmp_path):
         ({"batch_size": 1}, "--batch-size"),
         ({"step": 0}, "--step"),
         ({"lr": 0.0}, "--lr and --gamma must be positive"),
+        ({"ema": 1.0}, "--ema must be in"),
+        ({"augment": "heavy"}, "--augment 'heavy'"),
     ],
 )
 def test_impossible_settings_are_rejected_before_any_work(change, message, dataset_dir, tmp_path):
@@ -88,21 +90,23 @@ def test_compiled_training_saves_plain_weights(dataset_dir, tmp_path):
     assert model.config["arch"] == "simple"
 
 
-@pytest.mark.parametrize(("optimizer", "schedule"), [("adamw", "cosine"), ("sgd", "onecycle")])
-def test_other_recipes_train(optimizer, schedule, dataset_dir, tmp_path):
-    cfg = TrainConfig(
-        folds=2,
-        epochs=2,
-        batch_size=32,
-        optimizer=optimizer,
-        schedule=schedule,
-        weight_decay=1e-4,
-        label_smoothing=0.1,
-    )
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        {"optimizer": "adamw", "schedule": "cosine", "label_smoothing": 0.1},
+        {"optimizer": "sgd", "schedule": "onecycle", "augment": "strong", "ema": 0.9},
+        {"arch": "efficientnet_lite0", "pretrained": "imagenet", "schedule": "cosine"},
+    ],
+)
+def test_other_recipes_train(recipe, dataset_dir, tmp_path):
+    cfg = TrainConfig(folds=2, epochs=2, batch_size=32, weight_decay=1e-4, **recipe)
     summary = train_run(load_dataset(dataset_dir), cfg, tmp_path / "run", torch.device("cpu"))
-    assert summary["status"] == "complete" and summary["config"]["optimizer"] == optimizer
+    assert summary["status"] == "complete"
+    assert {k: summary["config"][k] for k in recipe} == recipe
     lrs = [
         float(line.split(",")[1])
         for line in (tmp_path / "run" / "fold_1" / "history.csv").read_text().splitlines()[1:]
     ]
     assert len(set(lrs)) == 2 and max(lrs) <= 1e-3  # the rate moves from epoch to epoch
+    (model, *_) = load_fold_models(tmp_path / "run" / "models")
+    assert model.config["arch"] == cfg.arch

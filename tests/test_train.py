@@ -24,12 +24,7 @@ def test_class_weights_balance_the_classes():
 
 
 def test_a_fold_learns_an_easy_rule_and_keeps_its_best_epoch():
-    # Bright images are label 1, dark ones label 0: a few epochs must separate them.
-    g = torch.Generator().manual_seed(0)
-    labels = (torch.rand(96, generator=g) > 0.25).long()
-    level = torch.where(labels.bool(), 200, 40).view(-1, 1, 1, 1)
-    noise = torch.randint(0, 40, (96, 64, 64, 3), generator=g)
-    images = (level + noise).to(torch.uint8)
+    images, labels = easy_data()  # a few epochs must separate bright from dark
     train_idx, val_idx = np.arange(64), np.arange(64, 96)
     torch.manual_seed(0)
     cfg = TrainConfig(epochs=4, batch_size=16, lr=1e-3)

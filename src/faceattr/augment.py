@@ -1,16 +1,42 @@
-"""Light, face-safe augmentation applied to a whole batch at once, on the batch's device.
+"""Face-safe augmentation applied to a whole batch at once, on the batch's device.
 
-Each image gets its own random shift, rotation (at most 5 degrees) and horizontal flip, folded into
-one affine transform and applied by a single `grid_sample`: no per-image Python work, so it costs
-next to nothing beside the model on a GPU.
+Each image gets its own random shift, rotation (at most 5 degrees), horizontal flip and, in the
+`strong` policy, zoom, folded into one affine transform and applied by a single `grid_sample`;
+`strong` then jitters brightness, contrast and saturation and erases a small patch per image. No
+per-image Python work, so it costs next to nothing beside the model on a GPU.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How hard to augment. Every range is symmetric and drawn independently per image."""
+
+    max_shift: float = 4 / 64  # fraction of the image side: 4/64 is up to 4 pixels each way
+    max_degrees: float = 5.0
+    flip: bool = True
+    max_zoom: float = 0.0  # scale by a factor in [1 - z, 1 + z]
+    jitter: float = 0.0  # brightness, contrast and saturation each times a factor in [1 - j, 1 + j]
+    erase: float = 0.0  # probability of blanking one patch of 2-8 % of the image with noise
+
+
+POLICIES = {
+    "none": Policy(max_shift=0.0, max_degrees=0.0, flip=False),
+    "light": Policy(),  # the seed's: shifts, small rotations, mirror images
+    "strong": Policy(max_zoom=0.1, jitter=0.2, erase=0.25),
+}
+
+
+def _uniform(n: int, generator: torch.Generator, device: torch.device, low: float, high: float):
+    r = torch.rand(n, generator=generator, device=generator.device).to(device)
+    return low + (high - low) * r
 
 
 def random_affine(
@@ -20,32 +46,82 @@ def random_affine(
     max_shift: float = 4 / 64,
     max_degrees: float = 5.0,
     flip: bool = True,
+    max_zoom: float = 0.0,
 ) -> torch.Tensor:
-    """(n, 2, 3) affine matrices for `affine_grid`: flip, then rotate, then shift.
-
-    `max_shift` is a fraction of the image side (4/64: up to 4 pixels each way).
-    """
+    """(n, 2, 3) affine matrices for `affine_grid`: flip, then rotate and zoom, then shift."""
 
     def uniform(low: float, high: float) -> torch.Tensor:
-        r = torch.rand(n, generator=generator, device=generator.device).to(device)
-        return low + (high - low) * r
+        return _uniform(n, generator, device, low, high)
 
     angle = uniform(-max_degrees, max_degrees) * (math.pi / 180)
     # affine_grid's coordinates span [-1, 1], so a shift of s image sides is 2s there.
     tx, ty = uniform(-2 * max_shift, 2 * max_shift), uniform(-2 * max_shift, 2 * max_shift)
     sign = torch.where(uniform(0, 1) < 0.5, -1.0, 1.0) if flip else torch.ones(n, device=device)
-    cos, sin = torch.cos(angle), torch.sin(angle)
+    # The matrix maps output to input coordinates: dividing by the zoom enlarges the face.
+    zoom = 1 / uniform(1 - max_zoom, 1 + max_zoom) if max_zoom else torch.ones(n, device=device)
+    cos, sin = torch.cos(angle) * zoom, torch.sin(angle) * zoom
     row0 = torch.stack([cos * sign, -sin, tx], dim=1)
     row1 = torch.stack([sin * sign, cos, ty], dim=1)
     return torch.stack([row0, row1], dim=1)
 
 
-def augment(x: torch.Tensor, generator: torch.Generator, **kwargs) -> torch.Tensor:
-    """Randomly shift, rotate and flip each image of a float batch (N, C, H, W).
+def color_jitter(x: torch.Tensor, generator: torch.Generator, strength: float) -> torch.Tensor:
+    """Scale each image's brightness, contrast and saturation by its own factors in [1 ± s]."""
+    n = x.shape[0]
 
-    Pixels pulled in from outside the frame repeat the border (`padding_mode='border'`) rather than
-    black, which would be a cue the model could learn.
+    def factor() -> torch.Tensor:
+        return _uniform(n, generator, x.device, 1 - strength, 1 + strength).view(n, 1, 1, 1)
+
+    x = x * factor()
+    gray = (x * x.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    x = torch.lerp(gray.mean((2, 3), keepdim=True), x, factor())  # contrast
+    x = torch.lerp(gray, x, factor())  # saturation
+    return x.clamp(0, 1)
+
+
+def random_erase(x: torch.Tensor, generator: torch.Generator, p: float) -> torch.Tensor:
+    """With probability `p` per image, replace one rectangle (2-8 % of the area) by noise."""
+    n, _, h, w = x.shape
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return _uniform(n, generator, x.device, low, high).view(n, 1, 1)
+
+    area, aspect = uniform(0.02, 0.08), torch.exp(uniform(math.log(0.5), math.log(2)))
+    eh, ew = (area * aspect).sqrt() * h, (area / aspect).sqrt() * w
+    top, left = uniform(0, 1) * (h - eh), uniform(0, 1) * (w - ew)
+    rows = torch.arange(h, device=x.device).view(1, h, 1)
+    cols = torch.arange(w, device=x.device).view(1, 1, w)
+    inside = (rows >= top) & (rows < top + eh) & (cols >= left) & (cols < left + ew)
+    inside &= uniform(0, 1) < p
+    noise = torch.rand(x.shape, generator=generator, device=generator.device).to(x)
+    return torch.where(inside.unsqueeze(1), noise, x)
+
+
+def augment(
+    x: torch.Tensor, generator: torch.Generator, policy: Policy | None = None, **kwargs
+) -> torch.Tensor:
+    """Augment each image of a float batch (N, C, H, W) in [0, 1] by `policy` (default light).
+
+    Keyword arguments override the policy's fields. Pixels pulled in from outside the frame repeat
+    the border (`padding_mode='border'`) rather than black, which would be a cue the model could
+    learn.
     """
-    theta = random_affine(x.shape[0], generator, x.device, **kwargs).to(x.dtype)
+    policy = Policy(**{**vars(policy or POLICIES["light"]), **kwargs})
+    if policy == POLICIES["none"]:
+        return x
+    theta = random_affine(
+        x.shape[0],
+        generator,
+        x.device,
+        policy.max_shift,
+        policy.max_degrees,
+        policy.flip,
+        policy.max_zoom,
+    ).to(x.dtype)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if policy.jitter:
+        x = color_jitter(x, generator, policy.jitter)
+    if policy.erase:
+        x = random_erase(x, generator, policy.erase)
+    return x

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 import faceattr
+from faceattr.augment import POLICIES
 from faceattr.errors import FaceAttrError
 from faceattr.models import IMAGENET, MODELS
 
@@ -102,6 +103,7 @@ def run_train(dataset, args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay,
         label_smoothing=args.label_smoothing,
         ema=args.ema,
+        augment=args.augment,
     )
     log.info("training %s, %d folds x %d epochs on %s", cfg.arch, cfg.folds, cfg.epochs, device)
     try:
@@ -270,6 +272,13 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--label-smoothing", type=float, default=0.0, help="pull targets towards 0.5")
+    p.add_argument(
+        "--augment",
+        choices=sorted(POLICIES),
+        default="light",
+        help="light: shifts, rotations up to 5 degrees, mirror images (default); strong adds "
+        "zoom, colour jitter and small erased patches",
+    )
     p.add_argument(
         "--ema",
         type=float,

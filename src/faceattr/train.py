@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from faceattr import progress
-from faceattr.augment import augment
+from faceattr.augment import POLICIES, augment
 from faceattr.batches import DeviceImages
 from faceattr.checkpoints import (
     flatten_optimizer,
@@ -74,7 +74,10 @@ class TrainConfig:
     schedule: str = "step"  # step (the seed's StepLR), cosine or onecycle
     weight_decay: float = 0.0
     label_smoothing: float = 0.0
-    ema: float = 0.0  # decay of an exponential moving average of the weights, kept and judged; 0: off
+    augment: str = "light"  # augmentation policy: none, light (the seed's) or strong
+    ema: float = (
+        0.0  # decay of an exponential moving average of the weights, kept and judged; 0: off
+    )
     workers: int | None = None  # image-decoding processes; None = one per core
     cache: str | None = None  # folder of decoded-image caches; None = decode in memory every time
     compile: bool = False  # torch.compile the training step
@@ -90,9 +93,14 @@ class TrainConfig:
         ):
             if value < low:
                 raise FaceAttrError(f"--{name} must be at least {low}, got {value}")
-        if self.optimizer not in OPTIMIZERS or self.schedule not in SCHEDULES:
+        if (
+            self.optimizer not in OPTIMIZERS
+            or self.schedule not in SCHEDULES
+            or self.augment not in POLICIES
+        ):
             raise FaceAttrError(
-                f"unknown --optimizer {self.optimizer!r} or --schedule {self.schedule!r}"
+                f"unknown --optimizer {self.optimizer!r}, --schedule {self.schedule!r} or "
+                f"--augment {self.augment!r}"
             )
         if not 0 <= self.label_smoothing < 1 or self.weight_decay < 0 or not 0 <= self.ema < 1:
             raise FaceAttrError(
@@ -282,7 +290,7 @@ def train_fold(
         shown = progress.bar(len(order), f"fold {fold} epoch {epoch}/{cfg.epochs}")
         for step, s in enumerate(range(0, len(order), batch), start=1):
             idx = order[s : s + batch]
-            x = augment(to_model_input(images[idx]), gen)
+            x = augment(to_model_input(images[idx]), gen, POLICIES[cfg.augment])
             loss, logits = train_step(
                 step_model, optimizer, x, labels[idx], weights, cfg.label_smoothing
             )
