@@ -72,10 +72,12 @@ def color_jitter(x: torch.Tensor, generator: torch.Generator, strength: float) -
     def factor() -> torch.Tensor:
         return _uniform(n, generator, x.device, 1 - strength, 1 + strength).view(n, 1, 1, 1)
 
-    x = x * factor()
-    gray = (x * x.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
-    x = torch.lerp(gray.mean((2, 3), keepdim=True), x, factor())  # contrast
-    x = torch.lerp(gray, x, factor())  # saturation
+    def gray(x: torch.Tensor) -> torch.Tensor:
+        return (x * x.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+
+    x = x * factor()  # brightness
+    x = torch.lerp(gray(x).mean((2, 3), keepdim=True), x, factor())  # contrast
+    x = torch.lerp(gray(x), x, factor())  # saturation
     return x.clamp(0, 1)
 
 
