@@ -40,13 +40,14 @@ from faceattr.batches import DeviceImages
 from faceattr.cache import load_images
 from faceattr.checkpoints import save_fold_model
 from faceattr.data import ImageSet, ZipSource, load_dataset
-from faceattr.ensemble import ensemble_scores
+from faceattr.ensemble import ensemble_scores, inference_batch_size
 from faceattr.export import OnnxEnsemble, export_onnx
 from faceattr.models import create_model, for_inference
 from faceattr.runtime import resolve_device
 from faceattr.train import TrainConfig, class_weights, train_fold, train_step
 
 RESULTS = Path(__file__).resolve().parent / "results"
+INFERENCE_BATCH = inference_batch_size(torch.device("cpu"))  # as `faceattr predict` scores
 MEASURES = ("ceiling", "faceattr", "baseline", "decode", "end_to_end", "inference")
 
 
@@ -345,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             for arch in args.arch:
                 n = 4096 if arch == "simple" else 256
                 for runtime in ("torch", "onnxruntime"):
-                    rate = inference(arch, runtime, 64, n, tmp / "inference")
+                    rate = inference(arch, runtime, INFERENCE_BATCH, n, tmp / "inference")
                     emit(
                         {
                             "measure": "inference",
@@ -353,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
                             "arch": arch,
                             "runtime": runtime,
                             "images": n,
+                            "inference_batch_size": INFERENCE_BATCH,
                             "threads": torch.get_num_threads(),
                         }
                     )
