@@ -113,25 +113,15 @@ def test_zip_without_the_expected_folders(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_unwritable_output_locations(tmp_path):
+def test_unwritable_output_locations(tmp_path, dataset_dir, trained_run):
     data = small_layout(tmp_path / "data")
     blocker = tmp_path / "file"
     blocker.write_text("a file, not a folder")
     assert_user_error(train(data, blocker / "run"), "cannot write to")
     assert_user_error(cli("explore", str(data), "--out", str(blocker / "ex")), "cannot write to")
-    result = train(data, tmp_path / "run")
-    assert result.returncode == 0, result.stderr
-    assert_user_error(
-        cli(
-            "predict",
-            str(data),
-            "--run",
-            str(tmp_path / "run"),
-            "--output",
-            str(blocker / "label_val.txt"),
-        ),
-        "cannot write to",
-    )
+    output = str(blocker / "label_val.txt")
+    result = cli("predict", str(dataset_dir), "--run", str(trained_run), "--output", output)
+    assert_user_error(result, "cannot write to")
 
 
 def test_accepted_with_warnings(tmp_path):
@@ -171,9 +161,9 @@ def test_non_finite_loss_stops_with_the_epoch_and_step(tmp_path, dataset_dir):
     assert_user_error(result, "outputs became infinite or NaN at epoch 1 (after step 1)")
 
 
-def test_existing_run_is_not_replaced_by_accident(tmp_path):
+def test_existing_run_is_not_replaced_by_accident(tmp_path, trained_run):
     data = small_layout(tmp_path / "data")
-    assert train(data, tmp_path / "run").returncode == 0
+    shutil.copytree(trained_run, tmp_path / "run")
     before = (tmp_path / "run" / "run.json").read_text()
     assert_user_error(train(data, tmp_path / "run"), "holds a finished run", "--overwrite")
     assert (tmp_path / "run" / "run.json").read_text() == before
@@ -195,26 +185,6 @@ def test_out_of_gpu_memory_is_one_line(capsys):
     assert run_command(boom, args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["faceattr: error: out of GPU memory; try a smaller --batch-size (it is 512)"]
-
-
-def test_same_seed_same_label_file(dataset_dir, tmp_path):
-    outputs = []
-    for name in ("a", "b"):
-        run = tmp_path / name
-        assert train(dataset_dir, run, "--batch-size", "32").returncode == 0
-        out = run / "label_val.txt"
-        assert (
-            cli("predict", str(dataset_dir), "--run", str(run), "--output", str(out)).returncode
-            == 0
-        )
-        outputs.append(
-            (
-                out.read_text(),
-                (run / "folds.csv").read_text(),
-                (run / "models" / "fold_2.safetensors").read_bytes(),
-            )
-        )
-    assert outputs[0] == outputs[1]
 
 
 def test_resume_after_sigkill_gives_the_uninterrupted_result(dataset_dir, tmp_path):

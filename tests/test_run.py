@@ -11,6 +11,7 @@ from faceattr.checkpoints import load_fold_models
 from faceattr.data import load_dataset
 from faceattr.errors import FaceAttrError
 from faceattr.metrics import best_threshold, error_rates
+from faceattr.predict import predict
 from faceattr.run import train_run
 from faceattr.train import TrainConfig
 
@@ -51,16 +52,19 @@ def test_train_run_writes_the_whole_run(trained_run, dataset_dir):
     assert [int(r["fold"]) for r in folds] == [int(r["fold"]) - 1 for r in oof]
 
 
-def test_same_seed_same_weights_on_cpu(dataset_dir, tmp_path):
-    data = load_dataset(dataset_dir)
+def test_same_seed_same_weights_and_labels_on_cpu(dataset_dir, tmp_path):
+    data = load_dataset(dataset_dir, need="any")
     cfg = TrainConfig(folds=2, epochs=1, batch_size=32)
-    a = train_run(data, cfg, tmp_path / "a", torch.device("cpu"))
-    b = train_run(data, cfg, tmp_path / "b", torch.device("cpu"))
+    cpu = torch.device("cpu")
+    a = train_run(data, cfg, tmp_path / "a", cpu)
+    b = train_run(data, cfg, tmp_path / "b", cpu)
     assert a["oof"] == b["oof"]
-    for fold in (1, 2):
-        name = f"models/fold_{fold}.safetensors"
+    for name in ("folds.csv", "oof.csv", "models/fold_1.safetensors", "models/fold_2.safetensors"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
-    assert (tmp_path / "a" / "oof.csv").read_text() == (tmp_path / "b" / "oof.csv").read_text()
+    for run in ("a", "b"):
+        predict(data.test, tmp_path / run / "models", tmp_path / run / "label_val.txt", cpu)
+    labels = [(tmp_path / run / "label_val.txt").read_text() for run in ("a", "b")]
+    assert labels[0] == labels[1] and len(labels[0].split()) == len(data.test)
 
 
 @pytest.mark.parametrize(

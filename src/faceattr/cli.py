@@ -60,9 +60,10 @@ def percent(x: float) -> str:
 
 def cmd_explore(args: argparse.Namespace) -> int:
     from faceattr.data import load_dataset
+
+    data = load_dataset(args.data, need="any")  # a wrong path fails before the heavy imports
     from faceattr.explore import explore, format_summary
 
-    data = load_dataset(args.data, need="any")
     summary = explore(data, args.out, args.workers, cache_dir(args))
     print(format_summary(summary))
     print(f"wrote {Path(args.out) / 'explore.json'} and its pictures")
