@@ -57,8 +57,11 @@ def test_pretrained_errors(tmp_path):
     with pytest.raises(FaceAttrError, match="does not exist"):
         create_model("resnet18", pretrained=tmp_path / "missing.pth")
     torch.save({"something": torch.zeros(3)}, tmp_path / "other.pth")
-    with pytest.raises(FaceAttrError, match="no weights match a ResNet18"):
+    with pytest.raises(FaceAttrError, match="none of its weights fit ResNet18"):
         create_model("resnet18", pretrained=tmp_path / "other.pth")
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
+    with pytest.raises(FaceAttrError, match="none of its weights fit EfficientNet-Lite0"):
+        create_model("efficientnet_lite0", pretrained=tmp_path / "r18.pth")
     (tmp_path / "junk.pth").write_bytes(b"junk")
     with pytest.raises(FaceAttrError, match="cannot read pretrained weights"):
         create_model("resnet18", pretrained=tmp_path / "junk.pth")

@@ -265,7 +265,7 @@ def load_imagenet_weights(net: nn.Module, path: Path, blocks: str, name: str) ->
         if torch.is_tensor(value) and key in own and own[key].shape == value.shape:
             matched[key] = value
     if not any(k.startswith(blocks) for k in matched):
-        raise FaceAttrError(f"{path}: no weights match a {name} (is it a {name} checkpoint?)")
+        raise FaceAttrError(f"{path}: none of its weights fit {name} (is it {name}'s checkpoint?)")
     net.load_state_dict(matched, strict=False)
 
 
