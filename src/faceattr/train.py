@@ -75,9 +75,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     label_smoothing: float = 0.0
     augment: str = "light"  # augmentation policy: none, light (the seed's) or strong
-    ema: float = (
-        0.0  # decay of an exponential moving average of the weights, kept and judged; 0: off
-    )
+    # Decay of an exponential moving average of the weights, the one judged and kept; 0: off.
+    ema: float = 0.0
     workers: int | None = None  # image-decoding processes; None = one per core
     cache: str | None = None  # folder of decoded-image caches; None = decode in memory every time
     compile: bool = False  # torch.compile the training step
