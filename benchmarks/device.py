@@ -40,9 +40,10 @@ WEIGHTS = "efficientnet_lite0-imagenet-fp16.safetensors"
 CARRY_LIMIT = 64 * 2**20  # what one call of the device tool may carry, repository included
 # After `default`, in the order they are worth device time.
 PRIORITY = [
+    "lite0s1-imagenet-15",
     "lite0-imagenet-15",
     "r18-20-onecycle-ema",
-    "lite0-imagenet-25-ema-strong",
+    "lite0s1-imagenet-25-ema-strong",
     "r18-30",
     "r18-20-onecycle-ema-strong",
     "r18-12",

