@@ -1,4 +1,4 @@
-"""The GPU measurements of issues 3 and 4 in one call of the device tool, within a time budget.
+"""The GPU measurements (throughput, recipe search) in one call of the device tool, on a budget.
 
 Here, once: fill the git-ignored .carry/ with what the GPU machine cannot reach (the dataset zip and
 EfficientNet-Lite0's ImageNet weights, its backbone in fp16 so both fit the 64 MiB a call carries):
@@ -7,13 +7,13 @@ EfficientNet-Lite0's ImageNet weights, its backbone in fp16 so both fit the 64 M
 
 There: the device tool's `run` with carry [".carry"] and timeout_s a minute above the budget:
 
-    python3 benchmarks/device.py run --budget 480
+    python3 benchmarks/device.py run --budget 480 [--steps default throughput recipes]
 
 `run` unzips the data, then, in order of need, until the budget is spent:
-  1. the default `train` + `predict` (recipes.py's `default`): the end-to-end time of issue 3, and
-     the run.json and label_val.txt issue 4 commits;
-  2. benchmarks/throughput.py: decode, ceiling, faceattr and baseline for both archs;
-  3. the other recipes of recipes.py, the likeliest winners first.
+  1. default: the default `train` + `predict` (recipes.py's `default`): their end-to-end time, and
+     the run.json and label_val.txt the results commit;
+  2. throughput: benchmarks/throughput.py's decode, ceiling, faceattr and baseline, both archs;
+  3. recipes: the other recipes of recipes.py, the likeliest winners first.
 Everything lands in $OUT: results/ (throughput-<gpu>.jsonl, celeba64.jsonl and .md), runs.tar.gz
 (each recipe's run.json and label_val.txt), nvidia-smi.txt; the device tool brings them back.
 """
@@ -76,8 +76,11 @@ def prepare(zip_path: Path, carry: Path = CARRY) -> None:
         raise SystemExit("too large for one call: leave something out of .carry/")
 
 
-def run(budget: float, out: Path, carry: Path = CARRY) -> None:
-    """Steps 1-3 of the module docstring, each stopped where the budget ends."""
+STEPS = ("default", "throughput", "recipes")
+
+
+def run(budget: float, out: Path, carry: Path = CARRY, steps: tuple[str, ...] = STEPS) -> None:
+    """The `steps` of the module docstring, in its order, each stopped where the budget ends."""
     start = time.monotonic()
 
     def left() -> float:
@@ -107,14 +110,19 @@ def run(budget: float, out: Path, carry: Path = CARRY) -> None:
         except subprocess.TimeoutExpired:
             print("stopped at the end of the budget", flush=True)
 
-    step([*recipes, "--only", "default"])
-    gpu = add_end_to_end(results)
-    if left() > 60:
+    sys.path.insert(0, str(bench))
+    from throughput import device_name
+
+    gpu = device_name(torch.device("cuda")) if torch.cuda.is_available() else "cpu"
+    if "default" in steps:
+        step([*recipes, "--only", "default"])
+        add_end_to_end(results, gpu)
+    if "throughput" in steps and left() > 60:
         throughput = [sys.executable, str(bench / "throughput.py"), "--data", data]
         throughput += ["--measures", "decode", "ceiling", "faceattr", "baseline"]
         throughput += ["--results", str(results / f"throughput-{gpu}.jsonl")]
         step(throughput, with_deadline=False)
-    if left() > 60:
+    if "recipes" in steps and left() > 60:
         step([*recipes, "--only", *PRIORITY])
     shutil.rmtree(unzipped)
     if (out / "runs").exists():
@@ -124,23 +132,19 @@ def run(budget: float, out: Path, carry: Path = CARRY) -> None:
     print(f"[{time.monotonic() - start:5.0f}s] done", flush=True)
 
 
-def add_end_to_end(results: Path) -> str:
+def add_end_to_end(results: Path, name: str) -> None:
     """The default recipe's train + predict times as throughput's end_to_end measure.
 
     recipes.py times them exactly as throughput.py's end_to_end does (the same function, the
-    images already decoded), so the device runs the default recipe once for both issues.
-    Returns the device's short name, which names the throughput file.
+    images already decoded), so the device runs the default recipe once for both benchmarks.
+    `name` is the device's short name, which names the throughput file.
     """
-    sys.path.insert(0, str(Path(__file__).parent))
-    from throughput import device_name
-
-    name = device_name(torch.device("cuda")) if torch.cuda.is_available() else "cpu"
     table = results / "celeba64.jsonl"
     rows = [json.loads(line) for line in table.read_text().splitlines()] if table.exists() else []
     defaults = [r for r in rows if r["recipe"] == "default"]
     if not defaults:
         print("the default recipe did not finish: no end_to_end measure", flush=True)
-        return name
+        return
     row = defaults[-1]
     line = {
         "measure": "end_to_end",
@@ -154,7 +158,6 @@ def add_end_to_end(results: Path) -> str:
     }
     with (results / f"throughput-{name}.jsonl").open("a") as f:
         f.write(json.dumps(line) + "\n")
-    return name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,13 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run")
     r.add_argument("--budget", type=float, default=480, help="seconds for all steps (default 480)")
     r.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/out")))
+    r.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
     for q in (prep, r):
         q.add_argument("--carry", type=Path, default=CARRY, help="default: .carry/")
     args = p.parse_args(argv)
     if args.command == "prepare":
         prepare(args.zip, args.carry)
     else:
-        run(args.budget, args.out, args.carry)
+        run(args.budget, args.out, args.carry, tuple(args.steps))
     return 0
 
 

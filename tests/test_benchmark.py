@@ -148,3 +148,19 @@ def test_device_script_stops_at_its_budget(dataset_dir, tmp_path):
     assert "deadline reached while default ran" in result.stderr
     assert "the default recipe did not finish" in result.stdout
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["results"]  # no data, no runs
+
+
+def test_device_script_reports_the_default_recipe_as_end_to_end(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from device import add_end_to_end
+
+    rows = [
+        {"recipe": "r18-12", "train_seconds": 70.0, "predict_seconds": 3.0},
+        {"recipe": "default", "train_seconds": 90.5, "predict_seconds": 4.5},
+    ]
+    (tmp_path / "celeba64.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    add_end_to_end(tmp_path, "h200")
+    (line,) = [json.loads(x) for x in (tmp_path / "throughput-h200.jsonl").read_text().splitlines()]
+    assert line["measure"] == "end_to_end" and line["device"] == "h200"
+    assert (line["train_seconds"], line["predict_seconds"], line["seconds"]) == (90.5, 4.5, 95.0)
+    assert line["train_args"] == "defaults"
