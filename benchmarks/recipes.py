@@ -70,16 +70,22 @@ def with_weights(args: str, weights: str | None) -> list[str]:
 
 def run_recipe(
     name: str,
-    options: list[str],
+    args: str,
     data: str,
     device: str,
     work: Path,
     keep: Path | None = None,
     timeout: float | None = None,
+    weights: str | None = None,
 ) -> dict:
-    """Train and predict one recipe, and summarise its run.json."""
+    """Train and predict one recipe, and summarise its run.json.
+
+    The row's command is the recipe's own (a bare `--pretrained` stays bare); `weights` says which
+    file stood in for the installed package's.
+    """
     out = work / name
-    timings = end_to_end(data, device, options, work / "cache", out, timeout)
+    options = shlex.split(args)
+    timings = end_to_end(data, device, with_weights(args, weights), work / "cache", out, timeout)
     run = json.loads((out / "run" / "run.json").read_text())
     if keep is not None:
         (keep / name).mkdir(parents=True, exist_ok=True)
@@ -102,6 +108,7 @@ def run_recipe(
         "device": env.get("gpu", env["device"]),
         "torch": env["torch"],
         "command": shlex.join(["faceattr", "train", "DATA", *options]),
+        **({"weights": Path(weights).name} if weights and "--pretrained" in options else {}),
     }
 
 
@@ -168,9 +175,8 @@ def main(argv: list[str] | None = None) -> int:
                 break
             try:
                 row = run_recipe(
-                    name, with_weights(options, args.weights), args.data, args.device, work,
-                    args.keep, left,
-                )  # fmt: skip
+                    name, options, args.data, args.device, work, args.keep, left, args.weights
+                )
             except subprocess.TimeoutExpired:
                 print(f"deadline reached while {name} ran: stopped, not tabulated", file=sys.stderr)
                 break

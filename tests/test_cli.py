@@ -241,3 +241,17 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     assert len(read_lines(tmp_path / "demo" / "label_val.txt")) == 60
     assert (tmp_path / "demo" / "run" / "run.json").exists()
     assert (tmp_path / "demo" / "explore" / "samples.png").exists()
+
+
+def test_pretrained_alone_means_the_installed_imagenet_weights():
+    from faceattr.cli import build_parser
+
+    def parse(*words):
+        return build_parser().parse_args(["train", "data.zip", *words])
+
+    assert parse().pretrained is None
+    assert parse("--pretrained").pretrained == "imagenet"
+    assert parse("--pretrained", "--epochs", "3").pretrained == "imagenet"
+    assert parse("--pretrained", "w.safetensors").pretrained == "w.safetensors"
+    args = parse("--arch", "efficientnet_lite0", "--ema", "0.999", "--augment", "strong")
+    assert (args.arch, args.ema, args.augment) == ("efficientnet_lite0", 0.999, "strong")
