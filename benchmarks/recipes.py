@@ -120,7 +120,7 @@ def markdown(rows: list[dict], title: str) -> str:
         "Out-of-fold HTER on the training images (threshold chosen on the out-of-fold scores; "
         "nested: each fold's threshold chosen on the other folds), with its 95 % bootstrap "
         "interval. Written by `benchmarks/recipes.py`; every row is reproduced by its command, "
-        "then `faceattr predict DATA --run RUN` (predict s: scoring the 7,476 test images with "
+        "then `faceattr predict DATA --run RUN` (predict s: scoring the test images with "
         "the fold models), both with the images already decoded.",
         "",
         "| recipe | OOF HTER | 95 % CI | nested | EER | AUC | arch | epochs | train s | predict s "
