@@ -13,10 +13,10 @@ from faceattr.data import load_dataset
 from faceattr.decode import decode_images
 from faceattr.ensemble import ensemble_scores
 from faceattr.export import OnnxEnsemble, export_onnx
-from faceattr.models import create_model
+from faceattr.models import MODELS, create_model
 
 
-@pytest.mark.parametrize("arch", ["simple", "resnet18"])
+@pytest.mark.parametrize("arch", sorted(MODELS))
 def test_onnx_scores_equal_pytorch_scores(arch, dataset_dir, tmp_path):
     torch.manual_seed(0)
     models = []

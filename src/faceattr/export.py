@@ -25,7 +25,7 @@ PREPROCESSING = {
     "dtype": "float32",
     "channels": "RGB",
     "size": 64,
-    "range": "pixel values / 255, in [0, 1]; the graph normalises with ImageNet mean and std",
+    "range": "pixel values / 255, in [0, 1]; the graph normalises them itself",
     "resize": "other sizes: centre-crop to a square, then bicubic resize to 64x64",
     "output": "logits: log-odds of label 1, one per image; probability = sigmoid(logit)",
     "tta": "when true, also score the image mirrored left-right and average the probabilities",
