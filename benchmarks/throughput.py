@@ -44,7 +44,7 @@ from faceattr.ensemble import ensemble_scores, inference_batch_size
 from faceattr.export import OnnxEnsemble, export_onnx
 from faceattr.models import create_model, for_inference
 from faceattr.runtime import resolve_device
-from faceattr.train import TrainConfig, class_weights, train_fold, train_step
+from faceattr.train import TrainConfig, class_weights, images_per_epoch, train_fold, train_step
 
 RESULTS = Path(__file__).resolve().parent / "results"
 INFERENCE_BATCH = inference_batch_size(torch.device("cpu"))  # as `faceattr predict` scores
@@ -120,7 +120,7 @@ def faceattr_loop(
     model = create_model(arch).to(device).to(memory_format=torch.channels_last)
     result = train_fold(model, images, labels_t, train_idx, val_idx, cfg, fold=1)
     timed = result.history[1:] or result.history
-    per_epoch = len(train_idx) // batch * batch if compiled else len(train_idx)
+    per_epoch = images_per_epoch(len(train_idx), batch, compiled)
     return per_epoch * len(timed) / sum(r["train_seconds"] for r in timed)
 
 

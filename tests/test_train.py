@@ -11,6 +11,7 @@ from faceattr.models import create_model
 from faceattr.train import (
     TrainConfig,
     class_weights,
+    images_per_epoch,
     lr_factor,
     train_fold,
     weighted_bce,
@@ -108,3 +109,10 @@ def test_an_interrupted_fold_resumes_to_the_uninterrupted_result(tmp_path, monke
     assert [{k: v for k, v in r.items() if k not in drop} for r in resumed.history] == [
         {k: v for k, v in r.items() if k not in drop} for r in whole.history
     ]
+
+
+def test_images_per_epoch_trims_as_the_loop_does():
+    assert images_per_epoch(100, 32, compiled=False) == 100
+    assert images_per_epoch(97, 32, compiled=False) == 96  # no batch of one for BatchNorm
+    assert images_per_epoch(100, 32, compiled=True) == 96  # compiled: whole batches only
+    assert images_per_epoch(101, 32, compiled=False, world=2) == 50

@@ -389,11 +389,14 @@ def train_fold(
     return FoldResult(fold, best_epoch, best_state, best_scores, history, seconds)
 
 
-def _steps_per_epoch(n: int, batch: int, cfg: TrainConfig, world: int) -> int:
-    """Optimiser steps in one epoch of `n` training images, trimmed as the loop trims them."""
+def images_per_epoch(n: int, batch: int, compiled: bool, world: int = 1) -> int:
+    """Images one process trains on per epoch of `n`, trimmed as the loop trims them."""
     n = n // world
-    if cfg.compile:
+    if compiled:
         n = n // batch * batch
-    if n % batch == 1:
-        n -= 1
-    return max(1, math.ceil(n / batch))
+    return n - 1 if n % batch == 1 else n
+
+
+def _steps_per_epoch(n: int, batch: int, cfg: TrainConfig, world: int) -> int:
+    """Optimiser steps in one epoch of `n` training images."""
+    return max(1, math.ceil(images_per_epoch(n, batch, cfg.compile, world) / batch))
