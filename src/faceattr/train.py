@@ -243,7 +243,7 @@ def train_fold(
     net = model
     if parallel:
         net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    # Compiled, the step sees one batch shape only (a remainder batch is dropped): no recompiles.
+    # Compiled, the step sees one batch shape only (see images_per_epoch): no recompiles.
     step_model = torch.compile(net) if cfg.compile else net
 
     best_hter, best_epoch, best_state, best_scores = math.inf, 0, {}, np.empty(0)
@@ -279,10 +279,7 @@ def train_fold(
         order = train_t[torch.randperm(len(train_t), generator=order_gen).to(device)]
         if parallel:  # the same order on every rank; each takes every world-th image
             order = order[: len(order) // ranks.world * ranks.world][ranks.rank :: ranks.world]
-        if cfg.compile:
-            order = order[: len(order) // batch * batch]
-        if len(order) % batch == 1:  # BatchNorm cannot train on a batch of one image
-            order = order[:-1]
+        order = order[: images_per_epoch(len(order), batch, cfg.compile)]
         loss_sum = torch.zeros((), device=device)
         first_bad = torch.full((), -1, device=device)  # first step whose loss was not finite
         predicted = torch.empty(len(order), dtype=torch.bool, device=device)
@@ -390,7 +387,11 @@ def train_fold(
 
 
 def images_per_epoch(n: int, batch: int, compiled: bool, world: int = 1) -> int:
-    """Images one process trains on per epoch of `n`, trimmed as the loop trims them."""
+    """Images one of `world` processes trains on per epoch of `n`.
+
+    Compiled, the step sees one batch shape only, so a remainder batch is dropped; and BatchNorm
+    cannot train on a batch of one image, so such a remainder loses its image.
+    """
     n = n // world
     if compiled:
         n = n // batch * batch
