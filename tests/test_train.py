@@ -10,6 +10,7 @@ from faceattr.metrics import error_rates
 from faceattr.models import create_model
 from faceattr.train import (
     TrainConfig,
+    WeightAverage,
     class_weights,
     images_per_epoch,
     lr_factor,
@@ -116,3 +117,27 @@ def test_images_per_epoch_trims_as_the_loop_does():
     assert images_per_epoch(97, 32, compiled=False) == 96  # no batch of one for BatchNorm
     assert images_per_epoch(100, 32, compiled=True) == 96  # compiled: whole batches only
     assert images_per_epoch(101, 32, compiled=False, world=2) == 50
+
+
+def test_weight_average_warms_up_then_decays_slowly():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.BatchNorm1d(1))
+    torch.nn.init.zeros_(model[0].weight)
+    average = WeightAverage(model, decay=0.999)
+    for t in (1, 2):
+        torch.nn.init.constant_(model[0].weight, float(t))
+        model[1].num_batches_tracked += 1
+        before = average.module[0].weight.clone()
+        average.update(model)
+        decay = (1 + t) / (10 + t)  # warm-up: far below 0.999 at first
+        expected = decay * before + (1 - decay) * t
+        assert torch.allclose(average.module[0].weight, expected)
+    assert average.module[1].num_batches_tracked == 2  # counters are copied, not averaged
+    state = average.state_dict()
+    again = WeightAverage(model, decay=0.999)
+    again.load_state_dict(state)
+    assert again.updates == 2 and torch.equal(again.module[0].weight, average.module[0].weight)
+    average.updates = 10_000  # later the decay is the one asked for
+    before = average.module[0].weight.clone()
+    torch.nn.init.constant_(model[0].weight, 100.0)
+    average.update(model)
+    assert torch.allclose(average.module[0].weight, 0.999 * before + 0.001 * 100.0)

@@ -286,7 +286,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
         default=0.0,
         metavar="DECAY",
         help="validate and keep a moving average of the weights, updated every step with this "
-        "decay (e.g. 0.999); 0: off (default)",
+        "decay (e.g. 0.999), after a short warm-up; 0: off (default)",
     )
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0, help="seed for folds, weights and augmentation")
