@@ -48,7 +48,7 @@ def test_without_shift_or_rotation_it_only_flips():
 
 def test_strong_policy_zooms_by_at_most_ten_percent():
     theta = random_affine(
-        10_000, torch.Generator().manual_seed(0), torch.device("cpu"), max_zoom=0.1
+        10_000, torch.Generator().manual_seed(0), torch.device("cpu"), POLICIES["strong"]
     )
     scale = theta[:, :, :2].det().abs().sqrt()  # output-to-input: 1 / zoom
     assert scale.min() >= 1 / 1.1 - 1e-5 and scale.max() <= 1 / 0.9 + 1e-5

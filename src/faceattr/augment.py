@@ -9,7 +9,7 @@ per-image Python work, so it costs next to nothing beside the model on a GPU.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -40,25 +40,20 @@ def _uniform(n: int, generator: torch.Generator, device: torch.device, low: floa
 
 
 def random_affine(
-    n: int,
-    generator: torch.Generator,
-    device: torch.device,
-    max_shift: float = 4 / 64,
-    max_degrees: float = 5.0,
-    flip: bool = True,
-    max_zoom: float = 0.0,
+    n: int, generator: torch.Generator, device: torch.device, policy: Policy = POLICIES["light"]
 ) -> torch.Tensor:
     """(n, 2, 3) affine matrices for `affine_grid`: flip, then rotate and zoom, then shift."""
 
     def uniform(low: float, high: float) -> torch.Tensor:
         return _uniform(n, generator, device, low, high)
 
-    angle = uniform(-max_degrees, max_degrees) * (math.pi / 180)
+    shift, zoom_range, ones = policy.max_shift, policy.max_zoom, torch.ones(n, device=device)
+    angle = uniform(-policy.max_degrees, policy.max_degrees) * (math.pi / 180)
     # affine_grid's coordinates span [-1, 1], so a shift of s image sides is 2s there.
-    tx, ty = uniform(-2 * max_shift, 2 * max_shift), uniform(-2 * max_shift, 2 * max_shift)
-    sign = torch.where(uniform(0, 1) < 0.5, -1.0, 1.0) if flip else torch.ones(n, device=device)
+    tx, ty = uniform(-2 * shift, 2 * shift), uniform(-2 * shift, 2 * shift)
+    sign = torch.where(uniform(0, 1) < 0.5, -1.0, 1.0) if policy.flip else ones
     # The matrix maps output to input coordinates: dividing by the zoom enlarges the face.
-    zoom = 1 / uniform(1 - max_zoom, 1 + max_zoom) if max_zoom else torch.ones(n, device=device)
+    zoom = 1 / uniform(1 - zoom_range, 1 + zoom_range) if zoom_range else ones
     cos, sin = torch.cos(angle) * zoom, torch.sin(angle) * zoom
     row0 = torch.stack([cos * sign, -sin, tx], dim=1)
     row1 = torch.stack([sin * sign, cos, ty], dim=1)
@@ -108,18 +103,12 @@ def augment(
     the border (`padding_mode='border'`) rather than black, which would be a cue the model could
     learn.
     """
-    policy = Policy(**{**vars(policy or POLICIES["light"]), **kwargs})
+    policy = policy or POLICIES["light"]
+    if kwargs:
+        policy = replace(policy, **kwargs)
     if policy == POLICIES["none"]:
         return x
-    theta = random_affine(
-        x.shape[0],
-        generator,
-        x.device,
-        policy.max_shift,
-        policy.max_degrees,
-        policy.flip,
-        policy.max_zoom,
-    ).to(x.dtype)
+    theta = random_affine(x.shape[0], generator, x.device, policy).to(x.dtype)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     if policy.jitter:
