@@ -127,7 +127,7 @@ def test_weight_average_warms_up_then_decays_slowly():
         torch.nn.init.constant_(model[0].weight, float(t))
         model[1].num_batches_tracked += 1
         before = average.module[0].weight.clone()
-        average.update(model)
+        average.update()
         decay = (1 + t) / (10 + t)  # warm-up: far below 0.999 at first
         expected = decay * before + (1 - decay) * t
         assert torch.allclose(average.module[0].weight, expected)
@@ -139,5 +139,5 @@ def test_weight_average_warms_up_then_decays_slowly():
     average.updates = 10_000  # later the decay is the one asked for
     before = average.module[0].weight.clone()
     torch.nn.init.constant_(model[0].weight, 100.0)
-    average.update(model)
+    average.update()
     assert torch.allclose(average.module[0].weight, 0.999 * before + 0.001 * 100.0)

@@ -185,22 +185,23 @@ class WeightAverage:
     def __init__(self, model: nn.Module, decay: float):
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay, self.updates = decay, 0
+        # Both state dicts hold the live tensors (updated in place by the optimiser and by
+        # load_state_dict), so the pairs are found once, not on every step.
+        pairs = list(
+            zip(self.module.state_dict().values(), model.state_dict().values(), strict=True)
+        )
+        self._floats = [pair for pair in pairs if pair[0].is_floating_point()]
+        self._counters = [pair for pair in pairs if not pair[0].is_floating_point()]
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self) -> None:
+        """Move the average towards the model's current weights (after an optimiser step)."""
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        pairs = [
-            (mine, theirs)
-            for mine, theirs in zip(
-                self.module.state_dict().values(), model.state_dict().values(), strict=True
-            )
-        ]
-        floats = [(a, b) for a, b in pairs if a.is_floating_point()]
-        torch._foreach_lerp_([a for a, _ in floats], [b for _, b in floats], 1 - decay)
-        for a, b in pairs:  # counters such as BatchNorm's num_batches_tracked
-            if not a.is_floating_point():
-                a.copy_(b)
+        mine, theirs = [a for a, _ in self._floats], [b for _, b in self._floats]
+        torch._foreach_lerp_(mine, theirs, 1 - decay)
+        for a, b in self._counters:  # such as BatchNorm's num_batches_tracked: copied
+            a.copy_(b)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {**self.module.state_dict(), "updates": torch.tensor(self.updates)}
@@ -321,7 +322,7 @@ def train_fold(
             )
             scheduler.step()
             if ema is not None:
-                ema.update(model)
+                ema.update()
             # Checked on the device and read once per epoch: no host sync in the loop.
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
             loss_sum += loss * len(idx)
