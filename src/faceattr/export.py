@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from faceattr.checkpoints import fold_files, load_ensemble_settings, load_fold_models
+from faceattr.ensemble import inference_batch_size
 from faceattr.errors import FaceAttrError
 from faceattr.outputs import atomic_path, ensure_writable_dir, write_json
 
@@ -80,8 +81,11 @@ class OnnxEnsemble:
         self.sessions = [ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
                          for _, p in files]  # fmt: skip
 
-    def scores(self, images: np.ndarray, batch_size: int = 64, tta: bool = False) -> np.ndarray:
+    def scores(
+        self, images: np.ndarray, batch_size: int | None = None, tta: bool = False
+    ) -> np.ndarray:
         """Probability of label 1 from every model for uint8 (N, 64, 64, 3) images: (models, N)."""
+        batch_size = batch_size or inference_batch_size(torch.device("cpu"))
         out = np.empty((len(self.sessions), len(images)))
         for start in range(0, len(images), batch_size):
             x = np.ascontiguousarray(
