@@ -1,8 +1,16 @@
 import math
 
+import pytest
 import torch
 
-from faceattr.augment import POLICIES, augment, color_jitter, random_affine, random_erase
+from faceattr.augment import (
+    POLICIES,
+    augment,
+    color_jitter,
+    mix,
+    random_affine,
+    random_erase,
+)
 
 
 def test_shape_dtype_and_range_are_kept():
@@ -90,3 +98,45 @@ def test_policies():
     strong = augment(x, torch.Generator().manual_seed(3), POLICIES["strong"])
     assert strong.shape == x.shape and strong.min() >= 0 and strong.max() <= 1
     assert not torch.allclose(strong, light)
+
+
+def test_mixup_blends_each_image_with_its_partner_by_its_own_share():
+    torch.manual_seed(0)
+    x, y = torch.rand(9, 3, 8, 8), torch.tensor([0, 1, 1, 1, 0, 1, 1, 1, 1])
+    mixed, y_partner, lam = mix(x, y, torch.Generator().manual_seed(0), "mixup", 0.4)
+    assert torch.equal(y_partner, y.flip(0))  # partners: the batch reversed
+    assert lam.shape == (9,) and (lam >= 0.5).all() and (lam <= 1).all()
+    assert len(set(lam.tolist())) == 9  # a share per image
+    share = lam.view(9, 1, 1, 1)
+    assert torch.allclose(mixed, share * x + (1 - share) * x.flip(0), atol=1e-6)
+
+
+def test_cutmix_pastes_one_box_of_the_partner_covering_one_minus_lam():
+    torch.manual_seed(0)
+    x = torch.arange(64, dtype=torch.float).view(64, 1, 1, 1).expand(64, 3, 32, 32)
+    y = torch.arange(64) % 2
+    mixed, y_partner, lam = mix(x, y, torch.Generator().manual_seed(0), "cutmix", 1.0)
+    assert torch.equal(y_partner, y.flip(0)) and (lam >= 0.5).all()
+    pasted = mixed != x  # each image is a constant: its partner's pixels differ
+    for i in range(64):
+        assert pasted[i].all(0).eq(pasted[i].any(0)).all()  # whole pixels: all channels
+        rows, cols = pasted[i][0].nonzero(as_tuple=True)
+        own = 1 - pasted[i][0].float().mean()
+        assert own.item() == pytest.approx(lam[i].item())
+        if len(rows):  # a rectangle
+            box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+            assert pasted[i][0].sum() == box
+            assert (mixed[i][:, rows, cols] == 63 - i).all()
+    assert (lam < 1).float().mean() > 0.9  # nearly every image got a box
+    assert lam.min() < 0.6  # and some boxes cover nearly half of it
+
+
+def test_mixing_shares_are_reproducible_from_the_seeds():
+    x, y = torch.rand(8, 3, 16, 16), torch.zeros(8, dtype=torch.long)
+
+    def run():
+        torch.manual_seed(5)
+        return mix(x, y, torch.Generator().manual_seed(5), "cutmix", 0.2)
+
+    first, second = run(), run()
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))

@@ -255,3 +255,5 @@ def test_pretrained_alone_means_the_installed_imagenet_weights():
     assert parse("--pretrained", "w.safetensors").pretrained == "w.safetensors"
     args = parse("--arch", "efficientnet_lite0", "--ema", "0.999", "--augment", "strong")
     assert (args.arch, args.ema, args.augment) == ("efficientnet_lite0", 0.999, "strong")
+    args = parse("--mix", "cutmix", "--mix-alpha", "1")
+    assert (args.mix, args.mix_alpha) == ("cutmix", 1.0)

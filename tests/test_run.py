@@ -73,9 +73,11 @@ def test_same_seed_same_weights_and_labels_on_cpu(dataset_dir, tmp_path):
         ({"epochs": 0}, "--epochs must be at least 1"),
         ({"batch_size": 1}, "--batch-size"),
         ({"step": 0}, "--step"),
-        ({"lr": 0.0}, "--lr and --gamma must be positive"),
+        ({"lr": 0.0}, "--lr, --gamma and --mix-alpha must be positive"),
+        ({"mix_alpha": 0.0}, "--mix-alpha must be positive"),
         ({"ema": 1.0}, "--ema must be in"),
         ({"augment": "heavy"}, "--augment 'heavy'"),
+        ({"mix": "blend"}, "--mix 'blend'"),
     ],
 )
 def test_impossible_settings_are_rejected_before_any_work(change, message, dataset_dir, tmp_path):
@@ -98,7 +100,13 @@ def test_compiled_training_saves_plain_weights(dataset_dir, tmp_path):
     "recipe",
     [
         {"optimizer": "adamw", "schedule": "cosine", "label_smoothing": 0.1},
-        {"optimizer": "sgd", "schedule": "onecycle", "augment": "strong", "ema": 0.9},
+        {
+            "optimizer": "sgd",
+            "schedule": "onecycle",
+            "augment": "strong",
+            "ema": 0.9,
+            "mix": "cutmix",
+        },
         {"arch": "efficientnet_lite0", "pretrained": "imagenet", "schedule": "cosine"},
     ],
 )

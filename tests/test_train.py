@@ -59,6 +59,30 @@ def test_label_smoothing_pulls_targets_to_the_middle():
     assert weighted_bce(logits, y, w, smoothing=0.2) > 0.5  # confident answers now cost
 
 
+def test_mixed_loss_weighs_both_labels_by_their_shares():
+    logits, y, w = torch.tensor([2.0, -1.0]), torch.tensor([1, 0]), torch.tensor([3.0, 1.0])
+    partner, lam = torch.tensor([0, 1]), torch.tensor([0.7, 0.9])
+    mixed = weighted_bce(logits, y, w, mixed=(partner, lam))
+    own = torch.nn.functional.binary_cross_entropy_with_logits(logits, y.float(), reduction="none")
+    other = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, partner.float(), reduction="none"
+    )
+    expected = (lam * own * w[y] + (1 - lam) * other * w[partner]).mean()
+    assert mixed.item() == pytest.approx(expected.item())
+    assert weighted_bce(logits, y, w, mixed=(partner, torch.ones(2))) == weighted_bce(logits, y, w)
+
+
+@pytest.mark.parametrize("kind", ["mixup", "cutmix"])
+def test_a_fold_still_learns_with_mixed_images(kind):
+    images, labels = easy_data()
+    torch.manual_seed(0)
+    cfg = TrainConfig(epochs=4, batch_size=16, mix=kind, mix_alpha=0.4)
+    result = train_fold(
+        create_model("simple"), images, labels, np.arange(64), np.arange(64, 96), cfg, 1
+    )
+    assert min(r["val_hter"] for r in result.history) <= 0.1
+
+
 def easy_data(n: int = 96) -> tuple[torch.Tensor, torch.Tensor]:
     """Bright images are label 1, dark ones label 0 (a quarter of them)."""
     g = torch.Generator().manual_seed(0)
@@ -82,7 +106,8 @@ def test_ema_keeps_and_judges_the_averaged_weights():
 
 def test_an_interrupted_fold_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
     images, labels = easy_data()
-    cfg = TrainConfig(epochs=3, batch_size=16, ema=0.9, schedule="onecycle")
+    # mixup draws its shares from the global generator: the saved state must restore it too.
+    cfg = TrainConfig(epochs=3, batch_size=16, ema=0.9, schedule="onecycle", mix="mixup")
     split = np.arange(64), np.arange(64, 96)
 
     def fold(checkpoint):

@@ -3,7 +3,8 @@
 Each image gets its own random shift, rotation (at most 5 degrees), horizontal flip and, in the
 `strong` policy, zoom, folded into one affine transform and applied by a single `grid_sample`;
 `strong` then jitters brightness, contrast and saturation and erases a small patch per image. No
-per-image Python work, so it costs next to nothing beside the model on a GPU.
+per-image Python work, so it costs next to nothing beside the model on a GPU. `mix` (mixup or
+cutmix, off by default) then blends pairs of images and, through the loss, their labels.
 """
 
 from __future__ import annotations
@@ -116,3 +117,45 @@ def augment(
     if policy.erase:
         x = random_erase(x, generator, policy.erase)
     return x
+
+
+MIXES = ("none", "mixup", "cutmix")
+
+
+def mix(
+    x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, kind: str, alpha: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mix each image of a batch with its partner in the reversed batch (mixup or cutmix).
+
+    Returns the mixed images, the partners' labels and `lam`, each image's own share (>= 0.5, so
+    that its own label dominates): the loss weighs the two labels by `lam` and `1 - lam`.
+    mixup blends the whole images; cutmix pastes a box of the partner covering `1 - lam` of the
+    image. The shares are drawn per image from Beta(alpha, alpha) with the global generator
+    (torch.distributions takes no other); the cutmix boxes' places with `generator`.
+    """
+    n, _, h, w = x.shape
+    partner, y_partner = x.flip(0), y.flip(0)
+    concentration = torch.tensor(float(alpha), device=x.device)
+    lam = torch.distributions.Beta(concentration, concentration).sample((n,))
+    lam = torch.maximum(lam, 1 - lam)
+    if kind == "mixup":
+        share = lam.to(x.dtype).view(n, 1, 1, 1)
+        return torch.lerp(partner, x, share), y_partner, lam
+    if kind != "cutmix":
+        raise ValueError(f"unknown mix {kind!r}")
+    # A box of sides sqrt(1 - lam) times the image's, centred anywhere, cut at the border; whole
+    # pixels, so that `lam` is then exactly the share of the image's own pixels.
+    side = (1 - lam).sqrt()
+    cy, cx = _uniform(n, generator, x.device, 0, h), _uniform(n, generator, x.device, 0, w)
+    top, bottom = (cy - side * h / 2).clamp(0, h).round(), (cy + side * h / 2).clamp(0, h).round()
+    left, right = (cx - side * w / 2).clamp(0, w).round(), (cx + side * w / 2).clamp(0, w).round()
+    rows = torch.arange(h, device=x.device).view(1, h, 1)
+    cols = torch.arange(w, device=x.device).view(1, 1, w)
+    inside = (
+        (rows >= top.view(n, 1, 1))
+        & (rows < bottom.view(n, 1, 1))
+        & (cols >= left.view(n, 1, 1))
+        & (cols < right.view(n, 1, 1))
+    )
+    lam = 1 - (bottom - top) * (right - left) / (h * w)
+    return torch.where(inside.unsqueeze(1), partner, x), y_partner, lam

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 import faceattr
-from faceattr.augment import POLICIES
+from faceattr.augment import MIXES, POLICIES
 from faceattr.errors import FaceAttrError
 from faceattr.models import IMAGENET, MODELS
 
@@ -105,6 +105,8 @@ def run_train(dataset, args: argparse.Namespace) -> int:
         label_smoothing=args.label_smoothing,
         ema=args.ema,
         augment=args.augment,
+        mix=args.mix,
+        mix_alpha=args.mix_alpha,
     )
     log.info("training %s, %d folds x %d epochs on %s", cfg.arch, cfg.folds, cfg.epochs, device)
     try:
@@ -279,6 +281,14 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
         default="light",
         help="light: shifts, rotations up to 5 degrees, mirror images (default); strong adds "
         "zoom, colour jitter and small erased patches",
+    )
+    p.add_argument("--mix", choices=MIXES, default="none", help="mixup or cutmix (default none)")
+    p.add_argument(
+        "--mix-alpha",
+        type=float,
+        default=0.2,
+        help="mixing shares drawn from Beta(alpha, alpha), each image keeping the larger (default "
+        "0.2)",
     )
     p.add_argument(
         "--ema",

@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from faceattr import progress
-from faceattr.augment import POLICIES, augment
+from faceattr.augment import MIXES, POLICIES, augment, mix
 from faceattr.batches import DeviceImages
 from faceattr.checkpoints import (
     flatten_optimizer,
@@ -75,6 +75,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     label_smoothing: float = 0.0
     augment: str = "light"  # augmentation policy: none, light (the seed's) or strong
+    mix: str = "none"  # none, mixup or cutmix: blend pairs of training images and their labels
+    mix_alpha: float = 0.2  # the mixing shares are drawn from Beta(mix_alpha, mix_alpha)
     # Decay of an exponential moving average of the weights, the one judged and kept; 0: off.
     ema: float = 0.0
     workers: int | None = None  # image-decoding processes; None = one per core
@@ -96,18 +98,20 @@ class TrainConfig:
             self.optimizer not in OPTIMIZERS
             or self.schedule not in SCHEDULES
             or self.augment not in POLICIES
+            or self.mix not in MIXES
         ):
             raise FaceAttrError(
-                f"unknown --optimizer {self.optimizer!r}, --schedule {self.schedule!r} or "
-                f"--augment {self.augment!r}"
+                f"unknown --optimizer {self.optimizer!r}, --schedule {self.schedule!r}, "
+                f"--augment {self.augment!r} or --mix {self.mix!r}"
             )
         if not 0 <= self.label_smoothing < 1 or self.weight_decay < 0 or not 0 <= self.ema < 1:
             raise FaceAttrError(
                 "--label-smoothing and --ema must be in [0, 1), --weight-decay >= 0"
             )
-        if not (self.lr > 0 and self.gamma > 0):
+        if not (self.lr > 0 and self.gamma > 0 and self.mix_alpha > 0):
             raise FaceAttrError(
-                f"--lr and --gamma must be positive, got {self.lr} and {self.gamma}"
+                f"--lr, --gamma and --mix-alpha must be positive, got {self.lr}, {self.gamma} "
+                f"and {self.mix_alpha}"
             )
 
 
@@ -130,15 +134,28 @@ def class_weights(labels: torch.Tensor) -> torch.Tensor:
 
 
 def weighted_bce(
-    logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, smoothing: float = 0.0
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    weights: torch.Tensor,
+    smoothing: float = 0.0,
+    mixed: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Binary cross-entropy with each example weighted by its class weight.
 
     `smoothing` pulls the targets towards 0.5 (label smoothing): a hedge against noisy labels.
+    `mixed` = (partner labels, lam) for mixed images (see `augment.mix`): each image's loss is
+    then lam times that for its own label plus 1 - lam times that for its partner's.
     """
-    target = y.float() * (1 - smoothing) + 0.5 * smoothing
-    loss = F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none")
-    return (loss * weights[y.long()]).mean()
+
+    def loss(labels: torch.Tensor) -> torch.Tensor:
+        target = labels.float() * (1 - smoothing) + 0.5 * smoothing
+        bce = F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none")
+        return bce * weights[labels.long()]
+
+    if mixed is None:
+        return loss(y).mean()
+    partner, lam = mixed
+    return (lam * loss(y) + (1 - lam) * loss(partner)).mean()
 
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -218,11 +235,12 @@ def train_step(
     y: torch.Tensor,
     weights: torch.Tensor,
     smoothing: float = 0.0,
+    mixed: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimiser step on a batch (bf16 autocast on CUDA); returns the loss and the logits."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
         logits = model(x)
-    loss = weighted_bce(logits, y, weights, smoothing)
+    loss = weighted_bce(logits, y, weights, smoothing, mixed)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -316,9 +334,13 @@ def train_fold(
         shown = progress.bar(len(order), f"fold {fold} epoch {epoch}/{cfg.epochs}")
         for step, s in enumerate(range(0, len(order), batch), start=1):
             idx = order[s : s + batch]
-            x = augment(to_model_input(images[idx]), gen, POLICIES[cfg.augment])
+            x, y = augment(to_model_input(images[idx]), gen, POLICIES[cfg.augment]), labels[idx]
+            mixed = None
+            if cfg.mix != "none":  # train error rates stay against each image's own label
+                x, y_partner, lam = mix(x, y, gen, cfg.mix, cfg.mix_alpha)
+                mixed = (y_partner, lam)
             loss, logits = train_step(
-                step_model, optimizer, x, labels[idx], weights, cfg.label_smoothing
+                step_model, optimizer, x, y, weights, cfg.label_smoothing, mixed
             )
             scheduler.step()
             if ema is not None:
