@@ -135,8 +135,9 @@ def mix(
     """
     n, _, h, w = x.shape
     partner, y_partner = x.flip(0), y.flip(0)
-    concentration = torch.tensor(float(alpha), device=x.device)
-    lam = torch.distributions.Beta(concentration, concentration).sample((n,))
+    # A fill, not a copy from the host, and no argument check (its .all() would wait for the GPU).
+    concentration = torch.full((n,), float(alpha), device=x.device)
+    lam = torch.distributions.Beta(concentration, concentration, validate_args=False).sample()
     lam = torch.maximum(lam, 1 - lam)
     if kind == "mixup":
         share = lam.to(x.dtype).view(n, 1, 1, 1)
