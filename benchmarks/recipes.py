@@ -47,6 +47,12 @@ RECIPES = {
     "--lr 0.003 --weight-decay 0.05 --ema 0.999",
     "r18-20-onecycle-ema-strong": "--arch resnet18 --epochs 20 --optimizer adamw --schedule "
     "onecycle --lr 0.003 --weight-decay 0.05 --ema 0.999 --augment strong",
+    "r18-20-onecycle-ema-mixup": "--arch resnet18 --epochs 20 --optimizer adamw --schedule "
+    "onecycle --lr 0.003 --weight-decay 0.05 --ema 0.999 --mix mixup --mix-alpha 0.2",
+    "r18-20-onecycle-ema-cutmix": "--arch resnet18 --epochs 20 --optimizer adamw --schedule "
+    "onecycle --lr 0.003 --weight-decay 0.05 --ema 0.999 --mix cutmix --mix-alpha 1",
+    "r34-20-onecycle-ema": "--arch resnet34 --epochs 20 --optimizer adamw --schedule onecycle "
+    "--lr 0.003 --weight-decay 0.05 --ema 0.999",
     "r18-12-adamw-cosine": "--arch resnet18 --epochs 12 --optimizer adamw --schedule cosine "
     "--lr 0.002 --weight-decay 0.05",
     "r18-12-onecycle-smooth": "--arch resnet18 --epochs 12 --optimizer adamw --schedule onecycle "

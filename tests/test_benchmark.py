@@ -94,6 +94,21 @@ def test_recipes_point_a_bare_pretrained_at_the_weights_file():
     assert RECIPES["default"] == ""
 
 
+def test_every_recipe_is_a_valid_train_command_and_the_device_runs_known_ones():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from device import PRIORITY
+    from recipes import RECIPES, with_weights
+
+    from faceattr.cli import build_parser, train_config
+
+    cuda = torch.device("cuda")  # where they run: resnet18 is the default there
+    for args in RECIPES.values():  # a typo would otherwise cost a GPU session
+        parsed = build_parser().parse_args(["train", "d.zip", *with_weights(args, "w")])
+        train_config(parsed, cuda).check()
+    assert train_config(build_parser().parse_args(["train", "d.zip"]), cuda).arch == "resnet18"
+    assert set(PRIORITY) <= set(RECIPES)
+
+
 def test_recipe_table_marks_the_default():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from recipes import markdown

@@ -28,8 +28,12 @@ def test_every_model_gives_one_logit_per_image(name):
     assert torch.isfinite(out).all()
 
 
-def test_resnet18_keeps_64x64_resolution_in_its_first_stage():
-    net = create_model("resnet18").net
+@pytest.mark.parametrize(
+    ("name", "parameters"), [("resnet18", 11_169_345), ("resnet34", 21_277_505)]
+)
+def test_resnets_keep_64x64_resolution_in_their_first_stage(name, parameters):
+    net = create_model(name).net
+    assert count_parameters(net) == parameters
     assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
     assert isinstance(net.maxpool, torch.nn.Identity)
     seen = []
@@ -86,8 +90,8 @@ def test_efficientnet_lite0_loads_the_packaged_imagenet_weights():
 
 def test_pretrained_without_a_file_never_downloads(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    with pytest.raises(FaceAttrError, match=r"no ImageNet ResNet18 weights at .*--pretrained FILE"):
-        create_model("resnet18", pretrained="imagenet")
+    with pytest.raises(FaceAttrError, match=r"no ImageNet resnet34 weights at .*--pretrained FILE"):
+        create_model("resnet34", pretrained="imagenet")
     (tmp_path / "checkpoints").mkdir()
     torch.save(torchvision.models.resnet18(weights=None).state_dict(),
                tmp_path / "checkpoints" / "resnet18-f37072fd.pth")  # fmt: skip

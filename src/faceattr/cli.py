@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,6 +21,9 @@ import faceattr
 from faceattr.augment import MIXES, POLICIES
 from faceattr.errors import FaceAttrError
 from faceattr.models import IMAGENET, MODELS
+
+if TYPE_CHECKING:
+    from faceattr.train import TrainConfig
 
 log = logging.getLogger("faceattr")
 
@@ -76,15 +80,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     return run_train(load_dataset(args.data, need="train"), args)
 
 
-def run_train(dataset, args: argparse.Namespace) -> int:
-    """Shared by `faceattr train` and the seed's `--mode=train`."""
-    from faceattr import distributed
-    from faceattr.run import train_run
-    from faceattr.runtime import default_arch, resolve_device
+def train_config(args: argparse.Namespace, device: torch.device) -> TrainConfig:
+    """The training options parsed from the command line; the model's default depends on device."""
+    from faceattr.runtime import default_arch
     from faceattr.train import TrainConfig
 
-    ranks, device = distributed.from_environment(resolve_device(args.device))
-    cfg = TrainConfig(
+    return TrainConfig(
         arch=args.arch or default_arch(device),
         folds=args.folds,
         epochs=args.epochs,
@@ -108,6 +109,16 @@ def run_train(dataset, args: argparse.Namespace) -> int:
         mix=args.mix,
         mix_alpha=args.mix_alpha,
     )
+
+
+def run_train(dataset, args: argparse.Namespace) -> int:
+    """Shared by `faceattr train` and the seed's `--mode=train`."""
+    from faceattr import distributed
+    from faceattr.run import train_run
+    from faceattr.runtime import resolve_device
+
+    ranks, device = distributed.from_environment(resolve_device(args.device))
+    cfg = train_config(args, device)
     log.info("training %s, %d folds x %d epochs on %s", cfg.arch, cfg.folds, cfg.epochs, device)
     try:
         summary = train_run(dataset, cfg, args.out, device, args.resume, args.overwrite, ranks)

