@@ -104,7 +104,7 @@ def simple(pretrained: str | Path | None = None) -> nn.Module:
     return Classifier(SimpleCNN())
 
 
-def resnet64(depth: int, pretrained: str | Path | None = None) -> nn.Module:
+def _resnet64(depth: int, pretrained: str | Path | None = None) -> nn.Module:
     """torchvision's ResNet18 or ResNet34 with a stem for 64x64 inputs and a 1-logit head.
 
     ImageNet's stem (7x7 stride-2 conv, then a max-pool) shrinks a 64x64 face to 16x16 before the
@@ -124,14 +124,14 @@ def resnet64(depth: int, pretrained: str | Path | None = None) -> nn.Module:
 
 @register("resnet18")
 def resnet18(pretrained: str | Path | None = None) -> nn.Module:
-    """ResNet18 for 64x64 faces (see `resnet64`): 11.2M parameters, the GPU default."""
-    return resnet64(18, pretrained)
+    """ResNet18 for 64x64 faces (see `_resnet64`): 11.2M parameters, the GPU default."""
+    return _resnet64(18, pretrained)
 
 
 @register("resnet34")
 def resnet34(pretrained: str | Path | None = None) -> nn.Module:
-    """ResNet34 for 64x64 faces (see `resnet64`): twice ResNet18's depth and compute."""
-    return resnet64(34, pretrained)
+    """ResNet34 for 64x64 faces (see `_resnet64`): twice ResNet18's depth and compute."""
+    return _resnet64(34, pretrained)
 
 
 def bn(channels: int) -> nn.BatchNorm2d:
