@@ -109,6 +109,22 @@ def test_every_recipe_is_a_valid_train_command_and_the_device_runs_known_ones():
     assert set(PRIORITY) <= set(RECIPES)
 
 
+def test_screening_trains_the_same_model_as_the_runs_fold(trained_run, dataset_dir, tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from screen import main
+
+    options = "--arch simple --folds 2 --epochs 2 --batch-size 32"
+    main(["--data", str(dataset_dir), "--recipe", f"tiny: {options}", "--device", "cpu",
+          "--fold", "2", "--results", str(tmp_path)])  # fmt: skip
+    (row,) = [json.loads(line) for line in (tmp_path / "screen-cpu.jsonl").read_text().splitlines()]
+    history = (trained_run / "fold_2" / "history.csv").read_text().splitlines()
+    column = history[0].split(",").index("val_hter")
+    assert row["val_hter_by_epoch"] == [round(float(r.split(",")[column]), 4) for r in history[1:]]
+    assert row["fold"] == 2 and row["args"] == options and 0 <= row["val_hter"] <= 0.5
+    assert row["val_hter"] <= min(row["val_hter_by_epoch"])  # its own best threshold
+    assert 0.5 <= row["auc"] <= 1 and row["best_epoch"] in (1, 2)
+
+
 def test_recipe_table_marks_the_default():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from recipes import markdown

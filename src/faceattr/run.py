@@ -120,9 +120,7 @@ def train_run(
         if _finished_fold(out, fold) is not None:
             log.info("fold %d/%d: finished before, kept", fold, cfg.folds)
             continue
-        seed_everything(cfg.seed * 1000 + fold)
-        model = create_model(cfg.arch, cfg.pretrained).to(device)
-        model = model.to(memory_format=torch.channels_last)
+        model = fold_model(cfg, fold, device)
         log.info(
             "fold %d/%d: %d training, %d validation images",
             fold,
@@ -229,6 +227,18 @@ RUN_CONTENTS = (
     "evaluation",
     "prediction",
 )
+
+
+def fold_model(cfg: TrainConfig, fold: int, device: torch.device) -> torch.nn.Module:
+    """Fold `fold`'s freshly initialised model, every generator seeded for that fold.
+
+    Seeded per fold, not once per run, so that a fold trains alike whether the run trains it
+    after the others, resumes with it, or another process (or `benchmarks/screen.py`) trains it
+    alone.
+    """
+    seed_everything(cfg.seed * 1000 + fold)
+    model = create_model(cfg.arch, cfg.pretrained).to(device)
+    return model.to(memory_format=torch.channels_last)
 
 
 def existing_run(out: Path) -> dict | None:
