@@ -53,6 +53,8 @@ RECIPES = {
     "onecycle --lr 0.003 --weight-decay 0.05 --ema 0.999 --mix cutmix --mix-alpha 1",
     "r34-20-onecycle-ema": "--arch resnet34 --epochs 20 --optimizer adamw --schedule onecycle "
     "--lr 0.003 --weight-decay 0.05 --ema 0.999",
+    "r18-15-10folds": "--arch resnet18 --epochs 15 --folds 10",
+    "r18-15-3folds": "--arch resnet18 --epochs 15 --folds 3",
     "r18-12-adamw-cosine": "--arch resnet18 --epochs 12 --optimizer adamw --schedule cosine "
     "--lr 0.002 --weight-decay 0.05",
     "r18-12-onecycle-smooth": "--arch resnet18 --epochs 12 --optimizer adamw --schedule onecycle "
