@@ -41,18 +41,20 @@ def dataset_dir(tmp_path_factory) -> Path:
 def trained_run(dataset_dir, tmp_path_factory) -> Path:
     """A 2-fold, 2-epoch run of the simple CNN on the synthetic dataset."""
     run = tmp_path_factory.mktemp("run") / "run"
-    result = cli(*train_args(dataset_dir, run, "--arch", "simple"))
+    result = cli(*train_args(dataset_dir, run))
     assert result.returncode == 0, result.stderr
     return run
 
 
 def train_args(data: Path, out: Path, *extra: str) -> list[str]:
-    """`train` arguments for a small, quick run: 2 folds of 2 epochs on the CPU."""
+    """`train` arguments for a small, quick run: the simple CNN, 2 folds of 2 epochs on the CPU."""
     return [
         "train",
         str(data),
         "--out",
         str(out),
+        "--arch",
+        "simple",
         "--folds",
         "2",
         "--epochs",

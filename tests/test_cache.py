@@ -68,6 +68,8 @@ def test_second_train_does_not_decode_again(dataset_dir, tmp_path):
             "1",
             "--cache",
             str(tmp_path / "cache"),
+            "--arch",
+            "simple",
         )
         assert result.returncode == 0, result.stderr
         runs.append(json.loads((tmp_path / name / "run.json").read_text()))

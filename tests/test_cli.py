@@ -257,3 +257,18 @@ def test_pretrained_alone_means_the_installed_imagenet_weights():
     assert (args.arch, args.ema, args.augment) == ("efficientnet_lite0", 0.999, "strong")
     args = parse("--mix", "cutmix", "--mix-alpha", "1")
     assert (args.mix, args.mix_alpha) == ("cutmix", 1.0)
+
+
+def test_train_options_given_override_the_devices_recipe_and_only_they():
+    from faceattr.cli import build_parser, train_config
+
+    def config(*words):
+        return train_config(build_parser().parse_args(["train", "d", *words]), torch.device("cpu"))
+
+    assert config().epochs == 6 and config().pretrained == "imagenet"
+    assert config("--epochs", "2", "--ema", "0").epochs == 2  # given, even when 0 or the default
+    cfg = config("--arch", "simple", "--no-cache", "--compile")
+    assert (cfg.arch, cfg.epochs, cfg.pretrained, cfg.cache, cfg.compile) == (
+        "simple", 15, None, None, True,
+    )  # fmt: skip
+    assert config("--pretrained", "none").pretrained is None

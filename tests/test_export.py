@@ -16,7 +16,8 @@ from faceattr.export import OnnxEnsemble, export_onnx
 from faceattr.models import MODELS, create_model
 
 
-@pytest.mark.parametrize("arch", sorted(MODELS))
+# resnet34 is resnet18's builder with more blocks: exporting it too would add 17 s, not coverage.
+@pytest.mark.parametrize("arch", sorted(set(MODELS) - {"resnet34"}))
 def test_onnx_scores_equal_pytorch_scores(arch, dataset_dir, tmp_path):
     torch.manual_seed(0)
     models = []

@@ -35,6 +35,8 @@ def train(data, out, *extra):
         "1",
         "--batch-size",
         "4",
+        "--arch",
+        "simple",
         *extra,
     )
 
@@ -188,6 +190,7 @@ def test_out_of_gpu_memory_is_one_line(capsys):
 
 
 def test_resume_after_sigkill_gives_the_uninterrupted_result(dataset_dir, tmp_path):
+    # The CPU's default recipe: ImageNet start, AdamW, cosine schedule.
     args = ["--folds", "2", "--epochs", "6", "--batch-size", "16", "--device", "cpu"]
     reference = tmp_path / "reference"
     result = cli("train", str(dataset_dir), "--out", str(reference), *args)
@@ -237,6 +240,7 @@ def test_seed_train_continues_an_interrupted_save_dir(dataset_dir, tmp_path):
         "--save_dir=RUN",
         "--folds=2",
         "--batch_size=32",
+        "--arch=simple",
     ]
     assert seed_main("--mode=train", *seed_args, cwd=tmp_path).returncode == 0
     summary = json.loads((tmp_path / "RUN" / "run.json").read_text())

@@ -9,14 +9,35 @@ from faceattr.ensemble import model_scores
 from faceattr.metrics import error_rates
 from faceattr.models import create_model
 from faceattr.train import (
+    DEFAULT_RECIPES,
     TrainConfig,
     WeightAverage,
     class_weights,
+    config_for,
     images_per_epoch,
     lr_factor,
     train_fold,
     weighted_bce,
 )
+
+
+def test_each_device_has_its_default_recipe_and_given_options_win():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    default = config_for(cpu, {})
+    assert (default.arch, default.pretrained, default.epochs) == (
+        "efficientnet_lite0",
+        "imagenet",
+        6,
+    )
+    assert (default.optimizer, default.schedule, default.weight_decay) == ("adamw", "cosine", 0.05)
+    assert config_for(cuda, {}).arch == "resnet18" and config_for(cuda, {}).schedule == "step"
+    shorter = config_for(cpu, {"epochs": 3, "arch": "efficientnet_lite0"})  # same model: recipe
+    assert (shorter.epochs, shorter.pretrained, shorter.optimizer) == (3, "imagenet", "adamw")
+    seed = config_for(cpu, {"arch": "simple"})  # another model: the seed's settings
+    assert seed == TrainConfig(arch="simple")
+    assert config_for(cpu, {"pretrained": "none"}).pretrained is None
+    for recipe in DEFAULT_RECIPES.values():
+        TrainConfig(**recipe).check()
 
 
 def test_class_weights_balance_the_classes():

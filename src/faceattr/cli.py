@@ -80,35 +80,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     return run_train(load_dataset(args.data, need="train"), args)
 
 
-def train_config(args: argparse.Namespace, device: torch.device) -> TrainConfig:
-    """The training options parsed from the command line; the model's default depends on device."""
-    from faceattr.runtime import default_arch
-    from faceattr.train import TrainConfig
+# The TrainConfig fields `train` takes from the command line under the same names.
+TRAIN_OPTIONS = (
+    "arch", "folds", "epochs", "lr", "step", "gamma", "batch_size", "seed", "pretrained",
+    "workers", "compile", "skip_bad", "ddp", "optimizer", "schedule", "weight_decay",
+    "label_smoothing", "ema", "augment", "mix", "mix_alpha",
+)  # fmt: skip
 
-    return TrainConfig(
-        arch=args.arch or default_arch(device),
-        folds=args.folds,
-        epochs=args.epochs,
-        lr=args.lr,
-        step=args.step,
-        gamma=args.gamma,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        pretrained=args.pretrained,
-        workers=args.workers,
-        cache=cache_dir(args),
-        compile=args.compile,
-        skip_bad=args.skip_bad,
-        ddp=args.ddp,
-        optimizer=args.optimizer,
-        schedule=args.schedule,
-        weight_decay=args.weight_decay,
-        label_smoothing=args.label_smoothing,
-        ema=args.ema,
-        augment=args.augment,
-        mix=args.mix,
-        mix_alpha=args.mix_alpha,
-    )
+
+def train_config(args: argparse.Namespace, device: torch.device) -> TrainConfig:
+    """The training options: those given on the command line over the device's default recipe."""
+    from faceattr.train import config_for
+
+    # Options not given are None (flags: False), so that the recipe's values show through.
+    given = {k: getattr(args, k) for k in TRAIN_OPTIONS}
+    given = {k: v for k, v in given.items() if v is not None and v is not False}
+    return config_for(device, {**given, "cache": cache_dir(args)})
 
 
 def run_train(dataset, args: argparse.Namespace) -> int:
@@ -119,7 +106,11 @@ def run_train(dataset, args: argparse.Namespace) -> int:
 
     ranks, device = distributed.from_environment(resolve_device(args.device))
     cfg = train_config(args, device)
-    log.info("training %s, %d folds x %d epochs on %s", cfg.arch, cfg.folds, cfg.epochs, device)
+    start = "" if cfg.pretrained is None else f" from {cfg.pretrained} weights"
+    log.info(
+        "training %s%s, %d folds x %d epochs on %s",
+        *(cfg.arch, start, cfg.folds, cfg.epochs, device),
+    )
     try:
         summary = train_run(dataset, cfg, args.out, device, args.resume, args.overwrite, ranks)
     finally:
@@ -270,47 +261,52 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
         "--arch",
         choices=sorted(MODELS),
         default=None,
-        help="model (default: resnet18 on a GPU, simple on CPU)",
+        help="model (default: resnet18 on a GPU, efficientnet_lite0 from ImageNet on a CPU; "
+        "another model starts from the seed's settings, not the device's recipe)",
     )
-    p.add_argument("--folds", type=int, default=5, help="stratified folds = models (default 5)")
-    p.add_argument("--epochs", type=int, default=15, help="epochs per fold (default 15)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 0.001)")
-    p.add_argument("--step", type=int, default=5, help="StepLR step in epochs (default 5)")
-    p.add_argument("--gamma", type=float, default=0.7, help="StepLR factor (default 0.7)")
-    p.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default="adam")
+    # No defaults here (None): TrainConfig and the device's recipe hold them (see train_config).
+    p.add_argument("--folds", type=int, help="stratified folds = models (default 5)")
+    p.add_argument("--epochs", type=int, help="epochs per fold (default 15; 6 on a CPU)")
+    p.add_argument("--lr", type=float, help="learning rate (default 0.001)")
+    p.add_argument("--step", type=int, help="StepLR step in epochs (default 5)")
+    p.add_argument("--gamma", type=float, help="StepLR factor (default 0.7)")
+    p.add_argument(
+        "--optimizer",
+        choices=["adam", "adamw", "sgd"],
+        help="adam as the seed (default; adamw on a CPU); sgd: with Nesterov momentum",
+    )
     p.add_argument(
         "--schedule",
         choices=["step", "cosine", "onecycle"],
-        default="step",
-        help="step: StepLR as the seed (default); cosine: warm-up then cosine; onecycle",
+        help="step: StepLR as the seed (default; cosine on a CPU); cosine: warm-up then cosine; "
+        "onecycle",
     )
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--label-smoothing", type=float, default=0.0, help="pull targets towards 0.5")
+    p.add_argument("--weight-decay", type=float, help="(default 0; 0.05 on a CPU)")
+    p.add_argument("--label-smoothing", type=float, help="pull targets towards 0.5 (default 0)")
     p.add_argument(
         "--augment",
         choices=sorted(POLICIES),
-        default="light",
         help="light: shifts, rotations up to 5 degrees, mirror images (default); strong adds "
         "zoom, colour jitter and small erased patches",
     )
-    p.add_argument("--mix", choices=MIXES, default="none", help="mixup or cutmix (default none)")
+    p.add_argument("--mix", choices=MIXES, help="mixup or cutmix (default none)")
     p.add_argument(
         "--mix-alpha",
         type=float,
-        default=0.2,
         help="mixing shares drawn from Beta(alpha, alpha), each image keeping the larger (default "
         "0.2)",
     )
     p.add_argument(
         "--ema",
         type=float,
-        default=0.0,
         metavar="DECAY",
         help="validate and keep a moving average of the weights, updated every step with this "
         "decay (e.g. 0.999), after a short warm-up; 0: off (default)",
     )
-    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0, help="seed for folds, weights and augmentation")
+    p.add_argument(
+        "--batch-size", "--batch_size", dest="batch_size", type=int, help="(default 128)"
+    )
+    p.add_argument("--seed", type=int, help="seed for folds, weights and augmentation (default 0)")
     p.add_argument(
         "--resume",
         action="store_true",
@@ -337,7 +333,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="FILE",
         help="start from ImageNet weights: alone, those an installed package ships "
-        "(efficientnet_lite0); or a local .pth/.safetensors file",
+        "(efficientnet_lite0; the CPU default) or torch's hub cache holds (resnet18/34); a "
+        "local .pth/.safetensors file; or none (from random weights)",
     )
 
 

@@ -23,11 +23,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def default_arch(device: torch.device) -> str:
-    """ResNet18 where a GPU makes it affordable, the seed's small CNN on a CPU."""
-    return "resnet18" if device.type == "cuda" else "simple"
-
-
 def seed_everything(seed: int) -> None:
     """Seed every generator a run touches, so that a CPU run repeats exactly."""
     random.seed(seed)
