@@ -151,6 +151,8 @@ def add_end_to_end(results: Path, name: str) -> None:
         "train_seconds": row["train_seconds"],
         "predict_seconds": row["predict_seconds"],
         "seconds": row["train_seconds"] + row["predict_seconds"],
+        "arch": row["arch"],
+        "epochs": row["epochs"],
         "train_args": "defaults",
         "source": "benchmarks/recipes.py --only default",
         "device": name,

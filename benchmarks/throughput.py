@@ -218,7 +218,8 @@ def end_to_end(
     """Wall time of `faceattr train` then `faceattr predict`, run as a user runs them.
 
     The run is left in work/run and the labels in work/label_val.txt; `timeout` bounds both
-    commands together (subprocess.TimeoutExpired when it passes).
+    commands together (subprocess.TimeoutExpired when it passes). The model and epochs trained
+    come with the times: the defaults depend on the device.
     """
     base = [sys.executable, "-m", "faceattr"]
     common = ["--device", device, "--cache", str(cache), "-q"]
@@ -236,7 +237,8 @@ def end_to_end(
         subprocess.run([*base, *args, *common], check=True, stdout=subprocess.DEVNULL, timeout=left)
         timings[name] = time.perf_counter() - start
     timings["seconds"] = timings["train_seconds"] + timings["predict_seconds"]
-    return timings
+    config = json.loads((work / "run" / "run.json").read_text())["config"]
+    return {**timings, "arch": config["arch"], "epochs": config["epochs"]}
 
 
 # --- 6. inference on a CPU: PyTorch and onnxruntime ----------------------------------------------

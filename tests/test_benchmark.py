@@ -46,6 +46,7 @@ def test_benchmark_writes_every_measure(dataset_dir, tmp_path):
     e2e = by_measure["end_to_end"]
     assert e2e["seconds"] == e2e["train_seconds"] + e2e["predict_seconds"] > 0
     assert e2e["train_args"] == "--folds 2 --epochs 1 --batch-size 32"
+    assert (e2e["arch"], e2e["epochs"]) == ("efficientnet_lite0", 1)  # the CPU's default recipe
 
 
 def test_recipe_search_tabulates_each_recipe(dataset_dir, tmp_path):
@@ -187,7 +188,13 @@ def test_device_script_reports_the_default_recipe_as_end_to_end(tmp_path):
 
     rows = [
         {"recipe": "r18-12", "train_seconds": 70.0, "predict_seconds": 3.0},
-        {"recipe": "default", "train_seconds": 90.5, "predict_seconds": 4.5},
+        {
+            "recipe": "default",
+            "train_seconds": 90.5,
+            "predict_seconds": 4.5,
+            "arch": "resnet18",
+            "epochs": 15,
+        },
     ]
     (tmp_path / "celeba64.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     add_end_to_end(tmp_path, "h200")
@@ -195,3 +202,4 @@ def test_device_script_reports_the_default_recipe_as_end_to_end(tmp_path):
     assert line["measure"] == "end_to_end" and line["device"] == "h200"
     assert (line["train_seconds"], line["predict_seconds"], line["seconds"]) == (90.5, 4.5, 95.0)
     assert line["train_args"] == "defaults"
+    assert (line["arch"], line["epochs"]) == ("resnet18", 15)
