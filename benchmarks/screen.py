@@ -76,7 +76,8 @@ def screen(
         "torch": env["torch"],
         "command": shlex.join(
             ["python", "benchmarks/screen.py", "--data", "DATA", "--fold", str(fold),
-             "--recipe", f"{name}: {options}"]
+             *(["--only", name] if RECIPES.get(name) == options else
+               ["--recipe", f"{name}: {options}"])]
         ),
     }  # fmt: skip
 
