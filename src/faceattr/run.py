@@ -73,6 +73,7 @@ def train_run(
         )
     cfg.check()
     check_writable(out)
+    create_model(cfg.arch, cfg.pretrained)  # a missing or wrong weights file fails here, not later
     started = time.perf_counter()
     train_images, labels = dataset.require_train()
     make_folds(labels, cfg.folds, cfg.seed)  # checks the labels before the long work
