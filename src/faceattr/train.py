@@ -239,16 +239,16 @@ class WeightAverage:
         pairs = list(
             zip(self.module.state_dict().values(), model.state_dict().values(), strict=True)
         )
-        self._floats = [pair for pair in pairs if pair[0].is_floating_point()]
-        self._counters = [pair for pair in pairs if not pair[0].is_floating_point()]
+        self._mine = [a for a, _ in pairs if a.is_floating_point()]
+        self._theirs = [b for a, b in pairs if a.is_floating_point()]
+        self._counters = [(a, b) for a, b in pairs if not a.is_floating_point()]
 
     @torch.no_grad()
     def update(self) -> None:
         """Move the average towards the model's current weights (after an optimiser step)."""
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        mine, theirs = [a for a, _ in self._floats], [b for _, b in self._floats]
-        torch._foreach_lerp_(mine, theirs, 1 - decay)
+        torch._foreach_lerp_(self._mine, self._theirs, 1 - decay)
         for a, b in self._counters:  # such as BatchNorm's num_batches_tracked: copied
             a.copy_(b)
 
