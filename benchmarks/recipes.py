@@ -64,6 +64,15 @@ RECIPES = {
 }
 
 
+def chosen(only: list[str], extra: list[str]) -> dict[str, str]:
+    """The listed recipes named in `only`, then those given as 'NAME: train options'."""
+    recipes = {name: RECIPES[name] for name in only}
+    for given in extra:
+        name, _, options = given.partition(":")
+        recipes[name.strip()] = options.strip()
+    return recipes
+
+
 def with_weights(args: str, weights: str | None) -> list[str]:
     """The recipe's options, a bare `--pretrained` pointed at `weights` when given."""
     words = shlex.split(args)
@@ -162,10 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     started = time.monotonic()
-    recipes = {k: RECIPES[k] for k in (args.only or ([] if args.recipe else RECIPES))}
-    for extra in args.recipe:
-        name, _, options = extra.partition(":")
-        recipes[name.strip()] = options.strip()
+    recipes = chosen(args.only or ([] if args.recipe else list(RECIPES)), args.recipe)
     args.results.mkdir(parents=True, exist_ok=True)
     jsonl = args.results / f"{args.name}.jsonl"
     with tempfile.TemporaryDirectory() as work:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from recipes import RECIPES, with_weights
+from recipes import RECIPES, chosen, with_weights
 from throughput import device_name
 
 from faceattr.batches import DeviceImages
@@ -93,10 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", type=Path, default=RESULTS, help="results folder")
     args = p.parse_args(argv)
 
-    recipes = {k: RECIPES[k] for k in args.only}
-    for extra in args.recipe:
-        name, _, options = extra.partition(":")
-        recipes[name.strip()] = options.strip()
+    recipes = chosen(args.only, args.recipe)
     if not recipes:
         p.error("give --only or --recipe")
     device = resolve_device(args.device)
