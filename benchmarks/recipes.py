@@ -30,15 +30,17 @@ from throughput import end_to_end, warm_cache
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# --pretrained alone: the weights an installed package ships (see --weights for another file).
+# --pretrained alone: the ImageNet weights an installed package ships (or a copy in torch's hub
+# cache). "default" is each device's own: on a GPU EfficientNet-Lite0-s1 from ImageNet, 15 epochs.
 RECIPES = {
     "default": "",
     "seed-cnn-15": "--arch simple --epochs 15",
+    "r18-15": "--arch resnet18 --epochs 15",
     "r18-12": "--arch resnet18 --epochs 12",
     "r18-30": "--arch resnet18 --epochs 30",
     "lite0-imagenet-15": "--arch efficientnet_lite0 --pretrained --epochs 15 --optimizer adamw "
     "--schedule cosine --lr 0.001 --weight-decay 0.05",
-    "lite0s1-imagenet-15": "--arch efficientnet_lite0_s1 --pretrained --epochs 15 --optimizer "
+    "lite0s1-imagenet-6": "--arch efficientnet_lite0_s1 --pretrained --epochs 6 --optimizer "
     "adamw --schedule cosine --lr 0.001 --weight-decay 0.05",
     "lite0s1-imagenet-25-ema-strong": "--arch efficientnet_lite0_s1 --pretrained --epochs 25 "
     "--optimizer adamw --schedule cosine --lr 0.001 --weight-decay 0.05 --ema 0.999 "
@@ -73,16 +75,6 @@ def chosen(only: list[str], extra: list[str]) -> dict[str, str]:
     return recipes
 
 
-def with_weights(args: str, weights: str | None) -> list[str]:
-    """The recipe's options, a bare `--pretrained` pointed at `weights` when given."""
-    words = shlex.split(args)
-    if weights:
-        words = [
-            w for word in words for w in ([word, weights] if word == "--pretrained" else [word])
-        ]
-    return words
-
-
 def run_recipe(
     name: str,
     args: str,
@@ -91,16 +83,11 @@ def run_recipe(
     work: Path,
     keep: Path | None = None,
     timeout: float | None = None,
-    weights: str | None = None,
 ) -> dict:
-    """Train and predict one recipe, and summarise its run.json.
-
-    The row's command is the recipe's own (a bare `--pretrained` stays bare); `weights` says which
-    file stood in for the installed package's.
-    """
+    """Train and predict one recipe, and summarise its run.json."""
     out = work / name
     options = shlex.split(args)
-    timings = end_to_end(data, device, with_weights(args, weights), work / "cache", out, timeout)
+    timings = end_to_end(data, device, options, work / "cache", out, timeout)
     run = json.loads((out / "run" / "run.json").read_text())
     if keep is not None:
         (keep / name).mkdir(parents=True, exist_ok=True)
@@ -123,7 +110,7 @@ def run_recipe(
         "device": env.get("gpu", env["device"]),
         "torch": env["torch"],
         "command": shlex.join(["faceattr", "train", "DATA", *options]),
-        **({"weights": Path(weights).name} if weights and "--pretrained" in options else {}),
+        **({"weights": Path(run["pretrained_file"]).name} if run.get("pretrained_file") else {}),
     }
 
 
@@ -161,7 +148,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="+", choices=sorted(RECIPES), help="run these recipes only")
     p.add_argument("--recipe", action="append", default=[], help="'NAME: train options'")
     p.add_argument("--device", default="auto")
-    p.add_argument("--weights", help="file for a bare --pretrained (no package needed)")
     p.add_argument("--keep", type=Path, help="keep each recipe's run.json and label_val.txt here")
     p.add_argument(
         "--deadline", type=float, help="seconds: start no recipe after, stop a running one at it"
@@ -183,9 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"deadline reached: {name} and the rest not run", file=sys.stderr)
                 break
             try:
-                row = run_recipe(
-                    name, options, args.data, args.device, work, args.keep, left, args.weights
-                )
+                row = run_recipe(name, options, args.data, args.device, work, args.keep, left)
             except subprocess.TimeoutExpired:
                 print(f"deadline reached while {name} ran: stopped, not tabulated", file=sys.stderr)
                 break

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from recipes import RECIPES, chosen, with_weights
+from recipes import RECIPES, chosen
 from throughput import device_name
 
 from faceattr.batches import DeviceImages
@@ -44,11 +44,10 @@ def screen(
     images: DeviceImages,
     labels: np.ndarray,
     fold: int,
-    weights: str | None,
 ) -> dict:
     """Train fold `fold` with the recipe's `faceattr train` options; summarise its validation."""
     device = images.device
-    parsed = build_parser().parse_args(["train", "DATA", *with_weights(options, weights)])
+    parsed = build_parser().parse_args(["train", "DATA", *shlex.split(options)])
     cfg = train_config(parsed, device)
     cfg.check()
     if not 1 <= fold <= cfg.folds:
@@ -89,7 +88,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipe", action="append", default=[], help="'NAME: train options'")
     p.add_argument("--fold", type=int, default=1, help="which fold to train (default 1)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--weights", help="file for a bare --pretrained (no package needed)")
     p.add_argument("--results", type=Path, default=RESULTS, help="results folder")
     args = p.parse_args(argv)
 
@@ -105,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     jsonl = args.results / f"screen-{device_name(device)}.jsonl"
     for name, options in recipes.items():
         try:
-            row = screen(name, options, images, labels, args.fold, args.weights)
+            row = screen(name, options, images, labels, args.fold)
         except FaceAttrError as e:
             sys.exit(f"error: {name}: {e}")
         print(json.dumps(row), flush=True)

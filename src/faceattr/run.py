@@ -29,7 +29,7 @@ from faceattr.ensemble import decision_rule
 from faceattr.errors import FaceAttrError
 from faceattr.folds import make_folds, save_folds
 from faceattr.metrics import scores_to_labels
-from faceattr.models import count_parameters, create_model
+from faceattr.models import count_parameters, create_model, weights_file
 from faceattr.outputs import check_writable, ensure_writable_dir, write_csv, write_json
 from faceattr.report import build_report
 from faceattr.runtime import describe, seed_everything
@@ -95,6 +95,8 @@ def train_run(
         "data": dataset.where,
         "config": asdict(cfg),
         "environment": describe(device),
+        # Which file `--pretrained imagenet` found (a package's, or a copy in torch's hub cache).
+        "pretrained_file": str(weights_file(cfg.arch, cfg.pretrained)) if cfg.pretrained else None,
         "n_train": len(labels),
         "class_counts": {str(c): int((labels == c).sum()) for c in (0, 1)},
         "audit": loaded.audit.to_dict(),
