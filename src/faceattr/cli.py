@@ -335,8 +335,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="start from ImageNet weights: alone, those an installed package ships "
         "(efficientnet_lite0: the default recipes start from them) or torch's hub cache holds "
-        "(resnet18/34); a "
-        "local .pth/.safetensors file; or none (from random weights)",
+        "(resnet18/34); a local .pth/.safetensors file; or none (from random weights)",
     )
 
 

