@@ -100,6 +100,15 @@ def test_every_recipe_is_a_valid_train_command_and_the_device_runs_known_ones():
     assert RECIPES["default"] == "" and set(PRIORITY) <= set(RECIPES) - {"default"}
 
 
+def test_device_script_tries_the_compiled_default_only_when_the_default_is_too_slow():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from device import PRIORITY, after_default
+
+    assert after_default(119.0) == PRIORITY and after_default(None) == PRIORITY
+    slow = after_default(121.0)
+    assert slow[:2] == [PRIORITY[0], "default-compiled"] and slow[2:] == PRIORITY[1:]
+
+
 def test_screening_trains_the_same_model_as_the_runs_fold(trained_run, dataset_dir, tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from screen import main
@@ -200,7 +209,7 @@ def test_device_script_reports_the_default_recipe_as_end_to_end(tmp_path):
         },
     ]
     (tmp_path / "celeba64.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    add_end_to_end(tmp_path, "h200")
+    assert add_end_to_end(tmp_path, "h200") == 95.0
     (line,) = [json.loads(x) for x in (tmp_path / "throughput-h200.jsonl").read_text().splitlines()]
     assert line["measure"] == "end_to_end" and line["device"] == "h200"
     assert (line["train_seconds"], line["predict_seconds"], line["seconds"]) == (90.5, 4.5, 95.0)
