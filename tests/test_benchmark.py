@@ -100,13 +100,13 @@ def test_every_recipe_is_a_valid_train_command_and_the_device_runs_known_ones():
     assert RECIPES["default"] == "" and set(PRIORITY) <= set(RECIPES) - {"default"}
 
 
-def test_device_script_tries_the_compiled_default_only_when_the_default_is_too_slow():
+def test_device_script_tries_its_fixes_only_when_the_default_is_too_slow():
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from device import PRIORITY, after_default
+    from device import FIXES, fixes
+    from recipes import RECIPES
 
-    assert after_default(119.0) == PRIORITY and after_default(None) == PRIORITY
-    slow = after_default(121.0)
-    assert slow[:2] == [PRIORITY[0], "default-compiled"] and slow[2:] == PRIORITY[1:]
+    assert fixes(119.0) == [] and fixes(None) == []  # None: the default used up the budget
+    assert fixes(121.0) == FIXES and set(FIXES) <= set(RECIPES) - {"default"}
 
 
 def test_screening_trains_the_same_model_as_the_runs_fold(trained_run, dataset_dir, tmp_path):
