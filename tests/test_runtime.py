@@ -1,0 +1,47 @@
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from faceattr.errors import FaceAttrError
+from faceattr.runtime import describe, resolve_device, seed_everything
+
+
+def test_auto_takes_the_cpu_without_a_gpu_and_leaves_cudnn_alone(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    assert resolve_device("auto") == torch.device("cpu") == resolve_device("cpu")
+    assert torch.backends.cudnn.benchmark is False
+
+
+def test_a_gpu_times_its_convolutions(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    assert resolve_device("auto") == torch.device("cuda")
+    assert torch.backends.cudnn.benchmark is True
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+
+
+@pytest.mark.parametrize("name", ["cuda", "tpu", "gpu"])
+def test_devices_that_cannot_be_had_are_user_errors(name, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(FaceAttrError, match="cuda"):
+        resolve_device(name)
+
+
+def test_seeding_repeats_every_generator():
+    def draw():
+        return random.random(), np.random.rand(), torch.rand(()).item()
+
+    seed_everything(3)
+    first = draw()
+    seed_everything(3)
+    assert draw() == first
+    seed_everything(2**40)  # a seed over numpy's range is folded into it, not refused
+    assert draw() != first
+
+
+def test_a_run_records_its_versions_and_device():
+    info = describe(torch.device("cpu"))
+    assert info["torch"] == torch.__version__ and info["device"] == "cpu" and "gpu" not in info
