@@ -173,6 +173,39 @@ def test_existing_run_is_not_replaced_by_accident(tmp_path, trained_run):
     assert_user_error(train(data, tmp_path / "other", "--resume"), "holds no run to continue")
 
 
+def test_a_run_folder_never_takes_the_datas_place(tmp_path):
+    data = small_layout(tmp_path / "data")
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    # The run's pictures go to OUT/data/ and --overwrite clears it: here that is the dataset.
+    assert_user_error(train(data, tmp_path), "would put the run's data/ where the data is")
+    assert_user_error(train(data, tmp_path, "--overwrite"), "choose another --out")
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
+    assert not (tmp_path / "run.json").exists()
+    archive = shutil.make_archive(str(tmp_path / "models" / "faces"), "zip", tmp_path, "data")
+    assert_user_error(train(archive, tmp_path), "the run's models/ where the data is")
+    result = train(data, data)  # beside the data, not in place of it: fine
+    assert result.returncode == 0, result.stderr
+
+
+def test_resume_refuses_data_that_changed_and_trains_its_own_settings(tmp_path):
+    labels = (0, 1, 0, 1, 1, 1, 0, 1, 1, 1)
+    data = small_layout(tmp_path / "data", labels)
+    assert train(data, tmp_path / "run").returncode == 0
+    run_json = tmp_path / "run" / "run.json"
+    summary = json.loads(run_json.read_text())
+    run_json.write_text(json.dumps({**summary, "status": "running"}))  # as if killed
+    # Same count and balance, two labels swapped: the folds would split differently.
+    (data / "label_train.txt").write_text("".join(f"{v}\n" for v in (1, 0, *labels[2:])))
+    result = cli("train", str(data), "--out", str(tmp_path / "run"), "--resume")
+    assert_user_error(result, "--resume: the labels or images changed since", "--overwrite")
+    assert json.loads(run_json.read_text())["status"] == "running"  # left as it was
+    (data / "label_train.txt").write_text("".join(f"{v}\n" for v in labels))
+    result = cli("train", str(data), "--out", str(tmp_path / "run"), "--resume")
+    assert result.returncode == 0, result.stderr
+    # Its own settings, not the device's default recipe:
+    assert "training simple, 2 folds x 1 epochs" in result.stderr
+
+
 def test_out_of_gpu_memory_is_one_line(capsys):
     import argparse
 

@@ -6,6 +6,7 @@ import torch
 
 from faceattr import train as train_module
 from faceattr.ensemble import model_scores
+from faceattr.errors import FaceAttrError
 from faceattr.metrics import error_rates
 from faceattr.models import create_model
 from faceattr.train import (
@@ -44,6 +45,28 @@ def test_each_device_has_its_default_recipe_and_given_options_win():
     assert config_for(cpu, {"pretrained": "none"}).pretrained is None
     for recipe in DEFAULT_RECIPES.values():
         TrainConfig(**recipe).check()
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("epochs", 0, "--epochs must be at least 1"),
+        ("batch_size", 1, "--batch-size must be at least 2"),
+        ("lr", -0.1, "--lr, --gamma and --mix-alpha must be positive"),
+        ("weight_decay", float("nan"), "--weight-decay must be a finite number, got nan"),
+        ("lr", float("inf"), "--lr must be a finite number"),
+        ("ema", float("nan"), "--ema must be a finite number"),
+        ("label_smoothing", 1.0, "--label-smoothing and --ema must be in [0, 1)"),
+        ("seed", -1, "--seed must be in 0..4294967295, got -1"),
+        ("seed", 2**32, "--seed must be in 0..4294967295"),
+        ("optimizer", "lion", "unknown --optimizer 'lion'"),
+    ],
+)
+def test_impossible_settings_are_refused_before_any_work(option, value, message):
+    with pytest.raises(FaceAttrError) as e:
+        TrainConfig(**{option: value}).check()
+    assert message in str(e.value)
+    TrainConfig(seed=2**32 - 1).check()  # the largest seed scikit-learn takes
 
 
 def test_class_weights_balance_the_classes():

@@ -106,11 +106,6 @@ def run_train(dataset, args: argparse.Namespace) -> int:
 
     ranks, device = distributed.from_environment(resolve_device(args.device))
     cfg = train_config(args, device)
-    start = "" if cfg.pretrained is None else f" from {cfg.pretrained} weights"
-    log.info(
-        "training %s%s, %d folds x %d epochs on %s",
-        *(cfg.arch, start, cfg.folds, cfg.epochs, device),
-    )
     try:
         summary = train_run(dataset, cfg, args.out, device, args.resume, args.overwrite, ranks)
     finally:

@@ -56,6 +56,10 @@ class FolderSource:
     def read(self, rel: str) -> bytes:
         return (self.root / rel).read_bytes()
 
+    def local(self, rel: str) -> Path:
+        """The path on disk that holds `rel`."""
+        return self.root / rel
+
     def stat(self, rel: str) -> tuple:
         """What identifies a file's version: size and modification time."""
         st = (self.root / rel).stat()
@@ -107,6 +111,10 @@ class ZipSource:
     def read(self, rel: str) -> bytes:
         with self._lock:
             return self.zip.read(rel)
+
+    def local(self, rel: str) -> Path:
+        """The path on disk that holds `rel`: the archive."""
+        return self.path
 
     def stat(self, rel: str) -> tuple:
         """What identifies a member's version: size, CRC and time stamp."""
@@ -205,7 +213,7 @@ def numbered_images(source: Source, folder: str) -> ImageSet:
         if suffix.lower() not in IMAGE_SUFFIXES:
             log.warning("ignoring %s: not an image", source.describe(_join(folder, name)))
             continue
-        if not stem.isdigit():
+        if not stem.isdecimal():  # not isdigit(): it takes "²", which int() refuses
             raise FaceAttrError(
                 f"{source.describe(_join(folder, name))}: image name is not a number"
             )
@@ -244,6 +252,12 @@ class Dataset:
         if self.test is None:
             raise FaceAttrError(f"{self.where}: no {TEST_DIR}/ found")
         return self.test
+
+    def locations(self) -> list[Path]:
+        """Where on disk the data lives: its image folders (or zip) and the folder it was named by,
+        which holds the label file."""
+        parts = [p for p in (self.train, self.test) if p is not None]
+        return [where for p in parts for where in (p.source.local(p.folder), p.source.local(""))]
 
 
 def _find_root(source: Source) -> str | None:

@@ -8,6 +8,7 @@ touched, so bad input leaves nothing behind; a fold counts as finished once its 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ from faceattr import plots
 from faceattr.batches import DeviceImages
 from faceattr.cache import load_images
 from faceattr.checkpoints import remove_training_state, save_fold_model
-from faceattr.data import Dataset
+from faceattr.data import Dataset, ImageSet
 from faceattr.distributed import SINGLE, Ranks
 from faceattr.ensemble import decision_rule
 from faceattr.errors import FaceAttrError
@@ -73,10 +74,23 @@ def train_run(
         )
     cfg.check()
     check_writable(out)
+    _check_apart(out, dataset)
     create_model(cfg.arch, cfg.pretrained)  # a missing or wrong weights file fails here, not later
+    weights = "" if cfg.pretrained is None else f" from {cfg.pretrained} weights"
+    log.info(
+        "training %s%s, %d folds x %d epochs on %s",
+        *(cfg.arch, weights, cfg.folds, cfg.epochs, device),
+    )
     started = time.perf_counter()
     train_images, labels = dataset.require_train()
     make_folds(labels, cfg.folds, cfg.seed)  # checks the labels before the long work
+    identity = data_identity(train_images, labels)
+    if resume and previous.get("data_identity", identity) != identity:
+        # Its finished folds were split and trained on other labels or images.
+        raise FaceAttrError(
+            f"--resume: the labels or images changed since {out} was started; "
+            "--overwrite starts it again"
+        )
     workers = cfg.workers or max(1, (os.cpu_count() or 1) // ranks.world)
     loaded = load_images(train_images, cfg.cache, workers, labels.tobytes(), cfg.skip_bad)
     array, names = loaded.array, train_images.names
@@ -98,6 +112,7 @@ def train_run(
         # Which file `--pretrained imagenet` found (a package's, or a copy in torch's hub cache).
         "pretrained_file": str(weights_file(cfg.arch, cfg.pretrained)) if cfg.pretrained else None,
         "n_train": len(labels),
+        "data_identity": identity,
         "class_counts": {str(c): int((labels == c).sum()) for c in (0, 1)},
         "audit": loaded.audit.to_dict(),
         "decode": loaded.summary(),
@@ -254,6 +269,33 @@ def existing_run(out: Path) -> dict | None:
         raise FaceAttrError(
             f"{out / 'run.json'} is unreadable ({e}); choose another --out"
         ) from None
+
+
+def data_identity(images: ImageSet, labels: np.ndarray) -> str:
+    """What a resumed run must find unchanged: the labels and every image's name and size.
+
+    Unlike the cache's fingerprint it leaves out where the data is and when it was written, so
+    a run still resumes on the same data moved or copied.
+    """
+    h = hashlib.sha256(np.asarray(labels, dtype=np.int64).tobytes())
+    for name, rel in zip(images.names, images.paths(), strict=True):
+        h.update(f"{name} {images.source.stat(rel)[0]}\n".encode())
+    return h.hexdigest()[:32]
+
+
+def _check_apart(out: Path, dataset: Dataset) -> None:
+    """Refuse an `out` whose run folders would hold the data itself: the run writes pictures into
+    `data/`, and --overwrite clears `data/`, `models/`, `fold_K/`... before it starts again."""
+    for where in dataset.locations():
+        try:
+            inside = where.resolve().relative_to(out.resolve()).parts
+        except ValueError:
+            continue  # not in `out`
+        if inside and (inside[0] in RUN_CONTENTS or inside[0].startswith("fold_")):
+            raise FaceAttrError(
+                f"--out {out} would put the run's {inside[0]}/ where the data is ({where}); "
+                "choose another --out"
+            )
 
 
 def _clear_run(out: Path) -> None:

@@ -53,11 +53,12 @@ def run(args: argparse.Namespace) -> int:
         if not (args.img_train_dir and args.labels_txt):
             raise FaceAttrError("--mode=train needs --img_train_dir and --labels_txt")
         # As the seed did, training into an existing --save_dir replaces it, unless the run
-        # there was interrupted: then it continues.
+        # there was interrupted: then it continues (--overwrite: it starts again).
         args.out = args.save_dir
         previous = existing_run(Path(args.save_dir))
         unfinished = previous is not None and previous.get("status") != "complete"
-        args.resume, args.overwrite = unfinished, not unfinished
+        args.resume = unfinished and not args.overwrite
+        args.overwrite = not args.resume
         return run_train(dataset_from_paths(args.img_train_dir, args.labels_txt, None), args)
     if not args.img_test_dir:
         raise FaceAttrError("--mode=test needs --img_test_dir")

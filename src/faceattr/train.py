@@ -105,6 +105,19 @@ class TrainConfig:
                 f"unknown --optimizer {self.optimizer!r}, --schedule {self.schedule!r}, "
                 f"--augment {self.augment!r} or --mix {self.mix!r}"
             )
+        numbers = {
+            "lr": self.lr,
+            "gamma": self.gamma,
+            "weight-decay": self.weight_decay,
+            "label-smoothing": self.label_smoothing,
+            "ema": self.ema,
+            "mix-alpha": self.mix_alpha,
+        }
+        for name, value in numbers.items():
+            if not math.isfinite(value):
+                raise FaceAttrError(f"--{name} must be a finite number, got {value}")
+        if not 0 <= self.seed < 2**32:  # scikit-learn's and numpy's seeds are 32-bit
+            raise FaceAttrError(f"--seed must be in 0..{2**32 - 1}, got {self.seed}")
         if not 0 <= self.label_smoothing < 1 or self.weight_decay < 0 or not 0 <= self.ema < 1:
             raise FaceAttrError(
                 "--label-smoothing and --ema must be in [0, 1), --weight-decay >= 0"
