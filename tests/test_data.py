@@ -140,3 +140,33 @@ def test_not_a_dataset(tmp_path):
     zipfile.ZipFile(broken, "w").close()
     with pytest.raises(FaceAttrError, match="expected train_img/"):
         load_dataset(broken)
+
+
+def test_a_member_the_zip_cannot_give_is_named(tmp_path):
+    make_layout(tmp_path / "d", [1, 0, 1])
+    archive = tmp_path / "d.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("label_train.txt", "1\n0\n1\n")
+        for i in (1, 2, 3):
+            z.write(tmp_path / "d" / "train_img" / f"{i:06d}.jpg", f"train_img/{i}.jpg")
+    raw = bytearray(archive.read_bytes())
+    jpeg = (tmp_path / "d" / "train_img" / "000002.jpg").read_bytes()
+    at = raw.index(jpeg)
+    raw[at + 100] ^= 0xFF  # a stored image's byte: its CRC no longer matches
+    archive.write_bytes(bytes(raw))
+    images, _ = load_dataset(archive).require_train()
+    with pytest.raises(FaceAttrError, match=r"d\.zip:train_img/2\.jpg: cannot be read.*CRC"):
+        decode_images(images)
+    # An encrypted member (flag bit 0, in the local and the central header of the label file):
+    for signature, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        raw[raw.index(signature) + offset] |= 1
+    archive.write_bytes(bytes(raw))
+    with pytest.raises(FaceAttrError, match=r"label_train\.txt: cannot be read.*encrypted"):
+        load_dataset(archive)
+
+
+def test_names_must_be_plain_decimal_numbers(tmp_path):
+    write_image(tmp_path / "v" / "1.jpg", (0, 0, 0))
+    write_image(tmp_path / "v" / "\u00b92.jpg", (0, 0, 0))  # a superscript 1: isdigit() says yes
+    with pytest.raises(FaceAttrError, match="image name is not a number"):
+        numbered_images(open_source(tmp_path), "v")

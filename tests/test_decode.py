@@ -96,3 +96,28 @@ def test_corrupt_image_is_named(tmp_path):
     (tmp_path / "v" / "1.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     with pytest.raises(FaceAttrError, match=r"1\.jpg: cannot decode image"):
         decode_images(numbered_images(open_source(tmp_path), "v"))
+
+
+def test_high_bit_depth_grey_is_scaled_not_clipped():
+    def encoded(array, fmt):  # uint16: mode I;16, float32: F, int32: I
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format=fmt)
+        return buffer.getvalue()
+
+    half = np.full((64, 64), 32768, dtype=np.uint16)
+    grey, _, mode = decode_image(encoded(half, "PNG"), "16-bit png")
+    assert mode.startswith("I") and (grey == 128).all()  # PIL's own convert gives 255
+    floats = np.full((64, 64), 0.25, dtype=np.float32)
+    grey, _, mode = decode_image(encoded(floats, "TIFF"), "float tiff")
+    assert mode == "F" and (grey == 64).all()
+    eight = np.full((64, 64), 200, dtype=np.int32)  # 32-bit, but holding 8-bit values
+    grey, _, _ = decode_image(encoded(eight, "TIFF"), "int tiff")
+    assert (grey == 200).all()
+
+
+def test_an_image_too_large_to_open_is_named(monkeypatch):
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(buffer, format="PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64x64 is then a "bomb"
+    with pytest.raises(FaceAttrError, match=r"huge\.png: cannot decode image.*exceeds limit"):
+        decode_image(buffer.getvalue(), "huge.png")

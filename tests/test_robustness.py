@@ -155,6 +155,16 @@ def test_skip_bad_drops_the_image_with_a_warning(tmp_path):
     assert "000005.jpg" not in (tmp_path / "run" / "oof.csv").read_text()
 
 
+def test_a_test_image_that_cannot_be_decoded_stops_predict(tmp_path, trained_run):
+    data = small_layout(tmp_path / "data")
+    (data / "val_img" / "000002.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    out = tmp_path / "label_val.txt"
+    result = cli("predict", str(data), "--run", str(trained_run), "--output", str(out))
+    assert_user_error(result, "000002.jpg: cannot decode image")
+    assert "--skip-bad" not in result.stderr  # train's option: every test image needs a label
+    assert not out.exists() and not (tmp_path / "predictions.csv").exists()
+
+
 def test_non_finite_loss_stops_with_the_epoch_and_step(tmp_path, dataset_dir):
     result = train(dataset_dir, tmp_path / "run", "--lr", "1e30", "--batch-size", "16")
     assert_user_error(result, "loss became infinite or NaN at epoch 1, step 2", "--lr")

@@ -76,11 +76,12 @@ def load_images(
     workers: int | None = None,
     extra: bytes = b"",
     skip_bad: bool = False,
+    hint: str = "",
 ) -> Loaded:
     """The decoded (N, 64, 64, 3) array of `images`, from the cache when it is there.
 
-    Images that cannot be decoded are an error, or with `skip_bad` listed in `audit.bad` (the
-    cache remembers them either way). With `cache_dir` None nothing is cached. A cache folder that cannot be written is a warning,
+    Images that cannot be decoded are an error (ended by `hint`, see `decode.SKIP_HINT`), or
+    with `skip_bad` listed in `audit.bad` (the cache remembers them either way). With `cache_dir` None nothing is cached. A cache folder that cannot be written is a warning,
     not an error: the images are decoded in memory instead.
     """
     start = time.perf_counter()
@@ -91,7 +92,7 @@ def load_images(
             log.warning("not caching decoded images: %s", e)
             cache_dir = None
     if cache_dir is None:
-        array, audit = decode_images(images, workers, skip_bad=skip_bad)
+        array, audit = decode_images(images, workers, skip_bad=skip_bad, hint=hint)
         return Loaded(array, audit, "off", time.perf_counter() - start)
 
     key = fingerprint(images, extra)
@@ -103,7 +104,7 @@ def load_images(
             array = np.load(npy, mmap_mode="c")
             audit = Audit.from_dict(json.loads(meta.read_text())["audit"])
             if array.shape == (len(images), SIZE, SIZE, 3) and array.dtype == np.uint8:
-                audit.check(skip_bad)
+                audit.check(skip_bad, hint)
                 log.info("decoded images of %s found in the cache", images.describe())
                 return Loaded(array, audit, "hit", time.perf_counter() - start, str(npy))
         except (OSError, ValueError, KeyError, json.JSONDecodeError):
@@ -126,7 +127,7 @@ def load_images(
             "decode_s": seconds,
         },
     )
-    audit.check(skip_bad)
+    audit.check(skip_bad, hint)
     log.info(
         "decoded %d images of %s in %.1fs (%.0f images/s)",
         len(images),

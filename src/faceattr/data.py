@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -54,7 +55,10 @@ class FolderSource:
             return sorted(e.name for e in it if e.is_dir() and not e.name.startswith((".", "__")))
 
     def read(self, rel: str) -> bytes:
-        return (self.root / rel).read_bytes()
+        try:
+            return (self.root / rel).read_bytes()
+        except OSError as e:
+            raise FaceAttrError(f"{self.root / rel}: cannot be read ({e.strerror or e})") from None
 
     def local(self, rel: str) -> Path:
         """The path on disk that holds `rel`."""
@@ -67,6 +71,18 @@ class FolderSource:
 
     def describe(self, rel: str) -> str:
         return str(self.root / rel)
+
+
+# An encrypted member (RuntimeError), a bad CRC or a damaged stream, a method zipfile lacks: the
+# member's fault, named like an image that cannot be decoded.
+_MEMBER_ERRORS = (
+    RuntimeError,
+    zipfile.BadZipFile,
+    zlib.error,
+    EOFError,
+    NotImplementedError,
+    OSError,
+)
 
 
 class ZipSource:
@@ -109,8 +125,13 @@ class ZipSource:
         return sorted(d for d in tops if not d.startswith((".", "__")))
 
     def read(self, rel: str) -> bytes:
-        with self._lock:
-            return self.zip.read(rel)
+        try:
+            with self._lock:
+                return self.zip.read(rel)
+        except _MEMBER_ERRORS as e:
+            raise FaceAttrError(
+                f"{self.describe(rel)}: cannot be read from the zip ({e})"
+            ) from None
 
     def local(self, rel: str) -> Path:
         """The path on disk that holds `rel`: the archive."""

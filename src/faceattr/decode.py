@@ -39,6 +39,9 @@ CHUNK = 256  # images per task: large enough to amortise the hand-off, small eno
 PARALLEL_FROM = 4 * CHUNK  # fewer images decode faster than worker processes start
 
 
+SKIP_HINT = "; --skip-bad leaves such images out of training"  # train's option
+
+
 @dataclass
 class Audit:
     """What decoding found: original sizes and modes, and how many images had to be converted."""
@@ -76,14 +79,17 @@ class Audit:
         bad = {int(i): why for i, why in d.get("bad", {}).items()}
         return cls(Counter(d["sizes"]), Counter(d["modes"]), d["resized"], d["converted"], bad)
 
-    def check(self, skip_bad: bool) -> None:
-        """Stop at images that could not be decoded, or, with `skip_bad`, warn about them."""
+    def check(self, skip_bad: bool, hint: str = "") -> None:
+        """Stop at images that could not be decoded, or, with `skip_bad`, warn about them.
+
+        `hint` ends the error's line: how the command that met them may go on (SKIP_HINT).
+        """
         if not self.bad:
             return
         first = self.bad[min(self.bad)]
         more = f" (and {len(self.bad) - 1} more)" if len(self.bad) > 1 else ""
         if not skip_bad:
-            raise FaceAttrError(f"{first}{more}; --skip-bad leaves such images out of training")
+            raise FaceAttrError(f"{first}{more}{hint}")
         log.warning(
             "leaving out %d image(s) that cannot be decoded: %s%s", len(self.bad), first, more
         )
@@ -105,11 +111,24 @@ def decode_into(raw: bytes, where: str, dest: np.ndarray) -> tuple[tuple[int, in
     return _decode_with_pil(raw, where, dest)
 
 
+# What PIL raises for a file it cannot read; a decompression bomb is an image of over 179
+# megapixels, which would take gigabytes to open and end as 64x64 anyway.
+_UNDECODABLE = (
+    UnidentifiedImageError,
+    Image.DecompressionBombError,
+    OSError,
+    SyntaxError,
+    ValueError,
+)
+
+
 def _decode_with_pil(raw: bytes, where: str, dest: np.ndarray) -> tuple[tuple[int, int], str]:
     """Any format PIL reads; non-square images are centre-cropped first so faces keep their shape."""
     try:
         with Image.open(io.BytesIO(raw)) as im:
             size, mode = im.size, im.mode
+            if mode.startswith("I") or mode == "F":  # I, I;16, I;16B, F...: not 8 bits
+                im = _to_8_bits(im)
             if im.mode != "RGB":
                 im = im.convert("RGB")
             if im.size != (SIZE, SIZE):
@@ -119,9 +138,23 @@ def _decode_with_pil(raw: bytes, where: str, dest: np.ndarray) -> tuple[tuple[in
                 box = (left, top, left + side, top + side)
                 im = im.resize((SIZE, SIZE), Image.Resampling.BICUBIC, box=box)
             dest[...] = np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except _UNDECODABLE as e:
         raise FaceAttrError(f"{where}: cannot decode image ({e})") from None
     return size, mode
+
+
+def _to_8_bits(im: Image.Image) -> Image.Image:
+    """A 16-bit or float grayscale image as 8-bit: PIL's own conversion clips it, mostly to white.
+
+    16-bit modes (and 32-bit ones holding values above 255) scale from 0..65535, floats in 0..1
+    from 0..1; anything else is taken as 0..255 already.
+    """
+    a = np.asarray(im, dtype=np.float64)
+    top = a.max(initial=0)
+    scale = 255 / 65535 if im.mode.startswith("I;16") or top > 255 else 1.0
+    if im.mode == "F" and top <= 1:
+        scale = 255.0
+    return Image.fromarray(np.clip(np.rint(a * scale), 0, 255).astype(np.uint8), "L")
 
 
 def decode_image(raw: bytes, where: str = "image") -> tuple[np.ndarray, tuple[int, int], str]:
@@ -177,11 +210,12 @@ def decode_images(
     workers: int | None = None,
     out: np.ndarray | None = None,
     skip_bad: bool = False,
+    hint: str = "",
 ) -> tuple[np.ndarray, Audit]:
     """Decode every image of `images` into `out` (a new array if None), in parallel when it pays.
 
-    An image that cannot be decoded is an error naming it; with `skip_bad` it is left as zeros
-    and recorded in `Audit.bad` for the caller to drop. Worker processes write into `out` directly when it is a memory-mapped file (the cache);
+    An image that cannot be decoded is an error naming it (ended by `hint`); with `skip_bad` it
+    is left as zeros and recorded in `Audit.bad` for the caller to drop. Worker processes write into `out` directly when it is a memory-mapped file (the cache);
     otherwise they write into shared memory, which becomes (or is copied into) `out`.
     """
     paths = images.paths()
@@ -208,7 +242,7 @@ def decode_images(
                         shown.update(sum(part.sizes.values()) + len(part.bad))
             finally:
                 _JOB.clear()
-    audit.check(skip_bad)
+    audit.check(skip_bad, hint)
     if given is not None and given is not out:
         given[...] = out
         out = given

@@ -25,6 +25,7 @@ from faceattr.batches import DeviceImages
 from faceattr.cache import load_images
 from faceattr.checkpoints import remove_training_state, save_fold_model
 from faceattr.data import Dataset, ImageSet
+from faceattr.decode import SKIP_HINT
 from faceattr.distributed import SINGLE, Ranks
 from faceattr.ensemble import decision_rule
 from faceattr.errors import FaceAttrError
@@ -92,7 +93,9 @@ def train_run(
             "--overwrite starts it again"
         )
     workers = cfg.workers or max(1, (os.cpu_count() or 1) // ranks.world)
-    loaded = load_images(train_images, cfg.cache, workers, labels.tobytes(), cfg.skip_bad)
+    loaded = load_images(
+        train_images, cfg.cache, workers, labels.tobytes(), cfg.skip_bad, SKIP_HINT
+    )
     array, names = loaded.array, train_images.names
     if loaded.audit.bad:  # --skip-bad: leave them out
         keep = np.setdiff1d(np.arange(len(labels)), sorted(loaded.audit.bad))
