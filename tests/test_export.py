@@ -71,3 +71,17 @@ def test_onnx_user_errors(dataset_dir, trained_run, tmp_path):
         cli("predict", str(dataset_dir), "--onnx", str(tmp_path), "--run", str(trained_run)),
         "exactly one of",
     )
+
+
+def test_an_export_missing_a_fold_or_edited_by_hand_is_refused(trained_run, tmp_path):
+    from faceattr.errors import FaceAttrError
+    from faceattr.export import OnnxEnsemble, export_onnx
+
+    export_onnx(trained_run / "models", tmp_path / "onnx")
+    assert OnnxEnsemble(tmp_path / "onnx").folds == [1, 2]
+    (tmp_path / "onnx" / "fold_2.onnx").unlink()
+    with pytest.raises(FaceAttrError, match=r"lists folds \[1, 2\]: fold_2\.onnx is missing"):
+        OnnxEnsemble(tmp_path / "onnx")
+    (tmp_path / "onnx" / "ensemble.json").write_text('{"folds": [1], "threshold": -1, "tta": true}')
+    with pytest.raises(FaceAttrError, match=r"threshold must be in \[0, 1\], got -1"):
+        OnnxEnsemble(tmp_path / "onnx")

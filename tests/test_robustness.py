@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -295,3 +296,106 @@ def test_seed_train_continues_an_interrupted_save_dir(dataset_dir, tmp_path):
     result = seed_main("--mode=train", *seed_args, cwd=tmp_path)  # finished: trained afresh
     assert result.returncode == 0 and "finished before" not in result.stderr
     assert len(read_lines(tmp_path / "RUN" / "folds.csv")) == 161
+
+
+def in_process(capsys, *args: str) -> tuple[int, list[str]]:
+    """`faceattr ARGS` run here (no interpreter to start): exit code and stderr's lines."""
+    from faceattr.cli import main
+
+    code = main(list(args))
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def predict(capsys, data, run, *options: str) -> tuple[int, list[str]]:
+    return in_process(capsys, "predict", str(data), "--run", str(run), "-q", *options)
+
+
+def test_predict_refuses_impossible_options_before_writing(
+    tmp_path, dataset_dir, trained_run, capsys
+):
+    (tmp_path / "folder").mkdir()
+    labels = str(tmp_path / "labels.txt")
+    cases = {
+        "is a folder; name the label file": ["--output", str(tmp_path / "folder")],
+        "--output does not name a file": ["--output", ""],
+        "predictions.csv is the table written": ["--output", str(tmp_path / "predictions.csv")],
+        "--threshold must be in [0, 1], got nan": ["--output", labels, "--threshold", "nan"],
+        "--threshold must be in [0, 1], got 2.0": ["--output", labels, "--threshold", "2"],
+        "--batch-size must be at least 1, got -5": ["--output", labels, "--batch-size", "-5"],
+    }
+    for message, options in cases.items():
+        code, err = predict(capsys, dataset_dir, trained_run, *options)
+        assert code == 2 and len(err) == 1 and message in err[0], err
+    assert [p.name for p in tmp_path.iterdir()] == ["folder"]
+
+
+DAMAGED_RUNS = {
+    "ensemble.json": [
+        ('{"threshold": "abc"}', "threshold must be a number, got 'abc'"),
+        ('{"threshold": null}', "threshold must be a number, got None"),
+        ("[1, 2]", "does not hold the ensemble's settings"),
+        ('{"tta": "no"}', "tta must be true or false, got 'no'"),
+        ('{"threshold": 1.5}', "threshold must be in [0, 1], got 1.5"),
+    ],
+    "fold_1.json": [("[1]", "fold_1.json does not hold a fold's settings")],
+}
+
+
+def test_a_damaged_run_is_one_line_and_writes_nothing(tmp_path, dataset_dir, trained_run, capsys):
+    labels, run = tmp_path / "labels.txt", tmp_path / "run"
+
+    def damaged(name: str, text: str | None) -> Path:
+        shutil.rmtree(run, ignore_errors=True)
+        shutil.copytree(trained_run, run)
+        if text is None:
+            (run / "models" / name).unlink()
+        else:
+            (run / "models" / name).write_text(text)
+        return run
+
+    for name, cases in DAMAGED_RUNS.items():
+        for text, message in cases:
+            code, err = predict(capsys, dataset_dir, damaged(name, text), "--output", str(labels))
+            assert code == 2 and len(err) == 1 and message in err[0], (text, err)
+    damaged("ensemble.json", None)  # an older run: it votes at its folds' own threshold
+    (run / "models" / "fold_1.json").write_text('{"arch": "simple", "threshold": "x"}')
+    code, err = predict(capsys, dataset_dir, run, "--output", str(labels))
+    assert code == 2 and "fold_1.json: threshold must be a number, got 'x'" in err[0]
+    # One model short, the ensemble would not be the one its threshold was chosen for.
+    code, err = predict(
+        capsys, dataset_dir, damaged("fold_2.safetensors", None), "--output", str(labels)
+    )
+    assert code == 2 and "fold_2.safetensors is missing" in err[0]
+    (run / "models" / "fold_2.json").unlink()  # both of its files gone: the ensemble lists it
+    code, err = predict(capsys, dataset_dir, run, "--output", str(labels))
+    assert code == 2 and "lists folds [1, 2]: fold_2.safetensors is missing" in err[0], err
+    assert not labels.exists() and not (tmp_path / "predictions.csv").exists()
+
+
+def test_a_damaged_run_json_costs_the_report_not_the_labels(
+    tmp_path, dataset_dir, trained_run, capsys
+):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "run.json").write_text("[]")
+    labels = tmp_path / "labels.txt"
+    code, err = in_process(
+        capsys, "predict", str(dataset_dir), "--run", str(run), "--output", str(labels)
+    )
+    assert code == 0 and len(read_lines(labels)) == 40
+    assert any("report was not updated" in line for line in err)
+    for text in ("[]", '{"status": "complete"}'):
+        (run / "run.json").write_text(text)
+        code, err = in_process(capsys, "report", str(run))
+        assert code == 2 and len(err) == 1 and "lacks what a report needs" in err[0], err
+
+
+def test_a_weights_file_torch_cannot_read_is_one_line(tmp_path, dataset_dir, capsys):
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint" * 10)
+    options = ["--arch", "resnet18", "--pretrained", str(garbage), "-q"]
+    code, err = in_process(
+        capsys, "train", str(dataset_dir), "--out", str(tmp_path / "run"), *options
+    )
+    assert code == 2 and len(err) == 1 and "cannot read pretrained weights" in err[0], err
+    assert not (tmp_path / "run").exists()

@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from faceattr.errors import FaceAttrError
+from faceattr.errors import FaceAttrError, first_line
 from faceattr.models import create_model
 from faceattr.outputs import atomic_path, write_json
 
@@ -61,6 +61,10 @@ def load_fold_models(models_dir: str | Path) -> list[FoldModel]:
     found = fold_files(models_dir, ".safetensors")
     if not found:
         raise FaceAttrError(f"{models_dir} holds no fold_K.safetensors model")
+    described = {fold for fold, _ in fold_files(models_dir, ".json")}
+    missing = sorted(described - {fold for fold, _ in found})
+    if missing:
+        raise FaceAttrError(f"{models_dir}: fold_{missing[0]}.safetensors is missing")
     loaded = []
     for fold, weights in found:
         config_path = weights.with_suffix(".json")
@@ -68,11 +72,13 @@ def load_fold_models(models_dir: str | Path) -> list[FoldModel]:
             config = json.loads(config_path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise FaceAttrError(f"cannot read {config_path}: {e}") from None
+        if not isinstance(config, dict):
+            raise FaceAttrError(f"{config_path} does not hold a fold's settings")
         model = create_model(config.get("arch", "?"))
         try:
             model.load_state_dict(load_file(str(weights)))
         except Exception as e:  # a corrupt or mismatched file is the user's to fix
-            raise FaceAttrError(f"cannot load {weights}: {str(e).splitlines()[0]}") from None
+            raise FaceAttrError(f"cannot load {weights}: {first_line(e)}") from None
         loaded.append(FoldModel(fold, model.eval(), config))
     return loaded
 
@@ -84,13 +90,39 @@ def load_ensemble_settings(models_dir: str | Path, models: list[FoldModel]) -> d
     (0.5 unless they say otherwise), without test-time augmentation.
     """
     path = Path(models_dir) / "ensemble.json"
-    settings = {"threshold": float(models[0].config.get("threshold", 0.5)), "tta": False}
+    settings = {"threshold": models[0].config.get("threshold", 0.5), "tta": False}
     if path.exists():
         try:
-            settings.update(json.loads(path.read_text()))
+            saved = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise FaceAttrError(f"cannot read {path}: {e}") from None
-    return settings
+        if not isinstance(saved, dict):
+            raise FaceAttrError(f"{path} does not hold the ensemble's settings")
+        settings.update(saved)
+    else:
+        path = Path(models_dir) / f"fold_{models[0].fold}.json"
+    return checked_settings(settings, path, [m.fold for m in models], ".safetensors")
+
+
+def checked_settings(settings: dict, path: Path, folds: list[int], suffix: str) -> dict:
+    """`settings` (read from `path`) if they can decide for the fold models `folds` found.
+
+    Train and export list their folds: one missing would make a smaller ensemble than the
+    one whose threshold was chosen. A hand-edited file fails here, in one line, not mid-way.
+    """
+    expected = settings.get("folds", folds)
+    if expected != folds:
+        missing = [f for f in expected if f not in folds] if isinstance(expected, list) else []
+        what = f"fold_{missing[0]}{suffix} is missing" if missing else f"found {folds}"
+        raise FaceAttrError(f"{path} lists folds {expected}: {what}")
+    threshold, tta = settings.get("threshold"), settings.get("tta")
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float):
+        raise FaceAttrError(f"{path}: threshold must be a number, got {threshold!r}")
+    if not 0 <= threshold <= 1:
+        raise FaceAttrError(f"{path}: threshold must be in [0, 1], got {threshold}")
+    if not isinstance(tta, bool):
+        raise FaceAttrError(f"{path}: tta must be true or false, got {tta!r}")
+    return {**settings, "threshold": float(threshold)}
 
 
 # --- epoch checkpoints: everything needed to continue a fold exactly where it stopped ----------

@@ -7,3 +7,10 @@ message that fits on one line; the CLI prints it and exits non-zero, never with 
 
 class FaceAttrError(Exception):
     """A problem with the user's input or environment, explained in one line."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of a library's error message: some run to a paragraph of advice that does
+    not apply here (torch.load's on weights_only, for one)."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__

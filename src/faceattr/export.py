@@ -15,7 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from faceattr.checkpoints import fold_files, load_ensemble_settings, load_fold_models
+from faceattr.checkpoints import (
+    checked_settings,
+    fold_files,
+    load_ensemble_settings,
+    load_fold_models,
+)
 from faceattr.ensemble import inference_batch_size
 from faceattr.errors import FaceAttrError
 from faceattr.outputs import atomic_path, ensure_writable_dir, write_json
@@ -68,16 +73,19 @@ class OnnxEnsemble:
             raise FaceAttrError("--onnx needs onnxruntime: pip install onnxruntime") from None
         folder = Path(folder)
         try:
-            self.settings = json.loads((folder / "ensemble.json").read_text())
+            settings = json.loads((folder / "ensemble.json").read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise FaceAttrError(f"{folder} is not a faceattr ONNX export ({e})") from None
         files = fold_files(folder, ".onnx")
         if not files:
             raise FaceAttrError(f"{folder} holds no fold_K.onnx model")
+        if not isinstance(settings, dict):
+            raise FaceAttrError(f"{folder / 'ensemble.json'} does not hold the ensemble's settings")
+        self.folds = [fold for fold, _ in files]
+        self.settings = checked_settings(settings, folder / "ensemble.json", self.folds, ".onnx")
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.folds = [fold for fold, _ in files]
         self.sessions = [ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
                          for _, p in files]  # fmt: skip
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from faceattr.errors import FaceAttrError
+from faceattr.errors import FaceAttrError, first_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -285,7 +285,7 @@ def load_imagenet_weights(net: nn.Module, path: Path, blocks: str, name: str) ->
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any unreadable file is the user's to fix
-        raise FaceAttrError(f"cannot read pretrained weights {path}: {e}") from None
+        raise FaceAttrError(f"cannot read pretrained weights {path}: {first_line(e)}") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -14,6 +14,7 @@ from faceattr.cache import load_images
 from faceattr.checkpoints import load_ensemble_settings, load_fold_models
 from faceattr.data import ImageSet
 from faceattr.ensemble import ensemble_scores, inference_batch_size, vote
+from faceattr.errors import FaceAttrError
 from faceattr.export import OnnxEnsemble
 from faceattr.metrics import scores_to_labels
 from faceattr.models import for_inference
@@ -46,7 +47,11 @@ def predict(
     scores the images.
     """
     started = time.perf_counter()
-    output = Path(output)
+    output = check_output(Path(output))
+    if threshold is not None and not 0 <= threshold <= 1:  # NaN too
+        raise FaceAttrError(f"--threshold must be in [0, 1], got {threshold}")
+    if batch_size is not None and batch_size < 1:
+        raise FaceAttrError(f"--batch-size must be at least 1, got {batch_size}")
     ensure_writable_dir(output.parent)
     ensemble = OnnxEnsemble(models_dir) if onnx else TorchEnsemble(models_dir, device)
     threshold = ensemble.settings["threshold"] if threshold is None else threshold
@@ -60,7 +65,7 @@ def predict(
     share, majority_label = vote(scores, "majority", threshold)
     labels = soft_label if rule == "soft" else majority_label
 
-    csv_path = output.with_name("predictions.csv")
+    csv_path = output.with_name(TABLE)
     folds = ensemble.folds
     header = [
         "image",
@@ -111,14 +116,29 @@ def predict(
     }
     log.info("scored %d images with %d models in %.1fs", len(labels), len(folds), score_s)
     run = Path(models_dir).parent
-    if (
-        not onnx and (run / "run.json").exists()
-    ):  # a run folder: its report gains a prediction section
+    if not onnx and (run / "run.json").exists():  # a run folder: its report gains a section
         plots.prediction_scores(soft_score, threshold, run / "prediction" / "scores.png")
         plots.model_agreement(votes, run / "prediction" / "agreement.png")
         write_json(run / "prediction" / "prediction.json", summary)
-        summary["report"] = str(build_report(run))
+        try:
+            summary["report"] = str(build_report(run))
+        except FaceAttrError as e:  # the labels are written: a damaged run.json only costs this
+            log.warning("the run's report was not updated: %s", e)
     return summary
+
+
+TABLE = "predictions.csv"  # written beside the label file
+
+
+def check_output(output: Path) -> Path:
+    """The label file's path, if it can be one: a file name, not a folder, not the table's."""
+    if output.name in ("", ".", ".."):
+        raise FaceAttrError("--output does not name a file")
+    if output.is_dir():
+        raise FaceAttrError(f"--output {output} is a folder; name the label file to write")
+    if output.name == TABLE:
+        raise FaceAttrError(f"--output {output}: {TABLE} is the table written beside the labels")
+    return output
 
 
 class TorchEnsemble:

@@ -80,14 +80,21 @@ def build_report(run: str | Path) -> Path:
         summary = json.loads((run / "run.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise FaceAttrError(f"{run} is not a faceattr run folder (run.json: {e})") from None
-    cfg = summary.get("config", {})
-    parts = [_overview(summary), _settings(summary), _data(run, summary), _training(run, summary)]
-    if summary.get("status") == "complete":
-        parts.append(_evaluation(run, summary))
-    prediction = run / "prediction" / "prediction.json"
-    if prediction.exists():
-        parts.append(_prediction(run, json.loads(prediction.read_text())))
-    parts.append(_timings(summary))
+    try:
+        cfg = summary.get("config", {})
+        parts = [_overview(summary), _settings(summary), _data(run, summary)]
+        parts.append(_training(run, summary))
+        if summary.get("status") == "complete":
+            parts.append(_evaluation(run, summary))
+        prediction = run / "prediction" / "prediction.json"
+        if prediction.exists():
+            parts.append(_prediction(run, json.loads(prediction.read_text())))
+        parts.append(_timings(summary))
+    # A run.json (or prediction.json) edited by hand, or cut short: what train writes has them all.
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError) as e:
+        raise FaceAttrError(
+            f"{run}: run.json (or prediction/prediction.json) lacks what a report needs ({e!r})"
+        ) from None
     title = f"faceattr run: {cfg.get('arch', '?')}, {cfg.get('folds', '?')} folds"
     page = (
         f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}"

@@ -212,7 +212,12 @@ def train_run(
     oof_labels = scores_to_labels(oof, decision["threshold"])
     write_json(
         out / "models" / "ensemble.json",
-        {"threshold": decision["threshold"], "vote": "soft", "tta": cfg.tta},
+        {
+            "threshold": decision["threshold"],
+            "vote": "soft",
+            "tta": cfg.tta,
+            "folds": list(range(1, cfg.folds + 1)),
+        },
     )
     write_csv(
         out / "oof.csv",
