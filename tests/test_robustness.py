@@ -399,3 +399,42 @@ def test_a_weights_file_torch_cannot_read_is_one_line(tmp_path, dataset_dir, cap
     )
     assert code == 2 and len(err) == 1 and "cannot read pretrained weights" in err[0], err
     assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_while_torch_loads_is_one_line(capsys):
+    from faceattr.cli import parse
+
+    def loading_torch():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as e:
+        parse(loading_torch, ["train", "data"])
+    assert e.value.code == 130 and capsys.readouterr().err == "faceattr: interrupted\n"
+    # ...and the command's module loads without torch, so that is where torch loads.
+    code = "import sys, faceattr.cli, faceattr.seed; print('torch' in sys.modules)"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
+        == "False\n"
+    )
+
+
+def test_demo_sizes_it_cannot_split_are_refused_before_writing(tmp_path, capsys):
+    for options in (["--n-train", "5"], ["--n-train", "-5"], ["--n-test", "0"]):
+        code, err = in_process(capsys, "demo", "--out", str(tmp_path / "demo"), *options)
+        assert code == 2 and len(err) == 1 and "the demo needs --n-train 50 or more" in err[0]
+    assert not (tmp_path / "demo").exists()
+
+
+def test_evaluate_needs_both_classes_and_probabilities(tmp_path, capsys):
+    (tmp_path / "pred.txt").write_text("0\n1\n1\n")
+    (tmp_path / "one_class.txt").write_text("1\n1\n1\n")
+    (tmp_path / "truth.txt").write_text("0\n1\n1\n")
+    rows = ["image,soft_score,soft_label", "1,0.1,0", "2,nan,1", "3,0.9,1"]
+    (tmp_path / "predictions.csv").write_text("\n".join(rows) + "\n")
+    pred = ["evaluate", "--pred", str(tmp_path / "pred.txt")]
+    code, err = in_process(capsys, *pred, "--truth", str(tmp_path / "one_class.txt"))
+    assert code == 2 and "holds label 1 only: HTER weighs both classes" in err[0]
+    scores = ["--scores", str(tmp_path / "predictions.csv"), "--plots", str(tmp_path / "plots")]
+    code, err = in_process(capsys, *pred, "--truth", str(tmp_path / "truth.txt"), *scores)
+    assert code == 2 and "soft_score must be probabilities in [0, 1]" in err[0]
+    assert not (tmp_path / "plots").exists()

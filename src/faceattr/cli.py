@@ -11,18 +11,19 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-
 import faceattr
-from faceattr.augment import MIXES, POLICIES
 from faceattr.errors import FaceAttrError
-from faceattr.models import IMAGENET, MODELS
 
+# torch (and what imports it) loads inside `main`, where Ctrl-C during its second of loading is
+# caught like any other: "interrupted", not a traceback.
 if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
     from faceattr.train import TrainConfig
 
 log = logging.getLogger("faceattr")
@@ -180,6 +181,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from faceattr.metrics import auc, equal_error_rate
 
     pred, truth = read_labels(args.pred), read_labels(args.truth)
+    if len(set(truth.tolist())) < 2:
+        raise FaceAttrError(
+            f"{args.truth} holds label {truth[0]} only: HTER weighs both classes, so it needs both"
+        )
     if len(pred) != len(truth):
         raise FaceAttrError(
             f"{args.pred} has {len(pred)} lines but {args.truth} has {len(truth)}; they must agree"
@@ -206,6 +211,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def read_scores(path: str | Path, n: int) -> tuple[np.ndarray, float]:
     """The ensemble scores of a predictions.csv, and the threshold its labels imply."""
+    import numpy as np
+
     try:
         with open(path) as f:
             rows = list(csv.DictReader(f))
@@ -215,6 +222,8 @@ def read_scores(path: str | Path, n: int) -> tuple[np.ndarray, float]:
         raise FaceAttrError(f"{path} is not a predictions.csv written by predict ({e})") from None
     if len(scores) != n:
         raise FaceAttrError(f"{path} has {len(scores)} rows but the truth has {n} labels")
+    if not ((scores >= 0) & (scores <= 1)).all():  # NaN too
+        raise FaceAttrError(f"{path}: soft_score must be probabilities in [0, 1]")
     above = scores[labels == 1]
     return scores, float(above.min()) if len(above) else 1.0
 
@@ -252,6 +261,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
+    from faceattr.augment import MIXES, POLICIES
+    from faceattr.models import IMAGENET, MODELS
+
     p.add_argument(
         "--arch",
         choices=sorted(MODELS),
@@ -433,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_command(func, args: argparse.Namespace) -> int:
     """Run a command; a user's error becomes one line on stderr and exit code 2."""
+    import torch
+
     setup_logging(args.quiet, args.verbose)
     try:
         return func(args)
@@ -454,6 +468,15 @@ def run_command(func, args: argparse.Namespace) -> int:
         return 2
 
 
+def parse(parser: Callable[[], argparse.ArgumentParser], argv: list[str] | None):
+    """The parsed command line, or exit 130 if Ctrl-C comes while the parser imports torch."""
+    try:
+        return parser().parse_args(argv)
+    except KeyboardInterrupt:
+        print("faceattr: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(build_parser, argv)
     return run_command(args.func, args)

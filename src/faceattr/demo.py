@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from faceattr.data import load_dataset, read_labels
+from faceattr.errors import FaceAttrError
 from faceattr.explore import explore
 from faceattr.metrics import error_rates
 from faceattr.outputs import write_text
@@ -19,11 +20,18 @@ from faceattr.train import TrainConfig
 
 log = logging.getLogger("faceattr")
 
+MIN_TRAIN = 50  # 12 % of them wear glasses or a hat: enough for 3 folds of both classes
+
 
 def run_demo(
     out: str | Path, device: torch.device, n_train: int = 2000, n_test: int = 500, epochs: int = 6
 ) -> dict:
     """Run the whole pipeline on a fresh synthetic dataset under `out`; return the test metrics."""
+    if n_train < MIN_TRAIN or n_test < 1 or epochs < 1:
+        raise FaceAttrError(
+            f"the demo needs --n-train {MIN_TRAIN} or more (3 folds of both classes), --n-test and "
+            f"--epochs 1 or more; got {n_train}, {n_test} and {epochs}"
+        )
     out = Path(out)
     started = time.perf_counter()
     log.info("making a synthetic dataset of %d training and %d test faces", n_train, n_test)

@@ -13,6 +13,7 @@ from faceattr.cli import (
     add_predict_options,
     add_train_options,
     cache_dir,
+    parse,
     run_command,
     run_predict,
     run_train,
@@ -67,5 +68,5 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(build_parser, argv)
     return run_command(run, args)
