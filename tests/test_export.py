@@ -85,3 +85,13 @@ def test_an_export_missing_a_fold_or_edited_by_hand_is_refused(trained_run, tmp_
     (tmp_path / "onnx" / "ensemble.json").write_text('{"folds": [1], "threshold": -1, "tta": true}')
     with pytest.raises(FaceAttrError, match=r"threshold must be in \[0, 1\], got -1"):
         OnnxEnsemble(tmp_path / "onnx")
+    (tmp_path / "onnx" / "ensemble.json").write_text(
+        '{"folds": [1], "threshold": 0.5, "tta": true}'
+    )
+    onnx_1 = tmp_path / "onnx" / "fold_1.onnx"
+    onnx_1.write_bytes(onnx_1.read_bytes()[:500])  # cut short
+    with pytest.raises(FaceAttrError, match=r"cannot load .*fold_1\.onnx"):
+        OnnxEnsemble(tmp_path / "onnx")
+    (tmp_path / "onnx" / "fold_3.onnx").write_bytes(b"")  # another export's
+    with pytest.raises(FaceAttrError, match=r"holds fold_3\.onnx from another export"):
+        export_onnx(trained_run / "models", tmp_path / "onnx")

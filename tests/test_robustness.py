@@ -163,6 +163,7 @@ def test_a_test_image_that_cannot_be_decoded_stops_predict(tmp_path, trained_run
     result = cli("predict", str(data), "--run", str(trained_run), "--output", str(out))
     assert_user_error(result, "000002.jpg: cannot decode image")
     assert "--skip-bad" not in result.stderr  # train's option: every test image needs a label
+    assert "leaving out" not in result.stderr  # decoded for the cache: no warning before the error
     assert not out.exists() and not (tmp_path / "predictions.csv").exists()
 
 
@@ -329,6 +330,31 @@ def test_predict_refuses_impossible_options_before_writing(
     assert [p.name for p in tmp_path.iterdir()] == ["folder"]
 
 
+def test_predict_never_writes_over_its_inputs(tmp_path, trained_run, capsys):
+    data, run = small_layout(tmp_path / "data"), tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    os.mkfifo(tmp_path / "pipe")
+    inputs = [data / "label_train.txt", data / "val_img" / "000001.jpg", data / "val_img" / "new.txt",
+              run / "run.json", run / "models" / "labels.txt", run / "fold_1" / "labels.txt"]  # fmt: skip
+    before = {p: p.read_bytes() for p in [*data.rglob("*.*"), *run.rglob("*.*")]}
+    for output in inputs:
+        code, err = predict(capsys, data, run, "--output", str(output))
+        assert code == 2 and len(err) == 1 and "would overwrite or join an input" in err[0], err
+    code, err = predict(capsys, data, run, "--output", str(tmp_path / "pipe"))
+    assert code == 2 and "is not a regular file" in err[0]
+    assert {p: p.read_bytes() for p in [*data.rglob("*.*"), *run.rglob("*.*")]} == before
+    # Beside the data, or in the run folder beside what train wrote: fine.
+    for output in (data / "label_val.txt", run / "label_val.txt"):
+        assert predict(capsys, data, run, "--output", str(output))[0] == 0
+        assert len(read_lines(output)) == 3
+
+
+def test_what_the_system_refuses_is_one_line(tmp_path, dataset_dir, trained_run, capsys):
+    too_long = str(tmp_path / ("x" * 300 + ".txt"))  # a name over the file system's 255 bytes
+    code, err = predict(capsys, dataset_dir, trained_run, "--output", too_long)
+    assert code == 2 and len(err) == 1 and "File name too long" in err[0], err
+
+
 DAMAGED_RUNS = {
     "ensemble.json": [
         ('{"threshold": "abc"}', "threshold must be a number, got 'abc'"),
@@ -337,7 +363,10 @@ DAMAGED_RUNS = {
         ('{"tta": "no"}', "tta must be true or false, got 'no'"),
         ('{"threshold": 1.5}', "threshold must be in [0, 1], got 1.5"),
     ],
-    "fold_1.json": [("[1]", "fold_1.json does not hold a fold's settings")],
+    "fold_1.json": [
+        ("[1]", "fold_1.json does not hold a fold's settings"),
+        ('{"arch": ["simple"]}', "unknown model ['simple']"),
+    ],
 }
 
 

@@ -107,14 +107,14 @@ def load_images(
                 audit.check(skip_bad, hint)
                 log.info("decoded images of %s found in the cache", images.describe())
                 return Loaded(array, audit, "hit", time.perf_counter() - start, str(npy))
-        except (OSError, ValueError, KeyError, json.JSONDecodeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # JSON errors too
             pass
         log.warning("cache entry %s is damaged; decoding again", npy)
 
     shape = (len(images), SIZE, SIZE, 3)
     with atomic_path(npy) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-        _, audit = decode_images(images, workers, out=out, skip_bad=True)
+        _, audit = decode_images(images, workers, out=out, judge=False)
         out.flush()
         del out
     seconds = time.perf_counter() - start

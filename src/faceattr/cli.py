@@ -459,6 +459,10 @@ def run_command(func, args: argparse.Namespace) -> int:
     except BrokenPipeError:  # `faceattr ... | head`: the reader left, nothing is wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:  # the system refused: a name too long, a full disk, a lost mount...
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"faceattr: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except torch.OutOfMemoryError:
         size = getattr(args, "batch_size", None)
         hint = f" (it is {size})" if size else ""

@@ -211,11 +211,13 @@ def decode_images(
     out: np.ndarray | None = None,
     skip_bad: bool = False,
     hint: str = "",
+    judge: bool = True,
 ) -> tuple[np.ndarray, Audit]:
     """Decode every image of `images` into `out` (a new array if None), in parallel when it pays.
 
     An image that cannot be decoded is an error naming it (ended by `hint`); with `skip_bad` it
-    is left as zeros and recorded in `Audit.bad` for the caller to drop. Worker processes write into `out` directly when it is a memory-mapped file (the cache);
+    is left as zeros and recorded in `Audit.bad` for the caller to drop; with `judge` False,
+    too, but without a word: the caller judges (the cache, which stores the audit first). Worker processes write into `out` directly when it is a memory-mapped file (the cache);
     otherwise they write into shared memory, which becomes (or is copied into) `out`.
     """
     paths = images.paths()
@@ -242,7 +244,8 @@ def decode_images(
                         shown.update(sum(part.sizes.values()) + len(part.bad))
             finally:
                 _JOB.clear()
-    audit.check(skip_bad, hint)
+    if judge:
+        audit.check(skip_bad, hint)
     if given is not None and given is not out:
         given[...] = out
         out = given

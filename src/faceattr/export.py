@@ -22,7 +22,7 @@ from faceattr.checkpoints import (
     load_fold_models,
 )
 from faceattr.ensemble import inference_batch_size
-from faceattr.errors import FaceAttrError
+from faceattr.errors import FaceAttrError, first_line
 from faceattr.outputs import atomic_path, ensure_writable_dir, write_json
 
 PREPROCESSING = {
@@ -44,6 +44,9 @@ def export_onnx(models_dir: str | Path, out: str | Path, opset: int = 17) -> lis
     models = load_fold_models(models_dir)
     settings = load_ensemble_settings(models_dir, models)
     out = ensure_writable_dir(out)
+    stale = [p.name for fold, p in fold_files(out, ".onnx") if fold not in {m.fold for m in models}]
+    if stale:  # another export's: predict --onnx would refuse the mixture
+        raise FaceAttrError(f"{out} holds {stale[0]} from another export; choose an empty folder")
     paths = []
     example = torch.rand(2, 3, 64, 64)
     for m in models:
@@ -86,8 +89,15 @@ class OnnxEnsemble:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.sessions = [ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
-                         for _, p in files]  # fmt: skip
+        self.sessions = []
+        for _, path in files:
+            try:
+                session = ort.InferenceSession(
+                    str(path), options, providers=["CPUExecutionProvider"]
+                )
+            except Exception as e:  # onnxruntime's own errors: a truncated or foreign file
+                raise FaceAttrError(f"cannot load {path}: {first_line(e)}") from None
+            self.sessions.append(session)
 
     def scores(
         self, images: np.ndarray, batch_size: int | None = None, tta: bool = False

@@ -41,7 +41,7 @@ def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn
 
 def create_model(name: str, pretrained: str | Path | None = None) -> nn.Module:
     """Build the registered model `name`, optionally starting from ImageNet weights in a file."""
-    if name not in MODELS:
+    if not isinstance(name, str) or name not in MODELS:  # a hand-edited fold_K.json, say
         raise FaceAttrError(f"unknown model {name!r}; choose from {', '.join(sorted(MODELS))}")
     return MODELS[name](pretrained=pretrained)
 

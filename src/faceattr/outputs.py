@@ -22,6 +22,8 @@ from faceattr.errors import FaceAttrError
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `target`; rename it onto `target` only if the block succeeds."""
     target = Path(target)
+    if target.exists() and not target.is_file():  # a folder, /dev/null, a pipe: not ours to replace
+        raise FaceAttrError(f"cannot write {target}: it exists and is not a regular file")
     tmp_path = target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ import torch
 from faceattr import plots
 from faceattr.cache import load_images
 from faceattr.checkpoints import load_ensemble_settings, load_fold_models
-from faceattr.data import ImageSet
+from faceattr.data import LABEL_FILE, ImageSet
 from faceattr.ensemble import ensemble_scores, inference_batch_size, vote
 from faceattr.errors import FaceAttrError
 from faceattr.export import OnnxEnsemble
@@ -20,6 +20,7 @@ from faceattr.metrics import scores_to_labels
 from faceattr.models import for_inference
 from faceattr.outputs import ensure_writable_dir, write_csv, write_json, write_text
 from faceattr.report import build_report
+from faceattr.run import RUN_CONTENTS
 
 log = logging.getLogger("faceattr")
 
@@ -47,7 +48,7 @@ def predict(
     scores the images.
     """
     started = time.perf_counter()
-    output = check_output(Path(output))
+    output = check_output(Path(output), images, Path(models_dir))
     if threshold is not None and not 0 <= threshold <= 1:  # NaN too
         raise FaceAttrError(f"--threshold must be in [0, 1], got {threshold}")
     if batch_size is not None and batch_size < 1:
@@ -130,14 +131,28 @@ def predict(
 TABLE = "predictions.csv"  # written beside the label file
 
 
-def check_output(output: Path) -> Path:
-    """The label file's path, if it can be one: a file name, not a folder, not the table's."""
+def check_output(output: Path, images: ImageSet, models_dir: Path) -> Path:
+    """The label file's path, if it can be one: a file name, not a folder, not the table's, and
+    none of the command's inputs: the test images' folder or zip, the training labels beside them,
+    the models and what train wrote beside them."""
     if output.name in ("", ".", ".."):
         raise FaceAttrError("--output does not name a file")
     if output.is_dir():
         raise FaceAttrError(f"--output {output} is a folder; name the label file to write")
+    if output.exists() and not output.is_file():  # /dev/null, a pipe: renaming would replace it
+        raise FaceAttrError(f"--output {output} is not a regular file")
     if output.name == TABLE:
         raise FaceAttrError(f"--output {output}: {TABLE} is the table written beside the labels")
+    folder = images.source.local(images.folder)
+    inputs = [folder, models_dir, folder.parent / LABEL_FILE, images.source.local("") / LABEL_FILE]
+    run = models_dir.parent
+    if (run / "run.json").exists():  # what train wrote there; a label file may join them
+        inputs += [run / name for name in RUN_CONTENTS] + list(run.glob("fold_*"))
+    mine = output.resolve()
+    for where in inputs:
+        where = where.resolve()
+        if mine == where or (where.is_dir() and mine.is_relative_to(where)):
+            raise FaceAttrError(f"--output {output} would overwrite or join an input: {where}")
     return output
 
 
