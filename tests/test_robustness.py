@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_user_error, cli, read_lines, seed_main, write_image
+from conftest import assert_user_error, cli, read_lines, seed_main, train_args, write_image
 
 
 def small_layout(root, labels=(0, 1, 0, 1, 1, 1, 0, 1, 1, 1), n_test=3):
@@ -274,6 +274,23 @@ def test_resume_after_sigkill_gives_the_uninterrupted_result(dataset_dir, tmp_pa
     assert (run / "oof.csv").read_text() == (reference / "oof.csv").read_text()
     assert not checkpoint.exists()
     assert json.loads((run / "run.json").read_text())["resumed"] == 1
+
+
+def test_sigterm_unwinds_like_ctrl_c_and_the_run_resumes(dataset_dir, tmp_path):
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "faceattr", *train_args(dataset_dir, run, "--epochs", "8")]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run / "fold_1" / "checkpoint.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.terminate()  # SIGTERM, as a scheduler or `kill` sends
+    stderr = process.communicate(timeout=60)[1]
+    assert process.returncode == 143, stderr
+    assert stderr.strip().splitlines()[-1] == "faceattr: terminated" and "Traceback" not in stderr
+    assert not list(run.rglob("*.tmp")) and not list(run.rglob(".*.tmp"))  # none half-written
+    assert json.loads((run / "run.json").read_text())["status"] == "running"
+    result = cli("train", str(dataset_dir), "--out", str(run), "--resume")
+    assert result.returncode == 0 and "fold 1: resuming after epoch" in result.stderr
 
 
 def test_seed_train_continues_an_interrupted_save_dir(dataset_dir, tmp_path):

@@ -123,3 +123,24 @@ def test_other_recipes_train(recipe, dataset_dir, tmp_path):
     assert len(set(lrs)) == 2 and max(lrs) <= 1e-3  # the rate moves from epoch to epoch
     (model, *_) = load_fold_models(tmp_path / "run" / "models")
     assert model.config["arch"] == cfg.arch
+
+
+def test_two_trains_never_write_one_folder_at_once(dataset_dir, tmp_path):
+    import fcntl
+
+    from faceattr.run import _writing
+
+    cfg = TrainConfig(arch="simple", folds=2, epochs=1, batch_size=32)
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / ".lock", "a") as held:  # as a train running there holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(FaceAttrError, match="being written by another faceattr train"):
+            train_run(load_dataset(dataset_dir), cfg, run, torch.device("cpu"))
+    assert [p.name for p in run.iterdir()] == [".lock"]  # nothing else written
+    # A run.json that appeared after this run's checks saw none: another train got there first.
+    (run / "run.json").write_text('{"status": "running"}')
+    with pytest.raises(FaceAttrError, match=r"wrote .* meanwhile"), _writing(run, True, None):
+        pass
+    with _writing(run, True, {"status": "running"}):  # what the checks saw: fine
+        pass

@@ -10,7 +10,9 @@ import csv
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -443,13 +445,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the work is, so that it unwinds as from Ctrl-C: temporary files go."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def run_command(func, args: argparse.Namespace) -> int:
     """Run a command; a user's error becomes one line on stderr and exit code 2."""
     import torch
 
     setup_logging(args.quiet, args.verbose)
+    handles = threading.current_thread() is threading.main_thread()  # Python's rule for signals
+    before = signal.signal(signal.SIGTERM, _terminate) if handles else None
     try:
         return func(args)
+    except Terminated:
+        print("faceattr: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except FaceAttrError as e:
         print(f"faceattr: error: {e}", file=sys.stderr)
         return 2
@@ -470,6 +485,9 @@ def run_command(func, args: argparse.Namespace) -> int:
             f"faceattr: error: out of GPU memory; try a smaller --batch-size{hint}", file=sys.stderr
         )
         return 2
+    finally:
+        if handles:
+            signal.signal(signal.SIGTERM, before)
 
 
 def parse(parser: Callable[[], argparse.ArgumentParser], argv: list[str] | None):

@@ -13,6 +13,7 @@ import logging
 import mmap
 import multiprocessing as mp
 import os
+import signal
 import sys
 import warnings
 from collections import Counter
@@ -190,6 +191,7 @@ _JOB: dict = {}
 
 
 def _worker_init() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the pool ends its workers so: die quietly
     torch.set_num_threads(1)  # one process per core already
     _JOB["source"] = open_source(_JOB["path"])  # own file handle: a zip's offset is not shareable
 

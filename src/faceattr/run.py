@@ -14,8 +14,15 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 import numpy as np
 import torch
@@ -121,126 +128,127 @@ def train_run(
         "decode": loaded.summary(),
         "resumed": (previous or {}).get("resumed", 0) + 1 if resume else 0,
     }
-    if ranks.main:
-        if overwrite and previous is not None:
-            _clear_run(out)
-        ensure_writable_dir(out)
-        save_folds(out / "folds.csv", names, labels, fold_of)
-        write_json(out / "run.json", summary)
-        data_pictures(array, labels, {"train": summary["audit"]}, out / "data")
-    ranks.barrier()
+    with _writing(out, ranks.main, previous):
+        if ranks.main:
+            if overwrite and previous is not None:
+                _clear_run(out)
+            ensure_writable_dir(out)
+            save_folds(out / "folds.csv", names, labels, fold_of)
+            write_json(out / "run.json", summary)
+            data_pictures(array, labels, {"train": summary["audit"]}, out / "data")
+        ranks.barrier()
 
-    images = DeviceImages(array, device)
-    labels_t = torch.from_numpy(labels).to(device)
-    for k in range(cfg.folds):
-        fold = k + 1
-        fold_dir = out / f"fold_{fold}"
-        train_idx, val_idx = np.flatnonzero(fold_of != k), np.flatnonzero(fold_of == k)
-        if not (cfg.ddp or ranks.mine(k)):
-            continue  # another process trains this fold
-        if _finished_fold(out, fold) is not None:
-            log.info("fold %d/%d: finished before, kept", fold, cfg.folds)
-            continue
-        model = fold_model(cfg, fold, device)
-        log.info(
-            "fold %d/%d: %d training, %d validation images",
-            fold,
-            cfg.folds,
-            len(train_idx),
-            len(val_idx),
-        )
-        checkpoint = fold_dir / "checkpoint"
-        result = train_fold(
-            model, images, labels_t, train_idx, val_idx, cfg, fold, checkpoint, ranks
-        )
-        if cfg.ddp and not ranks.main:
-            continue  # rank 0 writes the fold trained by all
-        model.load_state_dict(result.state)
-        best = result.history[result.best_epoch - 1]
-        metrics = {key: best[key] for key in ("val_hter", "val_far", "val_frr", "val_loss")}
-        fold_summary = {
-            "fold": fold,
-            "best_epoch": result.best_epoch,
-            "train_seconds": result.seconds,
-            **metrics,
-        }
-        save_fold_model(
-            out / "models",
-            fold,
-            model,
-            {
-                "arch": cfg.arch,
-                "epoch": result.best_epoch,
-                "threshold": cfg.threshold,
-                "parameters": count_parameters(model),
+        images = DeviceImages(array, device)
+        labels_t = torch.from_numpy(labels).to(device)
+        for k in range(cfg.folds):
+            fold = k + 1
+            fold_dir = out / f"fold_{fold}"
+            train_idx, val_idx = np.flatnonzero(fold_of != k), np.flatnonzero(fold_of == k)
+            if not (cfg.ddp or ranks.mine(k)):
+                continue  # another process trains this fold
+            if _finished_fold(out, fold) is not None:
+                log.info("fold %d/%d: finished before, kept", fold, cfg.folds)
+                continue
+            model = fold_model(cfg, fold, device)
+            log.info(
+                "fold %d/%d: %d training, %d validation images",
+                fold,
+                cfg.folds,
+                len(train_idx),
+                len(val_idx),
+            )
+            checkpoint = fold_dir / "checkpoint"
+            result = train_fold(
+                model, images, labels_t, train_idx, val_idx, cfg, fold, checkpoint, ranks
+            )
+            if cfg.ddp and not ranks.main:
+                continue  # rank 0 writes the fold trained by all
+            model.load_state_dict(result.state)
+            best = result.history[result.best_epoch - 1]
+            metrics = {key: best[key] for key in ("val_hter", "val_far", "val_frr", "val_loss")}
+            fold_summary = {
+                "fold": fold,
+                "best_epoch": result.best_epoch,
+                "train_seconds": result.seconds,
                 **metrics,
+            }
+            save_fold_model(
+                out / "models",
+                fold,
+                model,
+                {
+                    "arch": cfg.arch,
+                    "epoch": result.best_epoch,
+                    "threshold": cfg.threshold,
+                    "parameters": count_parameters(model),
+                    **metrics,
+                },
+            )
+            write_csv(
+                fold_dir / "history.csv",
+                HISTORY_COLUMNS,
+                [[row[c] for c in HISTORY_COLUMNS] for row in result.history],
+            )
+            plots.training_curves(result.history, fold_dir / "curves.png", result.best_epoch)
+            # The fold's result is written last: its presence marks the fold as finished.
+            write_json(
+                fold_dir / "result.json",
+                {"summary": fold_summary, "val_scores": result.val_scores.tolist()},
+            )
+            remove_training_state(checkpoint)
+            log.info(
+                "fold %d: best epoch %d, val HTER %.2f%%",
+                fold,
+                result.best_epoch,
+                100 * best["val_hter"],
+            )
+
+        ranks.barrier()
+        if not ranks.main:
+            return None
+        # Every fold's result is on disk, whichever process (or earlier invocation) trained it.
+        oof = np.full(len(labels), np.nan)
+        folds_summary = []
+        for k in range(cfg.folds):
+            done = _finished_fold(out, k + 1)
+            if done is None:
+                raise FaceAttrError(f"fold {k + 1} of {out} has no result; was a process killed?")
+            oof[fold_of == k] = done["val_scores"]
+            folds_summary.append(done["summary"])
+
+        decision = decision_rule(labels, oof, fold_of)
+        oof_labels = scores_to_labels(oof, decision["threshold"])
+        write_json(
+            out / "models" / "ensemble.json",
+            {
+                "threshold": decision["threshold"],
+                "vote": "soft",
+                "tta": cfg.tta,
+                "folds": list(range(1, cfg.folds + 1)),
             },
         )
         write_csv(
-            fold_dir / "history.csv",
-            HISTORY_COLUMNS,
-            [[row[c] for c in HISTORY_COLUMNS] for row in result.history],
+            out / "oof.csv",
+            ["image", "label", "fold", "score", "prediction"],
+            [
+                [n, int(y), int(f) + 1, float(s), int(p)]
+                for n, y, f, s, p in zip(names, labels, fold_of, oof, oof_labels, strict=True)
+            ],
         )
-        plots.training_curves(result.history, fold_dir / "curves.png", result.best_epoch)
-        # The fold's result is written last: its presence marks the fold as finished.
-        write_json(
-            fold_dir / "result.json",
-            {"summary": fold_summary, "val_scores": result.val_scores.tolist()},
+        summary.update(
+            status="complete",
+            folds=folds_summary,
+            **decision,
+            timings={
+                "decode_s": loaded.seconds,
+                "total_s": time.perf_counter() - started,
+                "folds_s": [f["train_seconds"] for f in folds_summary],
+            },
         )
-        remove_training_state(checkpoint)
-        log.info(
-            "fold %d: best epoch %d, val HTER %.2f%%",
-            fold,
-            result.best_epoch,
-            100 * best["val_hter"],
-        )
-
-    ranks.barrier()
-    if not ranks.main:
-        return None
-    # Every fold's result is on disk, whichever process (or earlier invocation) trained it.
-    oof = np.full(len(labels), np.nan)
-    folds_summary = []
-    for k in range(cfg.folds):
-        done = _finished_fold(out, k + 1)
-        if done is None:
-            raise FaceAttrError(f"fold {k + 1} of {out} has no result; was a process killed?")
-        oof[fold_of == k] = done["val_scores"]
-        folds_summary.append(done["summary"])
-
-    decision = decision_rule(labels, oof, fold_of)
-    oof_labels = scores_to_labels(oof, decision["threshold"])
-    write_json(
-        out / "models" / "ensemble.json",
-        {
-            "threshold": decision["threshold"],
-            "vote": "soft",
-            "tta": cfg.tta,
-            "folds": list(range(1, cfg.folds + 1)),
-        },
-    )
-    write_csv(
-        out / "oof.csv",
-        ["image", "label", "fold", "score", "prediction"],
-        [
-            [n, int(y), int(f) + 1, float(s), int(p)]
-            for n, y, f, s, p in zip(names, labels, fold_of, oof, oof_labels, strict=True)
-        ],
-    )
-    summary.update(
-        status="complete",
-        folds=folds_summary,
-        **decision,
-        timings={
-            "decode_s": loaded.seconds,
-            "total_s": time.perf_counter() - started,
-            "folds_s": [f["train_seconds"] for f in folds_summary],
-        },
-    )
-    write_json(out / "run.json", summary)
-    plots.evaluation(labels, oof, decision["threshold"], out / "evaluation", array, names)
-    build_report(out)
-    return summary
+        write_json(out / "run.json", summary)
+        plots.evaluation(labels, oof, decision["threshold"], out / "evaluation", array, names)
+        build_report(out)
+        return summary
 
 
 RUN_CONTENTS = (
@@ -277,6 +285,29 @@ def existing_run(out: Path) -> dict | None:
         raise FaceAttrError(
             f"{out / 'run.json'} is unreadable ({e}); choose another --out"
         ) from None
+
+
+@contextmanager
+def _writing(out: Path, main: bool, found: dict | None) -> Iterator[None]:
+    """Hold OUT/.lock while this run writes there: a second `train` into the same folder stops
+    with one line instead of mixing its files with this one's. `found` is the run.json the
+    checks saw; another process may have written one since. Rank 0 locks for a torchrun job."""
+    if not main or fcntl is None:  # fcntl: not on Windows
+        yield
+        return
+    ensure_writable_dir(out)
+    with open(out / ".lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FaceAttrError(
+                f"{out} is being written by another faceattr train; wait, or choose another --out"
+            ) from None
+        if existing_run(out) != found:
+            raise FaceAttrError(
+                f"another faceattr train wrote {out} meanwhile; choose another --out"
+            )
+        yield  # the lock goes with the file
 
 
 def data_identity(images: ImageSet, labels: np.ndarray) -> str:
