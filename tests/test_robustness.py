@@ -278,7 +278,7 @@ def test_resume_after_sigkill_gives_the_uninterrupted_result(dataset_dir, tmp_pa
 
 def test_sigterm_unwinds_like_ctrl_c_and_the_run_resumes(dataset_dir, tmp_path):
     run = tmp_path / "run"
-    command = [sys.executable, "-m", "faceattr", *train_args(dataset_dir, run, "--epochs", "8")]
+    command = [sys.executable, "-m", "faceattr", *train_args(dataset_dir, run, "--epochs", "4")]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not (run / "fold_1" / "checkpoint.json").exists() and time.monotonic() < deadline:

@@ -47,7 +47,12 @@ def test_train_run_writes_the_whole_run(trained_run, dataset_dir):
     assert summary["oof_at_0.5"]["hter"] >= summary["oof"]["hter"]
     assert 0 <= summary["eer"] <= 1 and 0 <= summary["auc"] <= 1
     ensemble = json.loads((run / "models" / "ensemble.json").read_text())
-    assert ensemble == {"threshold": summary["threshold"], "vote": "soft", "tta": True}
+    assert ensemble == {
+        "threshold": summary["threshold"],
+        "vote": "soft",
+        "tta": True,
+        "folds": [1, 2],
+    }
     folds = list(csv.DictReader((run / "folds.csv").open()))
     assert [int(r["fold"]) for r in folds] == [int(r["fold"]) - 1 for r in oof]
 
