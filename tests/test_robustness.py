@@ -185,16 +185,20 @@ def test_existing_run_is_not_replaced_by_accident(tmp_path, trained_run):
     assert_user_error(train(data, tmp_path / "other", "--resume"), "holds no run to continue")
 
 
-def test_a_run_folder_never_takes_the_datas_place(tmp_path):
+def test_a_run_folder_never_takes_the_datas_place(tmp_path, capsys):
     data = small_layout(tmp_path / "data")
     before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    archive = shutil.make_archive(str(tmp_path / "models" / "faces"), "zip", tmp_path, "data")
     # The run's pictures go to OUT/data/ and --overwrite clears it: here that is the dataset.
-    assert_user_error(train(data, tmp_path), "would put the run's data/ where the data is")
-    assert_user_error(train(data, tmp_path, "--overwrite"), "choose another --out")
+    for source, extra, message in (
+        (data, [], "would put the run's data/ where the data is"),
+        (data, ["--overwrite"], "choose another --out"),
+        (archive, [], "the run's models/ where the data is"),
+    ):
+        code, err = in_process(capsys, "train", str(source), "--out", str(tmp_path), "-q", *extra)
+        assert code == 2 and len(err) == 1 and message in err[0], err
     assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
     assert not (tmp_path / "run.json").exists()
-    archive = shutil.make_archive(str(tmp_path / "models" / "faces"), "zip", tmp_path, "data")
-    assert_user_error(train(archive, tmp_path), "the run's models/ where the data is")
     result = train(data, data)  # beside the data, not in place of it: fine
     assert result.returncode == 0, result.stderr
 
