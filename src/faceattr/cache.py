@@ -81,8 +81,9 @@ def load_images(
     """The decoded (N, 64, 64, 3) array of `images`, from the cache when it is there.
 
     Images that cannot be decoded are an error (ended by `hint`, see `decode.SKIP_HINT`), or
-    with `skip_bad` listed in `audit.bad` (the cache remembers them either way). With `cache_dir` None nothing is cached. A cache folder that cannot be written is a warning,
-    not an error: the images are decoded in memory instead.
+    with `skip_bad` listed in `audit.bad` (the cache remembers them either way). With `cache_dir`
+    None nothing is cached. A cache folder that cannot be written is a warning, not an error:
+    the images are decoded in memory instead.
     """
     start = time.perf_counter()
     if cache_dir is not None:

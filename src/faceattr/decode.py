@@ -219,7 +219,8 @@ def decode_images(
 
     An image that cannot be decoded is an error naming it (ended by `hint`); with `skip_bad` it
     is left as zeros and recorded in `Audit.bad` for the caller to drop; with `judge` False,
-    too, but without a word: the caller judges (the cache, which stores the audit first). Worker processes write into `out` directly when it is a memory-mapped file (the cache);
+    too, but without a word: the caller judges (the cache, which stores the audit first).
+    Worker processes write into `out` directly when it is a memory-mapped file (the cache);
     otherwise they write into shared memory, which becomes (or is copied into) `out`.
     """
     paths = images.paths()

@@ -44,7 +44,8 @@ def export_onnx(models_dir: str | Path, out: str | Path, opset: int = 17) -> lis
     models = load_fold_models(models_dir)
     settings = load_ensemble_settings(models_dir, models)
     out = ensure_writable_dir(out)
-    stale = [p.name for fold, p in fold_files(out, ".onnx") if fold not in {m.fold for m in models}]
+    folds = {m.fold for m in models}
+    stale = [p.name for fold, p in fold_files(out, ".onnx") if fold not in folds]
     if stale:  # another export's: predict --onnx would refuse the mixture
         raise FaceAttrError(f"{out} holds {stale[0]} from another export; choose an empty folder")
     paths = []

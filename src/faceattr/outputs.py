@@ -81,6 +81,11 @@ def check_writable(path: str | Path) -> None:
         raise FaceAttrError(f"cannot write to {path}: permission denied")
 
 
+def within(path: Path, folder: Path) -> bool:
+    """Whether `path` is `folder` or lies inside it, links followed."""
+    return path.resolve().is_relative_to(folder.resolve())
+
+
 def _jsonable(obj: Any) -> Any:
     """Let numpy scalars and paths pass through json.dumps."""
     if hasattr(obj, "item"):

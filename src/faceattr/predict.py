@@ -18,9 +18,9 @@ from faceattr.errors import FaceAttrError
 from faceattr.export import OnnxEnsemble
 from faceattr.metrics import scores_to_labels
 from faceattr.models import for_inference
-from faceattr.outputs import ensure_writable_dir, write_csv, write_json, write_text
+from faceattr.outputs import ensure_writable_dir, within, write_csv, write_json, write_text
 from faceattr.report import build_report
-from faceattr.run import RUN_CONTENTS
+from faceattr.run import run_paths
 
 log = logging.getLogger("faceattr")
 
@@ -147,12 +147,12 @@ def check_output(output: Path, images: ImageSet, models_dir: Path) -> Path:
     inputs = [folder, models_dir, folder.parent / LABEL_FILE, images.source.local("") / LABEL_FILE]
     run = models_dir.parent
     if (run / "run.json").exists():  # what train wrote there; a label file may join them
-        inputs += [run / name for name in RUN_CONTENTS] + list(run.glob("fold_*"))
-    mine = output.resolve()
+        inputs += run_paths(run)
     for where in inputs:
-        where = where.resolve()
-        if mine == where or (where.is_dir() and mine.is_relative_to(where)):
-            raise FaceAttrError(f"--output {output} would overwrite or join an input: {where}")
+        if within(output, where):
+            raise FaceAttrError(
+                f"--output {output} would overwrite or join an input: {where.resolve()}"
+            )
     return output
 
 

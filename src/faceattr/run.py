@@ -39,7 +39,7 @@ from faceattr.errors import FaceAttrError
 from faceattr.folds import make_folds, save_folds
 from faceattr.metrics import scores_to_labels
 from faceattr.models import count_parameters, create_model, weights_file
-from faceattr.outputs import check_writable, ensure_writable_dir, write_csv, write_json
+from faceattr.outputs import check_writable, ensure_writable_dir, within, write_csv, write_json
 from faceattr.report import build_report
 from faceattr.runtime import describe, seed_everything
 from faceattr.train import HISTORY_COLUMNS, TrainConfig, train_fold
@@ -132,7 +132,6 @@ def train_run(
         if ranks.main:
             if overwrite and previous is not None:
                 _clear_run(out)
-            ensure_writable_dir(out)
             save_folds(out / "folds.csv", names, labels, fold_of)
             write_json(out / "run.json", summary)
             data_pictures(array, labels, {"train": summary["audit"]}, out / "data")
@@ -289,13 +288,17 @@ def existing_run(out: Path) -> dict | None:
 
 @contextmanager
 def _writing(out: Path, main: bool, found: dict | None) -> Iterator[None]:
-    """Hold OUT/.lock while this run writes there: a second `train` into the same folder stops
-    with one line instead of mixing its files with this one's. `found` is the run.json the
-    checks saw; another process may have written one since. Rank 0 locks for a torchrun job."""
-    if not main or fcntl is None:  # fcntl: not on Windows
+    """Make `out` and hold OUT/.lock while this run writes there: a second `train` into the same
+    folder stops with one line instead of mixing its files with this one's. `found` is the
+    run.json the checks saw; another process may have written one since. Rank 0 locks (and makes
+    the folder) for a torchrun job."""
+    if not main:
         yield
         return
     ensure_writable_dir(out)
+    if fcntl is None:  # not on Windows
+        yield
+        return
     with open(out / ".lock", "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -322,25 +325,26 @@ def data_identity(images: ImageSet, labels: np.ndarray) -> str:
     return h.hexdigest()[:32]
 
 
+def run_paths(out: Path) -> list[Path]:
+    """What a run writes in `out`, there yet or not: RUN_CONTENTS and its fold_K/ folders."""
+    return [*(out / name for name in RUN_CONTENTS), *out.glob("fold_*")]
+
+
 def _check_apart(out: Path, dataset: Dataset) -> None:
     """Refuse an `out` whose run folders would hold the data itself: the run writes pictures into
     `data/`, and --overwrite clears `data/`, `models/`, `fold_K/`... before it starts again."""
     for where in dataset.locations():
-        try:
-            inside = where.resolve().relative_to(out.resolve()).parts
-        except ValueError:
-            continue  # not in `out`
-        if inside and (inside[0] in RUN_CONTENTS or inside[0].startswith("fold_")):
-            raise FaceAttrError(
-                f"--out {out} would put the run's {inside[0]}/ where the data is ({where}); "
-                "choose another --out"
-            )
+        for part in run_paths(out):
+            if within(where, part):
+                raise FaceAttrError(
+                    f"--out {out} would put the run's {part.name}/ where the data is ({where}); "
+                    "choose another --out"
+                )
 
 
 def _clear_run(out: Path) -> None:
     """Remove what a run wrote into `out` (and nothing else that may live there)."""
-    for name in [*RUN_CONTENTS, *(p.name for p in out.glob("fold_*"))]:
-        path = out / name
+    for path in run_paths(out):
         if path.is_dir():
             shutil.rmtree(path)
         else:
