@@ -12,7 +12,7 @@ import copy
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -277,6 +277,88 @@ class WeightAverage:
         self.module.load_state_dict(state)
 
 
+@dataclass
+class FoldState:
+    """A fold's training between two epochs: all that a checkpoint saves and a resume restores.
+
+    Restored, training continues bit for bit as if it had not stopped: the weights (and their
+    average), the optimiser's moments, the schedule, the three random generators (batch order,
+    augmentation, torch's own) and the best epoch so far with its weights and validation scores.
+    """
+
+    model: nn.Module
+    ema: WeightAverage | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    order_gen: torch.Generator
+    augment_gen: torch.Generator
+    epoch: int = 0  # the last epoch finished
+    seconds: float = 0.0  # spent training this fold before this process took over
+    best_hter: float = math.inf
+    best_epoch: int = 0
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    best_scores: np.ndarray = field(default_factory=lambda: np.empty(0))
+    history: list[dict] = field(default_factory=list)
+
+    def keep_best(self, epoch: int, hter: float, scores: np.ndarray, judged: nn.Module) -> None:
+        """Make `epoch` the best so far: its HTER, validation scores and a copy of the weights."""
+        self.best_hter, self.best_epoch, self.best_scores = hter, epoch, scores
+        self.best_state = {k: v.detach().clone() for k, v in judged.state_dict().items()}
+
+    def save(self, path: Path, seconds: float) -> None:
+        """Write the state after `self.epoch`, `seconds` into the fold (see save_training_state)."""
+        optim_tensors, optim_rest = flatten_optimizer(self.optimizer.state_dict())
+        ema = self.ema.state_dict() if self.ema is not None else {}
+        tensors = {
+            **{f"model.{k}": v for k, v in self.model.state_dict().items()},
+            **{f"ema.{k}": v for k, v in ema.items()},
+            **{f"best.{k}": v for k, v in self.best_state.items()},
+            **optim_tensors,
+            "best_scores": torch.from_numpy(np.asarray(self.best_scores, dtype=np.float64)),
+            "rng.torch": torch.get_rng_state(),
+            "rng.order": self.order_gen.get_state(),
+            "rng.augment": self.augment_gen.get_state(),
+        }
+        device = self.augment_gen.device
+        if device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+        info = {
+            "epoch": self.epoch,
+            "best_epoch": self.best_epoch,
+            "best_hter": self.best_hter,
+            "history": self.history,
+            "optimizer": optim_rest,
+            "scheduler": self.scheduler.state_dict(),
+            "seconds": seconds,
+        }
+        save_training_state(path, tensors, info)
+
+    def restore(self, tensors: dict[str, torch.Tensor], info: dict, reseed: int | None) -> None:
+        """Continue from a saved state; `reseed`: seed the augmentation afresh from it instead."""
+
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        self.model.load_state_dict(part("model."))
+        if self.ema is not None:
+            self.ema.load_state_dict(part("ema."))
+        self.optimizer.load_state_dict(unflatten_optimizer(tensors, info["optimizer"]))
+        self.scheduler.load_state_dict(info["scheduler"])
+        torch.set_rng_state(tensors["rng.torch"])
+        self.order_gen.set_state(tensors["rng.order"])
+        device = self.augment_gen.device
+        if reseed is not None:
+            self.augment_gen.manual_seed(reseed + 104729 * info["epoch"])
+        else:
+            self.augment_gen.set_state(tensors["rng.augment"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+        self.epoch, self.seconds, self.history = info["epoch"], info["seconds"], info["history"]
+        self.best_hter, self.best_epoch = info["best_hter"], info["best_epoch"]
+        self.best_state = {k: v.to(device) for k, v in part("best.").items()}
+        self.best_scores = tensors["best_scores"].numpy()
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -343,33 +425,15 @@ def train_fold(
     # Compiled, the step sees one batch shape only (see images_per_epoch): no recompiles.
     step_model = torch.compile(net) if cfg.compile else net
 
-    best_hter, best_epoch, best_state, best_scores = math.inf, 0, {}, np.empty(0)
-    history: list[dict] = []
-    first_epoch, elapsed = 1, 0.0
+    state = FoldState(model, ema, optimizer, scheduler, order_gen, gen)
     saved = load_training_state(checkpoint) if checkpoint else None
     if saved is not None:
-        tensors, info = saved
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        if ema is not None:
-            ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-        optimizer.load_state_dict(unflatten_optimizer(tensors, info["optimizer"]))
-        scheduler.load_state_dict(info["scheduler"])
-        torch.set_rng_state(tensors["rng.torch"])
-        order_gen.set_state(tensors["rng.order"])
-        if parallel:  # only rank 0's generator was saved: the others draw afresh
-            gen.manual_seed(augment_seed + 104729 * info["epoch"])
-        else:
-            gen.set_state(tensors["rng.augment"].to(gen.get_state().device))
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng.cuda"], device)
-        best_hter, best_epoch, history = info["best_hter"], info["best_epoch"], info["history"]
-        best_state = {k[5:]: v.to(device) for k, v in tensors.items() if k.startswith("best.")}
-        best_scores = tensors["best_scores"].numpy()
-        first_epoch, elapsed = info["epoch"] + 1, info["seconds"]
-        log.info("fold %d: resuming after epoch %d", fold, info["epoch"])
+        # Data-parallel, only rank 0's augmentation generator was saved: the others draw afresh.
+        state.restore(*saved, reseed=augment_seed if parallel else None)
+        log.info("fold %d: resuming after epoch %d", fold, state.epoch)
 
-    start = time.perf_counter() - elapsed
-    for epoch in range(first_epoch, cfg.epochs + 1):
+    start = time.perf_counter() - state.seconds
+    for epoch in range(state.epoch + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         model.train()
@@ -436,11 +500,10 @@ def train_fold(
             "train_seconds": train_seconds,
             "seconds": time.perf_counter() - t0,
         }
-        history.append(row)
-        improved = row["val_hter"] < best_hter
+        state.history.append(row)
+        improved = row["val_hter"] < state.best_hter
         if improved:
-            best_hter, best_epoch, best_scores = row["val_hter"], epoch, val_scores
-            best_state = {k: v.detach().clone() for k, v in judged.state_dict().items()}
+            state.keep_best(epoch, row["val_hter"], val_scores, judged)
         log.info(
             "fold %d epoch %2d/%d  loss %.4f  val loss %.4f  val HTER %5.2f%% (FAR %.2f%% FRR %.2f%%)"
             "  %.1fs%s",
@@ -455,36 +518,14 @@ def train_fold(
             row["seconds"],
             "  *" if improved else "",
         )
+        state.epoch = epoch
         if checkpoint is not None and epoch < cfg.epochs and (ranks.main or not parallel):
-            optim_tensors, optim_rest = flatten_optimizer(optimizer.state_dict())
-            tensors = {
-                **{f"model.{k}": v for k, v in model.state_dict().items()},
-                **({f"ema.{k}": v for k, v in ema.state_dict().items()} if ema else {}),
-                **{f"best.{k}": v for k, v in best_state.items()},
-                **optim_tensors,
-                "best_scores": torch.from_numpy(np.asarray(best_scores, dtype=np.float64)),
-                "rng.torch": torch.get_rng_state(),
-                "rng.order": order_gen.get_state(),
-                "rng.augment": gen.get_state(),
-            }
-            if device.type == "cuda":
-                tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+            state.save(checkpoint, time.perf_counter() - start)
             log.debug("fold %d: epoch %d state saved to %s", fold, epoch, checkpoint)
-            save_training_state(
-                checkpoint,
-                tensors,
-                {
-                    "epoch": epoch,
-                    "best_epoch": best_epoch,
-                    "best_hter": best_hter,
-                    "history": history,
-                    "optimizer": optim_rest,
-                    "scheduler": scheduler.state_dict(),
-                    "seconds": time.perf_counter() - start,
-                },
-            )
     seconds = time.perf_counter() - start
-    return FoldResult(fold, best_epoch, best_state, best_scores, history, seconds)
+    return FoldResult(
+        fold, state.best_epoch, state.best_state, state.best_scores, state.history, seconds
+    )
 
 
 def images_per_epoch(n: int, batch: int, compiled: bool, world: int = 1) -> int:
