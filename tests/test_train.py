@@ -5,12 +5,14 @@ import pytest
 import torch
 
 from faceattr import train as train_module
+from faceattr.checkpoints import load_training_state
 from faceattr.ensemble import model_scores
 from faceattr.errors import FaceAttrError
 from faceattr.metrics import error_rates
 from faceattr.models import create_model
 from faceattr.train import (
     DEFAULT_RECIPES,
+    FoldState,
     TrainConfig,
     WeightAverage,
     class_weights,
@@ -185,6 +187,51 @@ def test_an_interrupted_fold_resumes_to_the_uninterrupted_result(tmp_path, monke
     assert [{k: v for k, v in r.items() if k not in drop} for r in resumed.history] == [
         {k: v for k, v in r.items() if k not in drop} for r in whole.history
     ]
+
+
+def test_fold_state_round_trips_and_reseeds_augmentation_on_request(tmp_path):
+    def fresh(seed: int) -> FoldState:
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(3, 1)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 0.5**i)
+        gens = [torch.Generator().manual_seed(seed + k) for k in (1, 2)]
+        return FoldState(model, WeightAverage(model, 0.9), optimizer, scheduler, *gens)
+
+    state = fresh(0)
+    state.model(torch.ones(4, 3)).sum().backward()
+    state.optimizer.step()
+    state.scheduler.step()
+    state.ema.update()
+    torch.rand(5, generator=state.augment_gen)
+    state.epoch, state.history = 1, [{"epoch": 1, "val_hter": 0.25}]
+    state.keep_best(1, 0.25, np.array([0.1, 0.9]), state.ema.module)
+    state.save(tmp_path / "state", seconds=12.5)
+    saved = load_training_state(tmp_path / "state")
+
+    again = fresh(7)  # other weights, moments, schedule and generators: all replaced
+    again.restore(*saved, reseed=None)
+    for a, b in ((again.model, state.model), (again.ema.module, state.ema.module)):
+        assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    assert again.optimizer.state_dict()["state"][0]["exp_avg"].equal(
+        state.optimizer.state_dict()["state"][0]["exp_avg"]
+    )
+    assert again.scheduler.get_last_lr() == state.scheduler.get_last_lr() == [0.05]
+    assert (again.epoch, again.seconds, again.history) == (1, 12.5, state.history)
+    assert (again.best_epoch, again.best_hter, again.ema.updates) == (1, 0.25, 1)
+    assert all(torch.equal(again.best_state[k], v) for k, v in state.best_state.items())
+    np.testing.assert_array_equal(again.best_scores, [0.1, 0.9])
+    for gen in ("order_gen", "augment_gen"):  # they go on as the saved ones would
+        expected = torch.rand(3, generator=getattr(state, gen))
+        assert torch.equal(torch.rand(3, generator=getattr(again, gen)), expected)
+
+    # Data-parallel ranks other than 0 saved no generator: theirs is seeded from the epoch.
+    reseeded, other = fresh(7), fresh(7)
+    reseeded.restore(*saved, reseed=42)
+    other.augment_gen.manual_seed(42 + 104729 * 1)
+    assert torch.equal(
+        torch.rand(3, generator=reseeded.augment_gen), torch.rand(3, generator=other.augment_gen)
+    )
 
 
 def test_images_per_epoch_trims_as_the_loop_does():
