@@ -126,14 +126,15 @@ def markdown(rows: list[dict], title: str) -> str:
         "nested: each fold's threshold chosen on the other folds), with its 95 % bootstrap "
         "interval. Written by `benchmarks/recipes.py`; every row is reproduced by its command, "
         "then `faceattr predict DATA --run RUN` (predict s: scoring the test images with "
-        "the fold models), both with the images already decoded.",
+        "the fold models), both with the images already decoded. In bold: the tool's default recipe "
+        "on that device (no options).",
         "",
         "| recipe | OOF HTER | 95 % CI | nested | EER | AUC | arch | epochs | train s | predict s "
         "| device | command |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: r["oof_hter"]):
-        name = f"**{r['recipe']} (default)**" if r["args"] == "(defaults)" else r["recipe"]
+        name = f"**{r['recipe']}**" if r["args"] == "(defaults)" else r["recipe"]
         low, high = r["oof_hter_ci"]
         lines.append(
             f"| {name} | {100 * r['oof_hter']:.2f} % | {100 * low:.2f}–{100 * high:.2f} % "

@@ -146,7 +146,7 @@ def test_recipe_table_marks_the_default():
         {**base, "recipe": "default", "args": "(defaults)", "oof_hter": 0.02},
     ]
     table = markdown(rows, "celeba64").splitlines()
-    assert table[-2].startswith("| **default (default)** | 2.00 %")  # best first
+    assert table[-2].startswith("| **default** | 2.00 %")  # best first
     assert table[-1].startswith("| other | 3.00 %")
 
 
