@@ -230,7 +230,7 @@ def test_out_of_gpu_memory_is_one_line(capsys):
     from faceattr.cli import run_command
 
     def boom(args):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     args = argparse.Namespace(quiet=True, verbose=False, batch_size=512)
     assert run_command(boom, args) == 2

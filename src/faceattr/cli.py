@@ -265,6 +265,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def add_train_options(p: argparse.ArgumentParser) -> None:
     from faceattr.augment import MIXES, POLICIES
     from faceattr.models import IMAGENET, MODELS
+    from faceattr.train import OPTIMIZERS, SCHEDULES
 
     p.add_argument(
         "--arch",
@@ -282,12 +283,12 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gamma", type=float, help="StepLR factor (default 0.7)")
     p.add_argument(
         "--optimizer",
-        choices=["adam", "adamw", "sgd"],
+        choices=OPTIMIZERS,
         help="adam as the seed; sgd: with Nesterov momentum (default adamw; seed adam)",
     )
     p.add_argument(
         "--schedule",
-        choices=["step", "cosine", "onecycle"],
+        choices=SCHEDULES,
         help="step: StepLR as the seed; cosine: warm-up then cosine; onecycle (default cosine; "
         "seed step)",
     )
@@ -478,7 +479,7 @@ def run_command(func, args: argparse.Namespace) -> int:
         where = f"{e.filename}: " if e.filename else ""
         print(f"faceattr: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError from torch 2.5 on
         size = getattr(args, "batch_size", None)
         hint = f" (it is {size})" if size else ""
         print(
