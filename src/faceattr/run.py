@@ -42,7 +42,7 @@ from faceattr.models import count_parameters, create_model, weights_file
 from faceattr.outputs import check_writable, ensure_writable_dir, within, write_csv, write_json
 from faceattr.report import build_report
 from faceattr.runtime import describe, seed_everything
-from faceattr.train import HISTORY_COLUMNS, TrainConfig, train_fold
+from faceattr.train import HISTORY_COLUMNS, FoldResult, TrainConfig, train_fold
 
 log = logging.getLogger("faceattr")
 
@@ -141,7 +141,6 @@ def train_run(
         labels_t = torch.from_numpy(labels).to(device)
         for k in range(cfg.folds):
             fold = k + 1
-            fold_dir = out / f"fold_{fold}"
             train_idx, val_idx = np.flatnonzero(fold_of != k), np.flatnonzero(fold_of == k)
             if not (cfg.ddp or ranks.mine(k)):
                 continue  # another process trains this fold
@@ -156,98 +155,20 @@ def train_run(
                 len(train_idx),
                 len(val_idx),
             )
-            checkpoint = fold_dir / "checkpoint"
+            checkpoint = out / f"fold_{fold}" / "checkpoint"
             result = train_fold(
                 model, images, labels_t, train_idx, val_idx, cfg, fold, checkpoint, ranks
             )
             if cfg.ddp and not ranks.main:
                 continue  # rank 0 writes the fold trained by all
-            model.load_state_dict(result.state)
-            best = result.history[result.best_epoch - 1]
-            metrics = {key: best[key] for key in ("val_hter", "val_far", "val_frr", "val_loss")}
-            fold_summary = {
-                "fold": fold,
-                "best_epoch": result.best_epoch,
-                "train_seconds": result.seconds,
-                **metrics,
-            }
-            save_fold_model(
-                out / "models",
-                fold,
-                model,
-                {
-                    "arch": cfg.arch,
-                    "epoch": result.best_epoch,
-                    "threshold": cfg.threshold,
-                    "parameters": count_parameters(model),
-                    **metrics,
-                },
-            )
-            write_csv(
-                fold_dir / "history.csv",
-                HISTORY_COLUMNS,
-                [[row[c] for c in HISTORY_COLUMNS] for row in result.history],
-            )
-            plots.training_curves(result.history, fold_dir / "curves.png", result.best_epoch)
-            # The fold's result is written last: its presence marks the fold as finished.
-            write_json(
-                fold_dir / "result.json",
-                {"summary": fold_summary, "val_scores": result.val_scores.tolist()},
-            )
-            remove_training_state(checkpoint)
-            log.info(
-                "fold %d: best epoch %d, val HTER %.2f%%",
-                fold,
-                result.best_epoch,
-                100 * best["val_hter"],
-            )
+            _save_fold(out, fold, model, result, cfg)
 
         ranks.barrier()
         if not ranks.main:
             return None
-        # Every fold's result is on disk, whichever process (or earlier invocation) trained it.
-        oof = np.full(len(labels), np.nan)
-        folds_summary = []
-        for k in range(cfg.folds):
-            done = _finished_fold(out, k + 1)
-            if done is None:
-                raise FaceAttrError(f"fold {k + 1} of {out} has no result; was a process killed?")
-            oof[fold_of == k] = done["val_scores"]
-            folds_summary.append(done["summary"])
-
-        decision = decision_rule(labels, oof, fold_of)
-        oof_labels = scores_to_labels(oof, decision["threshold"])
-        write_json(
-            out / "models" / "ensemble.json",
-            {
-                "threshold": decision["threshold"],
-                "vote": "soft",
-                "tta": cfg.tta,
-                "folds": list(range(1, cfg.folds + 1)),
-            },
+        return _finish_run(
+            out, cfg, summary, array, labels, names, fold_of, loaded.seconds, started
         )
-        write_csv(
-            out / "oof.csv",
-            ["image", "label", "fold", "score", "prediction"],
-            [
-                [n, int(y), int(f) + 1, float(s), int(p)]
-                for n, y, f, s, p in zip(names, labels, fold_of, oof, oof_labels, strict=True)
-            ],
-        )
-        summary.update(
-            status="complete",
-            folds=folds_summary,
-            **decision,
-            timings={
-                "decode_s": loaded.seconds,
-                "total_s": time.perf_counter() - started,
-                "folds_s": [f["train_seconds"] for f in folds_summary],
-            },
-        )
-        write_json(out / "run.json", summary)
-        plots.evaluation(labels, oof, decision["threshold"], out / "evaluation", array, names)
-        build_report(out)
-        return summary
 
 
 RUN_CONTENTS = (
@@ -260,6 +181,106 @@ RUN_CONTENTS = (
     "evaluation",
     "prediction",
 )
+
+
+def _save_fold(
+    out: Path, fold: int, model: torch.nn.Module, result: FoldResult, cfg: TrainConfig
+) -> None:
+    """Write a trained fold: its model, history, curves, and last its result, which marks it done."""
+    fold_dir = out / f"fold_{fold}"
+    model.load_state_dict(result.state)
+    best = result.history[result.best_epoch - 1]
+    metrics = {key: best[key] for key in ("val_hter", "val_far", "val_frr", "val_loss")}
+    fold_summary = {
+        "fold": fold,
+        "best_epoch": result.best_epoch,
+        "train_seconds": result.seconds,
+        **metrics,
+    }
+    save_fold_model(
+        out / "models",
+        fold,
+        model,
+        {
+            "arch": cfg.arch,
+            "epoch": result.best_epoch,
+            "threshold": cfg.threshold,
+            "parameters": count_parameters(model),
+            **metrics,
+        },
+    )
+    write_csv(
+        fold_dir / "history.csv",
+        HISTORY_COLUMNS,
+        [[row[c] for c in HISTORY_COLUMNS] for row in result.history],
+    )
+    plots.training_curves(result.history, fold_dir / "curves.png", result.best_epoch)
+    # The fold's result is written last: its presence marks the fold as finished.
+    write_json(
+        fold_dir / "result.json",
+        {"summary": fold_summary, "val_scores": result.val_scores.tolist()},
+    )
+    remove_training_state(fold_dir / "checkpoint")
+    log.info(
+        "fold %d: best epoch %d, val HTER %.2f%%", fold, result.best_epoch, 100 * best["val_hter"]
+    )
+
+
+def _finish_run(
+    out: Path,
+    cfg: TrainConfig,
+    summary: dict,
+    array: np.ndarray,
+    labels: np.ndarray,
+    names: list[str],
+    fold_of: np.ndarray,
+    decode_seconds: float,
+    started: float,
+) -> dict:
+    """Once every fold is done: the out-of-fold scores, the decision rule and the run's files."""
+    # Every fold's result is on disk, whichever process (or earlier invocation) trained it.
+    oof = np.full(len(labels), np.nan)
+    folds_summary = []
+    for k in range(cfg.folds):
+        done = _finished_fold(out, k + 1)
+        if done is None:
+            raise FaceAttrError(f"fold {k + 1} of {out} has no result; was a process killed?")
+        oof[fold_of == k] = done["val_scores"]
+        folds_summary.append(done["summary"])
+
+    decision = decision_rule(labels, oof, fold_of)
+    oof_labels = scores_to_labels(oof, decision["threshold"])
+    write_json(
+        out / "models" / "ensemble.json",
+        {
+            "threshold": decision["threshold"],
+            "vote": "soft",
+            "tta": cfg.tta,
+            "folds": list(range(1, cfg.folds + 1)),
+        },
+    )
+    write_csv(
+        out / "oof.csv",
+        ["image", "label", "fold", "score", "prediction"],
+        [
+            [n, int(y), int(f) + 1, float(s), int(p)]
+            for n, y, f, s, p in zip(names, labels, fold_of, oof, oof_labels, strict=True)
+        ],
+    )
+    summary.update(
+        status="complete",
+        folds=folds_summary,
+        **decision,
+        timings={
+            "decode_s": decode_seconds,
+            "total_s": time.perf_counter() - started,
+            "folds_s": [f["train_seconds"] for f in folds_summary],
+        },
+    )
+    write_json(out / "run.json", summary)
+    plots.evaluation(labels, oof, decision["threshold"], out / "evaluation", array, names)
+    build_report(out)
+    return summary
 
 
 def fold_model(cfg: TrainConfig, fold: int, device: torch.device) -> torch.nn.Module:
