@@ -1,4 +1,7 @@
-"""The commands end to end, as subprocesses, the way a user runs them."""
+"""The commands end to end, as subprocesses, the way a user runs them.
+
+A command's refusals, once one is seen from a real process, are checked in this one (`here`).
+"""
 
 import csv
 import json
@@ -7,7 +10,7 @@ import zipfile
 import pytest
 import torch
 
-from conftest import assert_user_error, cli, labels_of, read_lines, seed_main
+from conftest import assert_user_error, cli, here, labels_of, read_lines, seed_main
 from faceattr.models import weights_file
 
 
@@ -117,13 +120,13 @@ def test_evaluate(dataset_dir, tmp_path):
     metrics = json.loads(result.stdout)
     assert metrics["hter"] == 1.0 and metrics["n"] == 40 and metrics["hter_ci"] == [1.0, 1.0]
     pred.write_text("".join(f"{v}\n" for v in [1 - flipped[0], *flipped[1:]]))
-    low, high = json.loads(cli("evaluate", "--pred", str(pred), "--truth", str(truth)).stdout)[
+    low, high = json.loads(here("evaluate", "--pred", str(pred), "--truth", str(truth)).stdout)[
         "hter_ci"
     ]
     assert low < 1.0 and high == 1.0
     pred.write_text("1\n0\n")
     assert_user_error(
-        cli("evaluate", "--pred", str(pred), "--truth", str(truth)), "has 2 lines but", "has 40"
+        here("evaluate", "--pred", str(pred), "--truth", str(truth)), "has 2 lines but", "has 40"
     )
 
 
@@ -163,25 +166,25 @@ def test_evaluate_a_labelled_test_set_with_pictures(trained_run, dataset_dir, tm
 def test_user_errors_are_one_line_and_leave_no_output(dataset_dir, trained_run, tmp_path):
     assert_user_error(cli("explore", str(tmp_path / "missing")), "does not exist")
     assert_user_error(
-        cli("train", str(tmp_path / "missing"), "--out", str(tmp_path / "r")), "does not exist"
+        here("train", str(tmp_path / "missing"), "--out", str(tmp_path / "r")), "does not exist"
     )
     assert not (tmp_path / "r").exists()
     out = tmp_path / "label_val.txt"
     assert_user_error(
-        cli("predict", str(dataset_dir), "--run", str(tmp_path / "norun"), "--output", str(out)),
+        here("predict", str(dataset_dir), "--run", str(tmp_path / "norun"), "--output", str(out)),
         "does not exist",
     )
-    assert_user_error(cli("predict", str(dataset_dir), "--output", str(out)), "--run")
+    assert_user_error(here("predict", str(dataset_dir), "--output", str(out)), "--run")
     assert not out.exists()
     assert_user_error(
-        cli("train", str(dataset_dir), "--out", str(tmp_path / "r"), "--folds", "500"),
+        here("train", str(dataset_dir), "--out", str(tmp_path / "r"), "--folds", "500"),
         "fewer than the 500 folds",
     )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
 def test_asking_for_cuda_without_a_gpu(dataset_dir, tmp_path):
-    result = cli("train", str(dataset_dir), "--device", "cuda", "--out", str(tmp_path / "r"))
+    result = here("train", str(dataset_dir), "--device", "cuda", "--out", str(tmp_path / "r"))
     assert_user_error(result, "no CUDA GPU")
     assert not (tmp_path / "r").exists()
 
@@ -221,9 +224,7 @@ def test_seed_commands_end_to_end(dataset_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     assert len(read_lines(tmp_path / "label_val.txt")) == 40
     assert (tmp_path / "predictions.csv").exists()
-    assert_user_error(
-        seed_main("--mode=test", "--model_dir=RUN/models", cwd=tmp_path), "--img_test_dir"
-    )
+    assert_user_error(here("--mode=test", "--model_dir=RUN/models", seed=True), "--img_test_dir")
 
 
 def test_demo_runs_the_whole_pipeline(tmp_path):

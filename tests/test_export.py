@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_user_error, cli, read_lines
+from conftest import assert_user_error, cli, here, read_lines
 from faceattr.checkpoints import save_fold_model
 from faceattr.data import load_dataset
 from faceattr.decode import decode_images
@@ -65,10 +65,10 @@ def test_export_and_predict_with_onnxruntime(trained_run, dataset_dir, tmp_path)
 
 def test_onnx_user_errors(dataset_dir, trained_run, tmp_path):
     assert_user_error(
-        cli("predict", str(dataset_dir), "--onnx", str(tmp_path)), "not a faceattr ONNX export"
+        here("predict", str(dataset_dir), "--onnx", str(tmp_path)), "not a faceattr ONNX export"
     )
     assert_user_error(
-        cli("predict", str(dataset_dir), "--onnx", str(tmp_path), "--run", str(trained_run)),
+        here("predict", str(dataset_dir), "--onnx", str(tmp_path), "--run", str(trained_run)),
         "exactly one of",
     )
 

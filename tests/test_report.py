@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from conftest import cli
+from conftest import cli, here
 from faceattr.report import build_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -46,7 +46,7 @@ def test_report_command_rebuilds_it(predicted_run, tmp_path):
     result = cli("report", str(predicted_run))
     assert result.returncode == 0, result.stderr
     assert (predicted_run / "report.html").exists()
-    result = cli("report", str(tmp_path))
+    result = here("report", str(tmp_path))
     assert result.returncode == 2 and "not a faceattr run folder" in result.stderr
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_user_error, cli, read_lines, seed_main, train_args, write_image
+from conftest import assert_user_error, here, read_lines, train_args, write_image
 
 
 def small_layout(root, labels=(0, 1, 0, 1, 1, 1, 0, 1, 1, 1), n_test=3):
@@ -25,7 +25,8 @@ def small_layout(root, labels=(0, 1, 0, 1, 1, 1, 0, 1, 1, 1), n_test=3):
 
 
 def train(data, out, *extra):
-    return cli(
+    """A small `train`, in this process: these tests are about what it says and leaves behind."""
+    return here(
         "train",
         str(data),
         "--out",
@@ -121,9 +122,9 @@ def test_unwritable_output_locations(tmp_path, dataset_dir, trained_run):
     blocker = tmp_path / "file"
     blocker.write_text("a file, not a folder")
     assert_user_error(train(data, blocker / "run"), "cannot write to")
-    assert_user_error(cli("explore", str(data), "--out", str(blocker / "ex")), "cannot write to")
+    assert_user_error(here("explore", str(data), "--out", str(blocker / "ex")), "cannot write to")
     output = str(blocker / "label_val.txt")
-    result = cli("predict", str(dataset_dir), "--run", str(trained_run), "--output", output)
+    result = here("predict", str(dataset_dir), "--run", str(trained_run), "--output", output)
     assert_user_error(result, "cannot write to")
 
 
@@ -160,7 +161,7 @@ def test_a_test_image_that_cannot_be_decoded_stops_predict(tmp_path, trained_run
     data = small_layout(tmp_path / "data")
     (data / "val_img" / "000002.jpg").write_bytes(b"\xff\xd8\xff garbage")
     out = tmp_path / "label_val.txt"
-    result = cli("predict", str(data), "--run", str(trained_run), "--output", str(out))
+    result = here("predict", str(data), "--run", str(trained_run), "--output", str(out))
     assert_user_error(result, "000002.jpg: cannot decode image")
     assert "--skip-bad" not in result.stderr  # train's option: every test image needs a label
     assert "leaving out" not in result.stderr  # decoded for the cache: no warning before the error
@@ -185,7 +186,7 @@ def test_existing_run_is_not_replaced_by_accident(tmp_path, trained_run):
     assert_user_error(train(data, tmp_path / "other", "--resume"), "holds no run to continue")
 
 
-def test_a_run_folder_never_takes_the_datas_place(tmp_path, capsys):
+def test_a_run_folder_never_takes_the_datas_place(tmp_path):
     data = small_layout(tmp_path / "data")
     before = sorted(p.relative_to(data) for p in data.rglob("*"))
     archive = shutil.make_archive(str(tmp_path / "models" / "faces"), "zip", tmp_path, "data")
@@ -195,7 +196,7 @@ def test_a_run_folder_never_takes_the_datas_place(tmp_path, capsys):
         (data, ["--overwrite"], "choose another --out"),
         (archive, [], "the run's models/ where the data is"),
     ):
-        code, err = in_process(capsys, "train", str(source), "--out", str(tmp_path), "-q", *extra)
+        code, err = in_process("train", str(source), "--out", str(tmp_path), "-q", *extra)
         assert code == 2 and len(err) == 1 and message in err[0], err
     assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
     assert not (tmp_path / "run.json").exists()
@@ -212,11 +213,11 @@ def test_resume_refuses_data_that_changed_and_trains_its_own_settings(tmp_path):
     run_json.write_text(json.dumps({**summary, "status": "running"}))  # as if killed
     # Same count and balance, two labels swapped: the folds would split differently.
     (data / "label_train.txt").write_text("".join(f"{v}\n" for v in (1, 0, *labels[2:])))
-    result = cli("train", str(data), "--out", str(tmp_path / "run"), "--resume")
+    result = here("train", str(data), "--out", str(tmp_path / "run"), "--resume")
     assert_user_error(result, "--resume: the labels or images changed since", "--overwrite")
     assert json.loads(run_json.read_text())["status"] == "running"  # left as it was
     (data / "label_train.txt").write_text("".join(f"{v}\n" for v in labels))
-    result = cli("train", str(data), "--out", str(tmp_path / "run"), "--resume")
+    result = here("train", str(data), "--out", str(tmp_path / "run"), "--resume")
     assert result.returncode == 0, result.stderr
     # Its own settings, not the device's default recipe:
     assert "training simple, 2 folds x 1 epochs" in result.stderr
@@ -243,7 +244,7 @@ def test_resume_after_sigkill_gives_the_uninterrupted_result(dataset_dir, tmp_pa
     # its state after epochs 1 and 2, and is killed in the second or third.
     args = ["--folds", "2", "--epochs", "3", "--batch-size", "16", "--device", "cpu"]
     reference = tmp_path / "reference"
-    result = cli("train", str(dataset_dir), "--out", str(reference), *args)
+    result = here("train", str(dataset_dir), "--out", str(reference), *args)
     assert result.returncode == 0, result.stderr
 
     run = tmp_path / "run"
@@ -269,7 +270,7 @@ def test_resume_after_sigkill_gives_the_uninterrupted_result(dataset_dir, tmp_pa
     assert json.loads((run / "run.json").read_text())["status"] == "running"
     assert not (run / "models" / "fold_2.safetensors").exists()
 
-    result = cli("train", str(dataset_dir), "--out", str(run), "--resume")
+    result = here("train", str(dataset_dir), "--out", str(run), "--resume")
     assert result.returncode == 0, result.stderr
     assert "fold 1/2: finished before, kept" in result.stderr
     assert "fold 2: resuming after epoch" in result.stderr
@@ -294,11 +295,11 @@ def test_sigterm_unwinds_like_ctrl_c_and_the_run_resumes(dataset_dir, tmp_path):
     assert stderr.strip().splitlines()[-1] == "faceattr: terminated" and "Traceback" not in stderr
     assert not list(run.rglob("*.tmp")) and not list(run.rglob(".*.tmp"))  # none half-written
     assert json.loads((run / "run.json").read_text())["status"] == "running"
-    result = cli("train", str(dataset_dir), "--out", str(run), "--resume")
+    result = here("train", str(dataset_dir), "--out", str(run), "--resume")
     assert result.returncode == 0 and "fold 1: resuming after epoch" in result.stderr
 
 
-def test_seed_train_continues_an_interrupted_save_dir(dataset_dir, tmp_path):
+def test_seed_train_continues_an_interrupted_save_dir(dataset_dir, tmp_path, monkeypatch):
     train_dir, labels = dataset_dir / "train_img", dataset_dir / "label_train.txt"
     seed_args = [
         f"--img_train_dir={train_dir}",
@@ -309,33 +310,30 @@ def test_seed_train_continues_an_interrupted_save_dir(dataset_dir, tmp_path):
         "--batch_size=32",
         "--arch=simple",
     ]
-    assert seed_main("--mode=train", *seed_args, cwd=tmp_path).returncode == 0
+    monkeypatch.chdir(tmp_path)  # --save_dir=RUN is relative, as the seed's commands were
+    assert here("--mode=train", *seed_args, seed=True).returncode == 0
     summary = json.loads((tmp_path / "RUN" / "run.json").read_text())
     summary["status"] = "running"  # as if it had been killed after its last fold
     (tmp_path / "RUN" / "run.json").write_text(json.dumps(summary))
-    result = seed_main("--mode=train", *seed_args, cwd=tmp_path)
+    result = here("--mode=train", *seed_args, seed=True)
     assert result.returncode == 0, result.stderr
     assert "finished before, kept" in result.stderr
-    result = seed_main("--mode=train", *seed_args, cwd=tmp_path)  # finished: trained afresh
+    result = here("--mode=train", *seed_args, seed=True)  # finished: trained afresh
     assert result.returncode == 0 and "finished before" not in result.stderr
     assert len(read_lines(tmp_path / "RUN" / "folds.csv")) == 161
 
 
-def in_process(capsys, *args: str) -> tuple[int, list[str]]:
-    """`faceattr ARGS` run here (no interpreter to start): exit code and stderr's lines."""
-    from faceattr.cli import main
-
-    code = main(list(args))
-    return code, capsys.readouterr().err.strip().splitlines()
+def in_process(*args: str) -> tuple[int, list[str]]:
+    """`faceattr ARGS` run here (see `here`): its exit code and stderr's lines."""
+    result = here(*args)
+    return result.returncode, result.stderr.strip().splitlines()
 
 
-def predict(capsys, data, run, *options: str) -> tuple[int, list[str]]:
-    return in_process(capsys, "predict", str(data), "--run", str(run), "-q", *options)
+def predict(data, run, *options: str) -> tuple[int, list[str]]:
+    return in_process("predict", str(data), "--run", str(run), "-q", *options)
 
 
-def test_predict_refuses_impossible_options_before_writing(
-    tmp_path, dataset_dir, trained_run, capsys
-):
+def test_predict_refuses_impossible_options_before_writing(tmp_path, dataset_dir, trained_run):
     (tmp_path / "folder").mkdir()
     labels = str(tmp_path / "labels.txt")
     cases = {
@@ -347,12 +345,12 @@ def test_predict_refuses_impossible_options_before_writing(
         "--batch-size must be at least 1, got -5": ["--output", labels, "--batch-size", "-5"],
     }
     for message, options in cases.items():
-        code, err = predict(capsys, dataset_dir, trained_run, *options)
+        code, err = predict(dataset_dir, trained_run, *options)
         assert code == 2 and len(err) == 1 and message in err[0], err
     assert [p.name for p in tmp_path.iterdir()] == ["folder"]
 
 
-def test_predict_never_writes_over_its_inputs(tmp_path, trained_run, capsys):
+def test_predict_never_writes_over_its_inputs(tmp_path, trained_run):
     data, run = small_layout(tmp_path / "data"), tmp_path / "run"
     shutil.copytree(trained_run, run)
     os.mkfifo(tmp_path / "pipe")
@@ -360,20 +358,20 @@ def test_predict_never_writes_over_its_inputs(tmp_path, trained_run, capsys):
               run / "run.json", run / "models" / "labels.txt", run / "fold_1" / "labels.txt"]  # fmt: skip
     before = {p: p.read_bytes() for p in [*data.rglob("*.*"), *run.rglob("*.*")]}
     for output in inputs:
-        code, err = predict(capsys, data, run, "--output", str(output))
+        code, err = predict(data, run, "--output", str(output))
         assert code == 2 and len(err) == 1 and "would overwrite or join an input" in err[0], err
-    code, err = predict(capsys, data, run, "--output", str(tmp_path / "pipe"))
+    code, err = predict(data, run, "--output", str(tmp_path / "pipe"))
     assert code == 2 and "is not a regular file" in err[0]
     assert {p: p.read_bytes() for p in [*data.rglob("*.*"), *run.rglob("*.*")]} == before
     # Beside the data, or in the run folder beside what train wrote: fine.
     for output in (data / "label_val.txt", run / "label_val.txt"):
-        assert predict(capsys, data, run, "--output", str(output))[0] == 0
+        assert predict(data, run, "--output", str(output))[0] == 0
         assert len(read_lines(output)) == 3
 
 
-def test_what_the_system_refuses_is_one_line(tmp_path, dataset_dir, trained_run, capsys):
+def test_what_the_system_refuses_is_one_line(tmp_path, dataset_dir, trained_run):
     too_long = str(tmp_path / ("x" * 300 + ".txt"))  # a name over the file system's 255 bytes
-    code, err = predict(capsys, dataset_dir, trained_run, "--output", too_long)
+    code, err = predict(dataset_dir, trained_run, "--output", too_long)
     assert code == 2 and len(err) == 1 and "File name too long" in err[0], err
 
 
@@ -392,7 +390,7 @@ DAMAGED_RUNS = {
 }
 
 
-def test_a_damaged_run_is_one_line_and_writes_nothing(tmp_path, dataset_dir, trained_run, capsys):
+def test_a_damaged_run_is_one_line_and_writes_nothing(tmp_path, dataset_dir, trained_run):
     labels, run = tmp_path / "labels.txt", tmp_path / "run"
 
     def damaged(name: str, text: str | None) -> Path:
@@ -406,48 +404,40 @@ def test_a_damaged_run_is_one_line_and_writes_nothing(tmp_path, dataset_dir, tra
 
     for name, cases in DAMAGED_RUNS.items():
         for text, message in cases:
-            code, err = predict(capsys, dataset_dir, damaged(name, text), "--output", str(labels))
+            code, err = predict(dataset_dir, damaged(name, text), "--output", str(labels))
             assert code == 2 and len(err) == 1 and message in err[0], (text, err)
     damaged("ensemble.json", None)  # an older run: it votes at its folds' own threshold
     (run / "models" / "fold_1.json").write_text('{"arch": "simple", "threshold": "x"}')
-    code, err = predict(capsys, dataset_dir, run, "--output", str(labels))
+    code, err = predict(dataset_dir, run, "--output", str(labels))
     assert code == 2 and "fold_1.json: threshold must be a number, got 'x'" in err[0]
     # One model short, the ensemble would not be the one its threshold was chosen for.
-    code, err = predict(
-        capsys, dataset_dir, damaged("fold_2.safetensors", None), "--output", str(labels)
-    )
+    code, err = predict(dataset_dir, damaged("fold_2.safetensors", None), "--output", str(labels))
     assert code == 2 and "fold_2.safetensors is missing" in err[0]
     (run / "models" / "fold_2.json").unlink()  # both of its files gone: the ensemble lists it
-    code, err = predict(capsys, dataset_dir, run, "--output", str(labels))
+    code, err = predict(dataset_dir, run, "--output", str(labels))
     assert code == 2 and "lists folds [1, 2]: fold_2.safetensors is missing" in err[0], err
     assert not labels.exists() and not (tmp_path / "predictions.csv").exists()
 
 
-def test_a_damaged_run_json_costs_the_report_not_the_labels(
-    tmp_path, dataset_dir, trained_run, capsys
-):
+def test_a_damaged_run_json_costs_the_report_not_the_labels(tmp_path, dataset_dir, trained_run):
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
     (run / "run.json").write_text("[]")
     labels = tmp_path / "labels.txt"
-    code, err = in_process(
-        capsys, "predict", str(dataset_dir), "--run", str(run), "--output", str(labels)
-    )
+    code, err = in_process("predict", str(dataset_dir), "--run", str(run), "--output", str(labels))
     assert code == 0 and len(read_lines(labels)) == 40
     assert any("report was not updated" in line for line in err)
     for text in ("[]", '{"status": "complete"}'):
         (run / "run.json").write_text(text)
-        code, err = in_process(capsys, "report", str(run))
+        code, err = in_process("report", str(run))
         assert code == 2 and len(err) == 1 and "lacks what a report needs" in err[0], err
 
 
-def test_a_weights_file_torch_cannot_read_is_one_line(tmp_path, dataset_dir, capsys):
+def test_a_weights_file_torch_cannot_read_is_one_line(tmp_path, dataset_dir):
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint" * 10)
     options = ["--arch", "resnet18", "--pretrained", str(garbage), "-q"]
-    code, err = in_process(
-        capsys, "train", str(dataset_dir), "--out", str(tmp_path / "run"), *options
-    )
+    code, err = in_process("train", str(dataset_dir), "--out", str(tmp_path / "run"), *options)
     assert code == 2 and len(err) == 1 and "cannot read pretrained weights" in err[0], err
     assert not (tmp_path / "run").exists()
 
@@ -469,23 +459,23 @@ def test_ctrl_c_while_torch_loads_is_one_line(capsys):
     )
 
 
-def test_demo_sizes_it_cannot_split_are_refused_before_writing(tmp_path, capsys):
+def test_demo_sizes_it_cannot_split_are_refused_before_writing(tmp_path):
     for options in (["--n-train", "5"], ["--n-train", "-5"], ["--n-test", "0"]):
-        code, err = in_process(capsys, "demo", "--out", str(tmp_path / "demo"), *options)
+        code, err = in_process("demo", "--out", str(tmp_path / "demo"), *options)
         assert code == 2 and len(err) == 1 and "the demo needs --n-train 50 or more" in err[0]
     assert not (tmp_path / "demo").exists()
 
 
-def test_evaluate_needs_both_classes_and_probabilities(tmp_path, capsys):
+def test_evaluate_needs_both_classes_and_probabilities(tmp_path):
     (tmp_path / "pred.txt").write_text("0\n1\n1\n")
     (tmp_path / "one_class.txt").write_text("1\n1\n1\n")
     (tmp_path / "truth.txt").write_text("0\n1\n1\n")
     rows = ["image,soft_score,soft_label", "1,0.1,0", "2,nan,1", "3,0.9,1"]
     (tmp_path / "predictions.csv").write_text("\n".join(rows) + "\n")
     pred = ["evaluate", "--pred", str(tmp_path / "pred.txt")]
-    code, err = in_process(capsys, *pred, "--truth", str(tmp_path / "one_class.txt"))
+    code, err = in_process(*pred, "--truth", str(tmp_path / "one_class.txt"))
     assert code == 2 and "holds label 1 only: HTER weighs both classes" in err[0]
     scores = ["--scores", str(tmp_path / "predictions.csv"), "--plots", str(tmp_path / "plots")]
-    code, err = in_process(capsys, *pred, "--truth", str(tmp_path / "truth.txt"), *scores)
+    code, err = in_process(*pred, "--truth", str(tmp_path / "truth.txt"), *scores)
     assert code == 2 and "soft_score must be probabilities in [0, 1]" in err[0]
     assert not (tmp_path / "plots").exists()
