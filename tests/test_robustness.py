@@ -243,6 +243,7 @@ def test_resume_after_sigkill_gives_the_uninterrupted_result(dataset_dir, tmp_pa
     # The CPU's default recipe (ImageNet start, AdamW, cosine schedule), 3 epochs: fold 2 saves
     # its state after epochs 1 and 2, and is killed in the second or third.
     args = ["--folds", "2", "--epochs", "3", "--batch-size", "16", "--device", "cpu"]
+    args += ["--save-every", "0"]  # its epochs take under a second
     reference = tmp_path / "reference"
     result = here("train", str(dataset_dir), "--out", str(reference), *args)
     assert result.returncode == 0, result.stderr
@@ -284,7 +285,8 @@ def test_resume_after_sigkill_gives_the_uninterrupted_result(dataset_dir, tmp_pa
 
 def test_sigterm_unwinds_like_ctrl_c_and_the_run_resumes(dataset_dir, tmp_path):
     run = tmp_path / "run"
-    command = [sys.executable, "-m", "faceattr", *train_args(dataset_dir, run, "--epochs", "4")]
+    options = ("--epochs", "4", "--save-every", "0")
+    command = [sys.executable, "-m", "faceattr", *train_args(dataset_dir, run, *options)]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not (run / "fold_1" / "checkpoint.json").exists() and time.monotonic() < deadline:

@@ -1,4 +1,5 @@
 import itertools
+import types
 
 import numpy as np
 import pytest
@@ -62,6 +63,8 @@ def test_each_device_has_its_default_recipe_and_given_options_win():
         ("seed", -1, "--seed must be in 0..4294967295, got -1"),
         ("seed", 2**32, "--seed must be in 0..4294967295"),
         ("optimizer", "lion", "unknown --optimizer 'lion'"),
+        ("save_every", -1.0, "--save-every must be at least 0"),
+        ("save_every", float("nan"), "--save-every must be a finite number"),
     ],
 )
 def test_impossible_settings_are_refused_before_any_work(option, value, message):
@@ -159,7 +162,9 @@ def test_ema_keeps_and_judges_the_averaged_weights():
 def test_an_interrupted_fold_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
     images, labels = easy_data()
     # mixup draws its shares from the global generator: the saved state must restore it too.
-    cfg = TrainConfig(epochs=3, batch_size=16, ema=0.9, schedule="onecycle", mix="mixup")
+    cfg = TrainConfig(
+        epochs=3, batch_size=16, ema=0.9, schedule="onecycle", mix="mixup", save_every=0
+    )
     split = np.arange(64), np.arange(64, 96)
 
     def fold(checkpoint):
@@ -187,6 +192,29 @@ def test_an_interrupted_fold_resumes_to_the_uninterrupted_result(tmp_path, monke
     assert [{k: v for k, v in r.items() if k not in drop} for r in resumed.history] == [
         {k: v for k, v in r.items() if k not in drop} for r in whole.history
     ]
+
+
+def test_the_state_is_saved_once_save_every_seconds_have_passed(tmp_path, monkeypatch):
+    images, labels = easy_data()
+    split = np.arange(64), np.arange(64, 96)
+    now = [0.0]  # a clock for the fold that moves 10 s an epoch, when the epoch is validated
+    monkeypatch.setattr(train_module, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    scores = train_module.model_scores
+
+    def ten_seconds_later(*args, **kwargs):
+        now[0] += 10
+        return scores(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "model_scores", ten_seconds_later)
+    saved: list[int] = []
+    monkeypatch.setattr(
+        train_module, "save_training_state", lambda path, t, info: saved.append(info["epoch"])
+    )
+    for every, expected in ((0, [1, 2, 3, 4]), (15, [2, 4]), (25, [3]), (1e9, [])):
+        saved.clear()
+        cfg = TrainConfig(epochs=5, batch_size=32, tta=False, save_every=every)
+        train_fold(create_model("simple"), images, labels, *split, cfg, 1, tmp_path / "state")
+        assert saved == expected, every  # never after the last epoch: the fold's result follows
 
 
 def test_fold_state_round_trips_and_reseeds_augmentation_on_request(tmp_path):

@@ -87,7 +87,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 TRAIN_OPTIONS = (
     "arch", "folds", "epochs", "lr", "step", "gamma", "batch_size", "seed", "pretrained",
     "workers", "compile", "skip_bad", "ddp", "optimizer", "schedule", "weight_decay",
-    "label_smoothing", "ema", "augment", "mix", "mix_alpha",
+    "label_smoothing", "ema", "augment", "mix", "mix_alpha", "save_every",
 )  # fmt: skip
 
 
@@ -324,6 +324,13 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
         help="continue the unfinished run in --out where it stopped",
     )
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.add_argument(
+        "--save-every",
+        type=float,
+        metavar="SECONDS",
+        help="save the running fold's state for --resume after an epoch once this long has "
+        "passed since the last save (default 30); 0: after every epoch",
+    )
     p.add_argument(
         "--ddp",
         action="store_true",

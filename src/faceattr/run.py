@@ -373,9 +373,9 @@ def _clear_run(out: Path) -> None:
 
 
 def _resumed_config(asked: TrainConfig, saved: dict) -> TrainConfig:
-    """The saved run's settings; only where the work runs (workers, cache) may change."""
-    cfg = TrainConfig(**{**saved, "workers": asked.workers, "cache": asked.cache})
-    return cfg
+    """The saved run's settings; only how the work runs (workers, cache, saves) may change."""
+    where = {"workers": asked.workers, "cache": asked.cache, "save_every": asked.save_every}
+    return TrainConfig(**{**saved, **where})
 
 
 def _finished_fold(out: Path, fold: int) -> dict | None:

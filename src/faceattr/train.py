@@ -83,6 +83,8 @@ class TrainConfig:
     workers: int | None = None  # image-decoding processes; None = one per core
     cache: str | None = None  # folder of decoded-image caches; None = decode in memory every time
     compile: bool = False  # torch.compile the training step
+    # Seconds between two saves of a fold's training state (see train_fold); 0: every epoch.
+    save_every: float = 30.0
     skip_bad: bool = False  # leave images that cannot be decoded out, instead of stopping
     ddp: bool = False  # under torchrun: train each fold data-parallel across all processes
 
@@ -92,6 +94,7 @@ class TrainConfig:
             ("epochs", self.epochs, 1),
             ("batch-size", self.batch_size, 2),
             ("step", self.step, 1),
+            ("save-every", self.save_every, 0),
         ):
             if value < low:
                 raise FaceAttrError(f"--{name} must be at least {low}, got {value}")
@@ -112,6 +115,7 @@ class TrainConfig:
             "label-smoothing": self.label_smoothing,
             "ema": self.ema,
             "mix-alpha": self.mix_alpha,
+            "save-every": self.save_every,
         }
         for name, value in numbers.items():
             if not math.isfinite(value):
@@ -394,8 +398,12 @@ def train_fold(
     `images[idx]` must give a uint8 batch on the device of `labels` and of the model. The best
     epoch is the one with the lowest validation HTER (ties go to the earlier epoch). With
     `checkpoint`, the whole training state (model, optimiser, schedule, random generators, best
-    epoch so far) is saved there after every epoch, and training continues from it when it is
-    already there: an interrupted fold resumes exactly where it stopped.
+    epoch so far) is saved there after an epoch once `cfg.save_every` seconds have passed since
+    the fold started or was last saved, and training continues from it when it is already there:
+    an interrupted fold resumes exactly where it stopped. Not after every epoch: a state is some
+    50 MB (EfficientNet-Lite0's weights, their best copy and AdamW's two moments), 0.1 to 0.25 s
+    to write on a 2-core CPU, which a GPU's short epochs would pay 15 times a fold; a CPU's epochs
+    take longer than the default 30 s, so there each is saved.
 
     With `cfg.ddp` under torchrun, all `ranks` train this fold together (DistributedDataParallel):
     each takes its shard of every epoch's order and `batch_size / world` images a step, and rank
@@ -433,6 +441,7 @@ def train_fold(
         log.info("fold %d: resuming after epoch %d", fold, state.epoch)
 
     start = time.perf_counter() - state.seconds
+    saved_at = time.perf_counter()
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
@@ -519,8 +528,10 @@ def train_fold(
             "  *" if improved else "",
         )
         state.epoch = epoch
-        if checkpoint is not None and epoch < cfg.epochs and (ranks.main or not parallel):
+        due = time.perf_counter() - saved_at >= cfg.save_every
+        if checkpoint is not None and epoch < cfg.epochs and due and (ranks.main or not parallel):
             state.save(checkpoint, time.perf_counter() - start)
+            saved_at = time.perf_counter()
             log.debug("fold %d: epoch %d state saved to %s", fold, epoch, checkpoint)
     seconds = time.perf_counter() - start
     return FoldResult(
