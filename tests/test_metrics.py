@@ -94,6 +94,15 @@ def test_best_threshold_ties_go_to_balanced_errors_then_lower_threshold():
     assert rates["far"] == rates["frr"] == pytest.approx(0.25)
 
 
+@pytest.mark.parametrize("score", [0.0, 1e-7, 0.3, 1.0])
+def test_a_model_that_separates_nothing_accepts_everything_at_a_threshold_in_0_1(score):
+    labels = np.array([0] * 9 + [1] * 3)
+    for scores in (np.full(12, score), np.array([1.0] * 9 + [score] * 3)):  # same, or inverted
+        threshold, rates = best_threshold(labels, scores)
+        assert 0 <= threshold <= 1 and rates["hter"] == 0.5
+        assert hter(labels, scores_to_labels(scores, threshold)) == 0.5
+
+
 def test_equal_error_rate_and_auc():
     labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
     perfect = np.array([0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9])

@@ -58,7 +58,9 @@ def best_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, dict]
     Every distinct score is a candidate cut: the threshold is put halfway between two neighbouring
     distinct scores (below the lowest, above the highest at the ends), so small shifts of the
     scores do not flip decisions. Ties in HTER go to the most balanced FAR and FRR, then to the
-    lower threshold.
+    lower threshold. The cuts stay within [0, 1], where a probability's threshold belongs: a
+    model that separates nothing (all scores 0.0, say) accepts everything at 0, not at -1e-6,
+    which predict would refuse.
     """
     labels = np.asarray(labels).astype(int).ravel()
     scores = np.asarray(scores, dtype=np.float64).ravel()
@@ -67,6 +69,7 @@ def best_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, dict]
         raise ValueError("both classes are needed to choose a threshold")
     values = np.unique(scores)
     cuts = np.concatenate([[values[0] - 1e-6], (values[:-1] + values[1:]) / 2, [values[-1] + 1e-6]])
+    cuts = np.clip(cuts, 0.0, 1.0)
     # FAR(t) = share of class 0 with score >= t; FRR(t) = share of class 1 with score < t.
     far = 1 - np.searchsorted(np.sort(scores[labels == 0]), cuts, side="left") / n0
     frr = np.searchsorted(np.sort(scores[labels == 1]), cuts, side="left") / n1
