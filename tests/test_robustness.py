@@ -217,6 +217,13 @@ def test_resume_refuses_data_that_changed_and_trains_its_own_settings(tmp_path):
     assert_user_error(result, "--resume: the labels or images changed since", "--overwrite")
     assert json.loads(run_json.read_text())["status"] == "running"  # left as it was
     (data / "label_train.txt").write_text("".join(f"{v}\n" for v in labels))
+    # Same data, but a split that is not the run's (as another scikit-learn might shuffle):
+    folds_csv = tmp_path / "run" / "folds.csv"
+    saved = folds_csv.read_text()
+    folds_csv.write_text(saved.replace(",0\n", ",x\n").replace(",1\n", ",0\n").replace(",x", ",1"))
+    result = here("train", str(data), "--out", str(tmp_path / "run"), "--resume")
+    assert_user_error(result, "--resume: the folds split now differ from those in", "--overwrite")
+    folds_csv.write_text(saved)
     result = here("train", str(data), "--out", str(tmp_path / "run"), "--resume")
     assert result.returncode == 0, result.stderr
     # Its own settings, not the device's default recipe:

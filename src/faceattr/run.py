@@ -36,7 +36,7 @@ from faceattr.decode import SKIP_HINT
 from faceattr.distributed import SINGLE, Ranks
 from faceattr.ensemble import decision_rule
 from faceattr.errors import FaceAttrError
-from faceattr.folds import make_folds, save_folds
+from faceattr.folds import load_folds, make_folds, save_folds
 from faceattr.metrics import scores_to_labels
 from faceattr.models import count_parameters, create_model, weights_file
 from faceattr.outputs import check_writable, ensure_writable_dir, within, write_csv, write_json
@@ -112,6 +112,12 @@ def train_run(
         raise FaceAttrError(
             f"--resume: {out} was trained on {previous.get('n_train')} images, "
             f"this data has {len(labels)}"
+        )
+    if resume and not _same_folds(out / "folds.csv", fold_of):
+        # The finished folds' scores would land on other images: scikit-learn's shuffle changed?
+        raise FaceAttrError(
+            f"--resume: the folds split now differ from those in {out / 'folds.csv'}; "
+            "--overwrite starts it again"
         )
     ranks.barrier()  # every process has checked the input: only now is the folder touched
     summary: dict = {
@@ -376,6 +382,14 @@ def _resumed_config(asked: TrainConfig, saved: dict) -> TrainConfig:
     """The saved run's settings; only how the work runs (workers, cache, saves) may change."""
     where = {"workers": asked.workers, "cache": asked.cache, "save_every": asked.save_every}
     return TrainConfig(**{**saved, **where})
+
+
+def _same_folds(path: Path, fold_of: np.ndarray) -> bool:
+    """Whether the run's folds.csv (missing or unreadable: no) holds the folds `fold_of`."""
+    try:
+        return np.array_equal(load_folds(path), fold_of)
+    except (OSError, ValueError, IndexError):
+        return False
 
 
 def _finished_fold(out: Path, fold: int) -> dict | None:
