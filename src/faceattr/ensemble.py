@@ -113,6 +113,9 @@ def decision_rule(labels: np.ndarray, oof: np.ndarray, fold_of: np.ndarray) -> d
     - oof_nested: each fold judged at a threshold chosen on the other folds only: an honest
       estimate of how the chosen threshold does on unseen images;
     - oof_at_0.5: the untuned rule, for comparison; eer and auc: threshold-free quality.
+
+    All of them lean a little optimistic all the same: each fold's epoch was the best on those
+    validation images (see train_fold).
     """
     threshold, _ = best_threshold(labels, oof)
     nested = np.empty_like(labels)
