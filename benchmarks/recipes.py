@@ -4,13 +4,16 @@
     python benchmarks/recipes.py --data D --only default r18-12-cosine      # some of them
     python benchmarks/recipes.py --data D --recipe "mine: --epochs 20 --lr 0.002"
     python benchmarks/recipes.py --data D --keep runs --deadline 400        # as the GPU script does
+    python benchmarks/recipes.py --data D --only default --holdout 0.2 --name celeba64-holdout-cpu
 
 Each recipe is a `faceattr train` then `faceattr predict` command pair, timed with the images
 already decoded (training images only decide: the test labels stay withheld). One JSON line per
 recipe is appended to benchmarks/results/<name>.jsonl (out-of-fold HTER with its 95 % interval, the
 nested estimate, EER, AUC, epochs, train and predict time, device, the exact command), and
 benchmarks/results/<name>.md is rewritten from all lines, the tool's default recipe marked. With
---keep, each recipe's run.json and predicted label_val.txt are kept in KEEP/<recipe>/.
+--keep, each recipe's run.json and predicted label_val.txt are kept in KEEP/<recipe>/. With
+--holdout F, a stratified share F of the training images is set aside with its labels and predicted
+as the test images (holdout.py): each row adds the HTER of the labels written there.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from holdout import TRUTH, holdout_metrics, split_off
 
 # The throughput benchmark's own timed `train` + `predict`, with the images decoded beforehand.
 from throughput import end_to_end, warm_cache
@@ -119,6 +124,7 @@ def run_recipe(
 
 def markdown(rows: list[dict], title: str) -> str:
     """The results table, best out-of-fold HTER first; the default recipe in bold."""
+    held = any("holdout_hter" in r for r in rows)
     lines = [
         f"# {title}: recipes by cross-validation",
         "",
@@ -128,10 +134,14 @@ def markdown(rows: list[dict], title: str) -> str:
         "then `faceattr predict DATA --run RUN` (predict s: scoring the test images with "
         "the fold models), both with the images already decoded. In bold: the tool's default recipe "
         "on that device (no options).",
+        *(["", HOLDOUT_NOTE] if held else []),
         "",
-        "| recipe | OOF HTER | 95 % CI | nested | EER | AUC | arch | epochs | train s | predict s "
-        "| device | command |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| recipe | OOF HTER | 95 % CI | nested | EER | AUC "
+        + ("| hold-out HTER | 95 % CI | majority | best threshold | hold-out AUC " if held else "")
+        + "| arch | epochs | train s | predict s | device | command |",
+        "|---|---|---|---|---|---"
+        + ("|---|---|---|---|---" if held else "")
+        + "|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: r["oof_hter"]):
         name = f"**{r['recipe']}**" if r["args"] == "(defaults)" else r["recipe"]
@@ -139,11 +149,31 @@ def markdown(rows: list[dict], title: str) -> str:
         lines.append(
             f"| {name} | {100 * r['oof_hter']:.2f} % | {100 * low:.2f}–{100 * high:.2f} % "
             f"| {100 * r['nested_hter']:.2f} % | {100 * r['eer']:.2f} % | {r['auc']:.4f} "
+            f"{holdout_cells(r) if held else ''}"
             f"| {r['arch']} | {r['epochs']} | {r['train_seconds']:.0f} "
             f"| {r.get('predict_seconds', float('nan')):.0f} | {r['device']} "
             f"| `{r['command']}` |"
         )
     return "\n".join(lines) + "\n"
+
+
+HOLDOUT_NOTE = (
+    "Hold-out: a stratified share of the labelled images, set aside before training and predicted "
+    "as test images (`--holdout`); its HTER is that of the label file predict wrote (the "
+    "run's threshold, soft vote), beside the seed's majority vote and the threshold best on the "
+    "hold-out itself (the least any threshold could give)."
+)
+
+
+def holdout_cells(r: dict) -> str:
+    if "holdout_hter" not in r:
+        return "| | | | | "
+    low, high = r["holdout_hter_ci"]
+    return (
+        f"| {100 * r['holdout_hter']:.2f} % | {100 * low:.2f}–{100 * high:.2f} % "
+        f"| {100 * r['holdout_majority_hter']:.2f} % | {100 * r['holdout_best_hter']:.2f} % "
+        f"| {r['holdout_auc']:.4f} "
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,6 +188,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--name", default="celeba64", help="results file name (default celeba64)")
     p.add_argument("--results", type=Path, default=RESULTS, help="results folder")
+    p.add_argument(
+        "--holdout",
+        type=float,
+        metavar="F",
+        help="set a stratified share F of the training images aside, with its labels, as the "
+        "test images, and report their HTER",
+    )
+    p.add_argument("--holdout-seed", type=int, default=12345, help="seed of the hold-out's draw")
     args = p.parse_args(argv)
 
     started = time.monotonic()
@@ -166,17 +204,24 @@ def main(argv: list[str] | None = None) -> int:
     jsonl = args.results / f"{args.name}.jsonl"
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
-        warm_cache(args.data, work / "cache")  # decoded once, before any clock starts
+        data = args.data
+        if args.holdout:
+            data = str(split_off(args.data, args.holdout, args.holdout_seed, work / "holdout"))
+        warm_cache(data, work / "cache")  # decoded once, before any clock starts
         for name, options in recipes.items():
             left = None if args.deadline is None else args.deadline - (time.monotonic() - started)
             if left is not None and left <= 0:
                 print(f"deadline reached: {name} and the rest not run", file=sys.stderr)
                 break
             try:
-                row = run_recipe(name, options, args.data, args.device, work, args.keep, left)
+                row = run_recipe(name, options, data, args.device, work, args.keep, left)
             except subprocess.TimeoutExpired:
                 print(f"deadline reached while {name} ran: stopped, not tabulated", file=sys.stderr)
                 break
+            if args.holdout:
+                truth = work / "holdout" / TRUTH
+                row.update(holdout_metrics(work / name / "predictions.csv", truth))
+                row.update(holdout=args.holdout, holdout_seed=args.holdout_seed)
             print(json.dumps(row), flush=True)
             with jsonl.open("a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -125,6 +125,60 @@ def test_screening_trains_the_same_model_as_the_runs_fold(trained_run, dataset_d
     assert 0.5 <= row["auc"] <= 1 and row["best_epoch"] in (1, 2)
 
 
+def test_holdout_is_a_stratified_labelled_test_set_and_is_scored_as_predicted(
+    dataset_dir, tmp_path
+):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from holdout import TRUTH, holdout_metrics, split_off
+
+    from faceattr.data import load_dataset, read_labels
+
+    root = split_off(dataset_dir, 0.25, 7, tmp_path / "h")
+    split = load_dataset(root, need="any")  # the exercise's layout, numbered 1..n, no gaps
+    truth = read_labels(tmp_path / "h" / TRUTH)
+    assert (len(split.labels), len(split.test), len(truth)) == (120, 40, 40)
+    original = load_dataset(dataset_dir, need="any")
+    assert sorted([*split.labels, *truth]) == sorted(original.labels)
+    assert (truth == 0).sum() == round(0.25 * (original.labels == 0).sum())  # stratified
+    # Each image keeps its label: find every hold-out image among the originals by its bytes.
+    label_of = {
+        original.train.source.read(path): int(y)
+        for path, y in zip(original.train.paths(), original.labels, strict=True)
+    }
+    held = [split.test.source.read(path) for path in split.test.paths()]
+    assert [label_of[image] for image in held] == list(truth)
+
+    # predictions.csv as predict writes it: four images of each class, one of each class wrong.
+    rows = [(0, 0.1, 0, 0), (0, 0.2, 0, 0), (0, 0.3, 0, 0), (0, 0.6, 1, 0)]
+    rows += [(1, 0.4, 0, 1), (1, 0.7, 1, 1), (1, 0.8, 1, 1), (1, 0.9, 1, 1)]
+    (tmp_path / "truth.txt").write_text("".join(f"{y}\n" for y, *_ in rows))
+    lines = ["image,soft_score,majority_label,label"]
+    lines += [f"{i:06d}.jpg,{s},{m},{w}" for i, (_, s, w, m) in enumerate(rows, 1)]
+    (tmp_path / "predictions.csv").write_text("\n".join(lines) + "\n")
+    metrics = holdout_metrics(tmp_path / "predictions.csv", tmp_path / "truth.txt")
+    assert metrics["holdout_hter"] == metrics["holdout_far"] == metrics["holdout_frr"] == 0.25
+    assert metrics["holdout_majority_hter"] == 0.0 and metrics["holdout_n"] == 8
+    assert metrics["holdout_best_hter"] == 0.125  # cut between 0.3 and 0.4: one false accept
+    low, high = metrics["holdout_hter_ci"]
+    assert low <= 0.25 <= high and metrics["holdout_auc"] == 15 / 16
+
+
+def test_recipe_search_on_a_holdout_adds_its_hter(dataset_dir, tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from recipes import main
+
+    main(["--data", str(dataset_dir), "--recipe", "tiny: --arch simple --folds 2 --epochs 1",
+          "--device", "cpu", "--name", "held", "--results", str(tmp_path), "--holdout", "0.25",
+          "--keep", str(tmp_path / "runs")])  # fmt: skip
+    (row,) = [json.loads(line) for line in (tmp_path / "held.jsonl").read_text().splitlines()]
+    assert (row["holdout"], row["holdout_seed"], row["holdout_n"]) == (0.25, 12345, 40)
+    assert 0 <= row["holdout_best_hter"] <= row["holdout_hter"] <= 1
+    kept = json.loads((tmp_path / "runs" / "tiny" / "run.json").read_text())
+    assert kept["n_train"] == 120 and kept["oof"]["hter"] == row["oof_hter"]
+    table = (tmp_path / "held.md").read_text()
+    assert "| hold-out HTER |" in table and f"{100 * row['holdout_hter']:.2f} %" in table
+
+
 def test_recipe_table_marks_the_default():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from recipes import markdown
