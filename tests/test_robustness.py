@@ -222,7 +222,7 @@ def test_resume_refuses_data_that_changed_and_trains_its_own_settings(tmp_path):
     saved = folds_csv.read_text()
     folds_csv.write_text(saved.replace(",0\n", ",x\n").replace(",1\n", ",0\n").replace(",x", ",1"))
     result = here("train", str(data), "--out", str(tmp_path / "run"), "--resume")
-    assert_user_error(result, "--resume: the folds split now differ from those in", "--overwrite")
+    assert_user_error(result, "--resume: this data splits into other folds than", "--overwrite")
     folds_csv.write_text(saved)
     result = here("train", str(data), "--out", str(tmp_path / "run"), "--resume")
     assert result.returncode == 0, result.stderr

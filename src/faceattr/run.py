@@ -116,7 +116,7 @@ def train_run(
     if resume and not _same_folds(out / "folds.csv", fold_of):
         # The finished folds' scores would land on other images: scikit-learn's shuffle changed?
         raise FaceAttrError(
-            f"--resume: the folds split now differ from those in {out / 'folds.csv'}; "
+            f"--resume: this data splits into other folds than {out / 'folds.csv'} holds; "
             "--overwrite starts it again"
         )
     ranks.barrier()  # every process has checked the input: only now is the folder touched

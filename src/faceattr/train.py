@@ -402,8 +402,8 @@ def train_fold(
     the fold started or was last saved, and training continues from it when it is already there:
     an interrupted fold resumes exactly where it stopped. Not after every epoch: a state is some
     50 MB (EfficientNet-Lite0's weights, their best copy and AdamW's two moments), 0.1 to 0.25 s
-    to write on a 2-core CPU, which a GPU's short epochs would pay 15 times a fold; a CPU's epochs
-    take longer than the default 30 s, so there each is saved.
+    to write on a 2-core CPU, which a GPU's short epochs would pay 15 times a fold; the CPU
+    default's epochs on celeba64 take a minute, so there each is saved.
 
     With `cfg.ddp` under torchrun, all `ranks` train this fold together (DistributedDataParallel):
     each takes its shard of every epoch's order and `batch_size / world` images a step, and rank
