@@ -248,6 +248,24 @@ def test_device_script_stops_at_its_budget(dataset_dir, tmp_path):
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["results"]  # no data, no runs
 
 
+def test_device_script_runs_the_holdout_apart_from_the_kept_runs(
+    dataset_dir, tmp_path, monkeypatch
+):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import device
+
+    shutil.make_archive(str(tmp_path / "carry" / "synthetic"), "zip", dataset_dir.parent, "data")
+    ran = []
+    monkeypatch.setattr(device.subprocess, "run", lambda command, **options: ran.append(command))
+    monkeypatch.setattr(device.shutil, "which", lambda name: None)  # no nvidia-smi here
+    device.run(600, tmp_path / "out", tmp_path / "carry", ("holdout",))
+    (command,) = ran
+    assert command[command.index("--only") + 1 :][:1] == ["default"]
+    assert command[command.index("--holdout") + 1] == "0.2"
+    assert command[command.index("--name") + 1] == "celeba64-holdout"
+    assert "--keep" not in command  # runs/default/ holds the default's own run and labels
+
+
 def test_device_script_reports_the_default_recipe_as_end_to_end(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from device import add_end_to_end
