@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from faceattr.data import load_dataset
+from faceattr.data import load_dataset, read_labels
 from faceattr.ensemble import with_interval
 from faceattr.metrics import auc, best_threshold, error_rates
 
@@ -29,14 +29,12 @@ def split_off(data: str | Path, fraction: float, seed: int, dest: Path) -> Path:
     keep, held = train_test_split(
         np.arange(len(labels)), test_size=fraction, stratify=labels, random_state=seed
     )
-    root = dest / "data"
+    root, paths = dest / "data", train.paths()
     for folder, chosen in (("train_img", np.sort(keep)), ("val_img", np.sort(held))):
         (root / folder).mkdir(parents=True)
         for number, i in enumerate(chosen, start=1):
-            name = train.names[i]
-            (root / folder / f"{number:06d}{Path(name).suffix}").write_bytes(
-                train.source.read(train.paths()[i])
-            )
+            image = root / folder / f"{number:06d}{Path(train.names[i]).suffix}"
+            image.write_bytes(train.source.read(paths[i]))
     (root / "label_train.txt").write_text("".join(f"{labels[i]}\n" for i in np.sort(keep)))
     (dest / TRUTH).write_text("".join(f"{labels[i]}\n" for i in np.sort(held)))
     return root
@@ -45,7 +43,7 @@ def split_off(data: str | Path, fraction: float, seed: int, dest: Path) -> Path:
 def holdout_metrics(predictions: Path, truth: Path) -> dict:
     """The hold-out HTER of what predict wrote (95 % interval), of the seed's majority vote, and at
     the threshold best on the hold-out itself (the most any threshold could give); its AUC."""
-    y = np.array([int(v) for v in truth.read_text().split()])
+    y = read_labels(truth)
     rows = list(csv.DictReader(predictions.open()))
     written = np.array([int(r["label"]) for r in rows])
     majority = np.array([int(r["majority_label"]) for r in rows])
