@@ -204,9 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     jsonl = args.results / f"{args.name}.jsonl"
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
-        data = args.data
+        data, held = args.data, work / "holdout"
         if args.holdout:
-            data = str(split_off(args.data, args.holdout, args.holdout_seed, work / "holdout"))
+            data = str(split_off(args.data, args.holdout, args.holdout_seed, held))
         warm_cache(data, work / "cache")  # decoded once, before any clock starts
         for name, options in recipes.items():
             left = None if args.deadline is None else args.deadline - (time.monotonic() - started)
@@ -219,8 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"deadline reached while {name} ran: stopped, not tabulated", file=sys.stderr)
                 break
             if args.holdout:
-                truth = work / "holdout" / TRUTH
-                row.update(holdout_metrics(work / name / "predictions.csv", truth))
+                row.update(holdout_metrics(work / name / "predictions.csv", held / TRUTH))
                 row.update(holdout=args.holdout, holdout_seed=args.holdout_seed)
             print(json.dumps(row), flush=True)
             with jsonl.open("a") as f:
