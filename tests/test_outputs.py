@@ -1,6 +1,7 @@
 import os
 import stat
 
+import numpy as np
 import pytest
 
 from faceattr.errors import FaceAttrError
@@ -27,8 +28,17 @@ def test_a_new_file_appears_only_when_complete(tmp_path):
 
 
 def test_csv_format(tmp_path):
-    write_csv(tmp_path / "t.csv", ["image", "score"], [["1.jpg", 0.123456789], ["2.jpg", 1]])
-    assert (tmp_path / "t.csv").read_text() == "image,score\n1.jpg,0.123457\n2.jpg,1\n"
+    write_csv(tmp_path / "t.csv", ["image", "score"], [["1.jpg", 0.25], ["2.jpg", 1]])
+    assert (tmp_path / "t.csv").read_text() == "image,score\n1.jpg,0.25\n2.jpg,1\n"
+
+
+def test_csv_scores_read_back_exactly(tmp_path):
+    # A float32 probability just under 1, and two scores either side of a threshold of 0.4123455:
+    # 6 significant digits made them "1", "0.412345" and "0.412346".
+    scores = [float(np.float32(0.99999994)), 0.41234549999, 0.4123455, np.float64(1e-9)]
+    write_csv(tmp_path / "t.csv", ["score"], [[s] for s in scores])
+    read = [float(line) for line in (tmp_path / "t.csv").read_text().split()[1:]]
+    assert read == scores and read[0] < 1
 
 
 def test_check_writable(tmp_path):

@@ -52,10 +52,12 @@ def write_json(target: str | Path, data: Any) -> Path:
 
 
 def write_csv(target: str | Path, header: list[str], rows: list[list[Any]]) -> Path:
-    """Atomically write a small CSV; floats keep 6 significant digits, enough for scores."""
+    """Atomically write a small CSV. Floats are written in full (the shortest text that reads
+    back as the same number): rounded, a score just under a threshold could read back on it, and
+    confident scores near 1 would collapse into ties."""
     lines = [",".join(header)]
     for row in rows:
-        lines.append(",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row))
+        lines.append(",".join(repr(float(v)) if isinstance(v, float) else str(v) for v in row))
     return write_text(target, "\n".join(lines) + "\n")
 
 
