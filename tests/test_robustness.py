@@ -425,6 +425,12 @@ def test_a_damaged_run_is_one_line_and_writes_nothing(tmp_path, dataset_dir, tra
     (run / "models" / "fold_2.json").unlink()  # both of its files gone: the ensemble lists it
     code, err = predict(dataset_dir, run, "--output", str(labels))
     assert code == 2 and "lists folds [1, 2]: fold_2.safetensors is missing" in err[0], err
+    # An older run, which does not list them: a gap in the numbers is a missing fold.
+    damaged("ensemble.json", None)
+    for name in ("fold_1.safetensors", "fold_1.json"):
+        (run / "models" / name).unlink()
+    code, err = predict(dataset_dir, run, "--output", str(labels))
+    assert code == 2 and "numbers folds from 1: fold_1.safetensors is missing" in err[0], err
     assert not labels.exists() and not (tmp_path / "predictions.csv").exists()
 
 

@@ -109,12 +109,17 @@ def checked_settings(settings: dict, path: Path, folds: list[int], suffix: str) 
 
     Train and export list their folds: one missing would make a smaller ensemble than the
     one whose threshold was chosen. A hand-edited file fails here, in one line, not mid-way.
+    Runs from before that list number their folds from 1 all the same: a gap is a missing fold.
     """
-    expected = settings.get("folds", folds)
+    listed = "folds" in settings
+    expected = settings["folds"] if listed else list(range(1, max(folds) + 1))
     if expected != folds:
         missing = [f for f in expected if f not in folds] if isinstance(expected, list) else []
         what = f"fold_{missing[0]}{suffix} is missing" if missing else f"found {folds}"
-        raise FaceAttrError(f"{path} lists folds {expected}: {what}")
+        where = (
+            f"{path} lists folds {expected}" if listed else f"{path.parent} numbers folds from 1"
+        )
+        raise FaceAttrError(f"{where}: {what}")
     threshold, tta = settings.get("threshold"), settings.get("tta")
     if isinstance(threshold, bool) or not isinstance(threshold, int | float):
         raise FaceAttrError(f"{path}: threshold must be a number, got {threshold!r}")
