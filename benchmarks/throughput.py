@@ -27,6 +27,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -183,17 +185,20 @@ def baseline(
     model = create_model(arch).to(device).to(memory_format=torch.channels_last).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     weights = class_weights(torch.from_numpy(labels)).to(device)
+    # The workers start together and queue up to 2 batches each: the clock starts once those
+    # are used up, at the pace the workers keep, not the one their head start gave.
+    warm = max(3, 2 * workers)
     done, start = 0, None
-    while done < steps + 3:
+    while done < steps + warm:
         for x, y in loader:
-            if done == 3:  # the first batches wait for the workers to start
+            if done == warm:
                 sync(device)
                 start = time.perf_counter()
             x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             y = y.to(device, non_blocking=True)
             train_step(model, optimizer, x, y, weights)
             done += 1
-            if done == steps + 3:
+            if done == steps + warm:
                 break
     sync(device)
     return batch * steps / (time.perf_counter() - start)
@@ -285,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         "--e2e-args", default="", help="extra `faceattr train` options, e.g. '--epochs 1'"
     )
     p.add_argument("--results", type=Path, default=None, help="results file (default: per device)")
+    p.add_argument("--deadline", type=float, help="seconds: start no measurement after this many")
     args = p.parse_args(argv)
 
     device = resolve_device(args.device)
@@ -310,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
 
     dataset = load_dataset(args.data, need="any")
     images, labels = subset(*dataset.require_train(), args.limit)
+    started = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         loaded = load_images(images, tmp / "cache", extra=labels.tobytes())
@@ -323,58 +330,54 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
         files = extract(images, tmp / "files") if "baseline" in args.measures else []
-        for arch in args.arch:
-            for compiled in compile_modes:
+        array = np.asarray(loaded.array)
+        # (record, how to measure it), the eager ones first: the compiled ones are slow to
+        # build and the likeliest to fail (on a machine without a C compiler, say).
+        jobs: list[tuple[dict, Callable[[], float]]] = []
+
+        def add(record: dict, measure: Callable, *measure_args: object) -> None:
+            jobs.append((record, partial(measure, *measure_args)))
+
+        for compiled in compile_modes:
+            for arch in args.arch:
                 settings = {"arch": arch, "compiled": compiled}
                 if "ceiling" in args.measures:
-                    rate = ceiling(arch, device, batch, args.steps, compiled)
-                    emit({"measure": "ceiling", "img_per_s": rate, **settings, "steps": args.steps})
+                    record = {"measure": "ceiling", **settings, "steps": args.steps}
+                    add(record, ceiling, arch, device, batch, args.steps, compiled)
                 if "faceattr" in args.measures:
-                    rate = faceattr_loop(
-                        np.asarray(loaded.array), labels, arch, device, batch, args.epochs, compiled
-                    )
-                    emit(
-                        {
-                            "measure": "faceattr",
-                            "img_per_s": rate,
-                            **settings,
-                            "epochs": args.epochs,
-                            "images": len(images),
-                        }
-                    )
-            if "baseline" in args.measures:
-                rate = baseline(files, labels, arch, device, batch, args.steps, workers)
-                emit(
-                    {
-                        "measure": "baseline",
-                        "img_per_s": rate,
-                        "arch": arch,
-                        "compiled": False,
-                        "steps": args.steps,
-                        "num_workers": workers,
-                    }
-                )
+                    record = {"measure": "faceattr", **settings, "epochs": args.epochs}
+                    record["images"] = len(images)
+                    add(record, faceattr_loop, array, labels, arch, device, batch, args.epochs,
+                        compiled)  # fmt: skip
+                if "baseline" in args.measures and not compiled:
+                    record = {"measure": "baseline", **settings, "steps": args.steps}
+                    record["num_workers"] = workers
+                    add(record, baseline, files, labels, arch, device, batch, args.steps, workers)
         if "inference" in args.measures and device.type == "cpu":
             for arch in args.arch:
                 n = 4096 if arch == "simple" else 256
                 for runtime in ("torch", "onnxruntime"):
-                    rate = inference(arch, runtime, INFERENCE_BATCH, n, tmp / "inference")
-                    emit(
-                        {
-                            "measure": "inference",
-                            "img_per_s": rate,
-                            "arch": arch,
-                            "runtime": runtime,
-                            "images": n,
-                            "inference_batch_size": INFERENCE_BATCH,
-                            "threads": torch.get_num_threads(),
-                        }
-                    )
+                    record = {"measure": "inference", "arch": arch, "runtime": runtime, "images": n}
+                    record["inference_batch_size"] = INFERENCE_BATCH
+                    record["threads"] = torch.get_num_threads()
+                    add(record, inference, arch, runtime, INFERENCE_BATCH, n, tmp / "inference")
         if "end_to_end" in args.measures:
-            warm_cache(args.data, tmp / "cache")
             extra = args.e2e_args.split()
-            timings = end_to_end(args.data, args.device, extra, tmp / "cache", tmp)
-            emit({"measure": "end_to_end", **timings, "train_args": " ".join(extra) or "defaults"})
+            record = {"measure": "end_to_end", "train_args": " ".join(extra) or "defaults"}
+            warm_cache(args.data, tmp / "cache")
+            add(record, end_to_end, args.data, args.device, extra, tmp / "cache", tmp)
+        for record, measure in jobs:
+            what = f"{record['measure']} {record.get('arch', '')}".strip()
+            if args.deadline is not None and time.monotonic() - started > args.deadline:
+                print(f"deadline reached: {what} and the rest not measured", file=sys.stderr)
+                break
+            try:
+                result = measure()
+            except Exception as e:  # one failure (a compiler missing, memory) is not the others'
+                print(f"{what} failed: {e!r}", file=sys.stderr)
+                emit({**record, "error": repr(e)[:500]})
+                continue
+            emit({**record, **(result if isinstance(result, dict) else {"img_per_s": result})})
     return 0
 
 
