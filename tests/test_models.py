@@ -6,7 +6,14 @@ import torchvision
 from safetensors.torch import save_file
 
 from faceattr.errors import FaceAttrError
-from faceattr.models import MODELS, count_parameters, create_model, for_inference, weights_file
+from faceattr.models import (
+    MODELS,
+    Logit,
+    count_parameters,
+    create_model,
+    for_inference,
+    weights_file,
+)
 
 
 def test_simple_is_the_seeds_network():
@@ -27,6 +34,34 @@ def test_every_model_gives_one_logit_per_image(name):
         out = model(torch.rand(3, 3, 64, 64))
     assert out.shape == (3,)
     assert torch.isfinite(out).all()
+
+
+def test_the_logit_keeps_float32_precision_under_bf16_autocast():
+    torch.manual_seed(0)
+    head, linear = Logit(512), torch.nn.Linear(512, 1)
+    linear.load_state_dict(head.state_dict())  # the same parameters, so checkpoints still load
+    features = torch.randn(1000, 512).bfloat16()  # what a network gives under autocast
+    exact = features.double() @ head.weight.double().T + head.bias.double()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # as a GPU trains
+        logits, rounded = head(features), linear(features)
+    assert logits.dtype == torch.float32 and rounded.dtype == torch.bfloat16
+    assert torch.allclose(logits.double(), exact, atol=1e-4)
+    # bf16 puts the scores on a grid of 2^-8 relative steps: hundreds of ties in 1000 images.
+    assert len(torch.unique(logits)) == 1000 and len(torch.unique(rounded)) < 800
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_ends_in_a_float32_logit(name):
+    linears = [m for m in create_model(name).modules() if isinstance(m, torch.nn.Linear)]
+    assert isinstance(linears[-1], Logit)
+
+
+def test_the_inference_model_keeps_the_float32_logit():
+    model = create_model("simple")  # traced by torch.fx: the head's sums must survive it
+    x = torch.rand(64, 3, 64, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = for_inference(model, torch.device("cpu"))(x)
+    assert out.dtype == torch.float32 and len(torch.unique(out)) == 64
 
 
 @pytest.mark.parametrize(

@@ -65,6 +65,22 @@ class Classifier(nn.Module):
         return self.net((x - self.mean) / self.std).squeeze(-1)
 
 
+class Logit(nn.Linear):
+    """The 1-logit head: nn.Linear(features, 1), summed in float32 even under bf16 autocast.
+
+    Autocast runs a linear layer in bf16, whose 8-bit mantissa would put the scores on a grid
+    (steps of about 0.001 near a threshold of 0.3) that the threshold search and AUC then see
+    as ties. Multiplying and summing are not cast: the logit keeps float32's precision, and the
+    module stays plain tensor ops that torch.fx, torch.compile and the ONNX export all follow.
+    """
+
+    def __init__(self, in_features: int):
+        super().__init__(in_features, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() * self.weight).sum(-1, keepdim=True) + self.bias
+
+
 class SimpleCNN(nn.Module):
     """The seed's network, layer for layer: 1,080,897 parameters.
 
@@ -94,7 +110,7 @@ class SimpleCNN(nn.Module):
             nn.Linear(64, 128),
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),
-            nn.Linear(128, 1),
+            Logit(128),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,7 +139,7 @@ def _resnet64(depth: int, pretrained: str | Path | None = None) -> nn.Module:
         load_imagenet_weights(net, weights_file(name, pretrained), "layer", f"ResNet{depth}")
     net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
     net.maxpool = nn.Identity()
-    net.fc = nn.Linear(net.fc.in_features, 1)
+    net.fc = Logit(net.fc.in_features)
     return Classifier(net)
 
 
@@ -206,7 +222,7 @@ class EfficientNetLite0(nn.Module):
         self._conv_head = nn.Conv2d(cin, 1280, 1, bias=False)
         self._bn1 = bn(1280)
         self._dropout = nn.Dropout(dropout)
-        self._fc = nn.Linear(1280, 1)
+        self._fc = Logit(1280)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu6(self._bn0(self._conv_stem(x)))
