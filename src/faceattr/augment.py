@@ -69,7 +69,9 @@ def color_jitter(x: torch.Tensor, generator: torch.Generator, strength: float) -
         return _uniform(n, generator, x.device, 1 - strength, 1 + strength).view(n, 1, 1, 1)
 
     def gray(x: torch.Tensor) -> torch.Tensor:
-        return (x * x.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        # The luma, from the channels alone: a tensor of the three weights would be copied to
+        # the GPU at every call, and the CPU would wait for the copy.
+        return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
 
     x = x * factor()  # brightness
     x = torch.lerp(gray(x).mean((2, 3), keepdim=True), x, factor())  # contrast
