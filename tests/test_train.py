@@ -194,6 +194,31 @@ def test_an_interrupted_fold_resumes_to_the_uninterrupted_result(tmp_path, monke
     ]
 
 
+def test_a_fold_saved_on_a_gpu_resumes_on_a_cpu(tmp_path, monkeypatch, caplog):
+    images, labels = easy_data()
+    cfg = TrainConfig(epochs=3, batch_size=16, save_every=0)
+    split = np.arange(64), np.arange(64, 96)
+    real_save = train_module.save_training_state
+
+    def save_as_a_gpu_then_stop(path, tensors, info):
+        # A CUDA generator's state is 16 bytes (seed and offset), and there is the CUDA one too.
+        gpu = {k: torch.zeros(16, dtype=torch.uint8) for k in ("rng.augment", "rng.cuda")}
+        real_save(path, {**tensors, **gpu}, info)
+        if info["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_training_state", save_as_a_gpu_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train_fold(create_model("simple"), images, labels, *split, cfg, 1, tmp_path / "state")
+    monkeypatch.setattr(train_module, "save_training_state", real_save)
+    with caplog.at_level("WARNING", logger="faceattr"):
+        result = train_fold(
+            create_model("simple"), images, labels, *split, cfg, 1, tmp_path / "state"
+        )
+    assert [r["epoch"] for r in result.history] == [1, 2, 3]
+    assert "saved on another kind of device" in caplog.text
+
+
 def test_the_state_is_saved_once_save_every_seconds_have_passed(tmp_path, monkeypatch):
     images, labels = easy_data()
     split = np.arange(64), np.arange(64, 96)

@@ -262,7 +262,8 @@ class WeightAverage:
         )
         self._mine = [a for a, _ in pairs if a.is_floating_point()]
         self._theirs = [b for a, b in pairs if a.is_floating_point()]
-        self._counters = [(a, b) for a, b in pairs if not a.is_floating_point()]
+        self._counted = [a for a, _ in pairs if not a.is_floating_point()]
+        self._counts = [b for a, b in pairs if not a.is_floating_point()]
 
     @torch.no_grad()
     def update(self) -> None:
@@ -270,8 +271,8 @@ class WeightAverage:
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         torch._foreach_lerp_(self._mine, self._theirs, 1 - decay)
-        for a, b in self._counters:  # such as BatchNorm's num_batches_tracked: copied
-            a.copy_(b)
+        if self._counted:  # such as BatchNorm's num_batches_tracked: copied, in one launch
+            torch._foreach_copy_(self._counted, self._counts)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {**self.module.state_dict(), "updates": torch.tensor(self.updates)}
@@ -355,7 +356,7 @@ class FoldState:
             self.augment_gen.manual_seed(reseed + 104729 * info["epoch"])
         else:
             self.augment_gen.set_state(tensors["rng.augment"])
-        if device.type == "cuda":
+        if device.type == "cuda" and "rng.cuda" in tensors:  # not when saved on a CPU
             torch.cuda.set_rng_state(tensors["rng.cuda"], device)
         self.epoch, self.seconds, self.history = info["epoch"], info["seconds"], info["history"]
         self.best_hter, self.best_epoch = info["best_hter"], info["best_epoch"]
@@ -437,8 +438,14 @@ def train_fold(
     saved = load_training_state(checkpoint) if checkpoint else None
     if saved is not None:
         # Data-parallel, only rank 0's augmentation generator was saved: the others draw afresh.
-        state.restore(*saved, reseed=augment_seed if parallel else None)
+        # So does a fold saved on a GPU and resumed on a CPU, or the other way round: the two
+        # generators' states do not convert.
+        moved = ("rng.cuda" in saved[0]) != (device.type == "cuda")
+        state.restore(*saved, reseed=augment_seed if parallel or moved else None)
         log.info("fold %d: resuming after epoch %d", fold, state.epoch)
+        if moved:
+            log.warning("fold %d was saved on another kind of device: it resumes with fresh "
+                        "augmentation draws, not bit for bit", fold)  # fmt: skip
 
     start = time.perf_counter() - state.seconds
     saved_at = time.perf_counter()
