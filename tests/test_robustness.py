@@ -425,12 +425,19 @@ def test_a_damaged_run_is_one_line_and_writes_nothing(tmp_path, dataset_dir, tra
     (run / "models" / "fold_2.json").unlink()  # both of its files gone: the ensemble lists it
     code, err = predict(dataset_dir, run, "--output", str(labels))
     assert code == 2 and "lists folds [1, 2]: fold_2.safetensors is missing" in err[0], err
-    # An older run, which does not list them: a gap in the numbers is a missing fold.
+    # An older run, whose ensemble.json did not list them: its run.json says how many there are.
     damaged("ensemble.json", None)
-    for name in ("fold_1.safetensors", "fold_1.json"):
+    for name in ("fold_2.safetensors", "fold_2.json"):
         (run / "models" / name).unlink()
     code, err = predict(dataset_dir, run, "--output", str(labels))
-    assert code == 2 and "numbers folds from 1: fold_1.safetensors is missing" in err[0], err
+    assert code == 2 and "run.json trained folds [1, 2]: fold_2.safetensors is missing" in err[0]
+    assert not labels.exists() and not (tmp_path / "predictions.csv").exists()
+    # A hand-assembled folder of fold models, no run around it, votes with those it holds.
+    shutil.copytree(run / "models", tmp_path / "models")
+    assembled = tmp_path / "assembled" / "labels.txt"
+    code, err = in_process("predict", str(dataset_dir), "--model-dir", str(tmp_path / "models"),
+                           "-q", "--output", str(assembled))  # fmt: skip
+    assert code == 0 and assembled.exists(), err
     assert not labels.exists() and not (tmp_path / "predictions.csv").exists()
 
 

@@ -87,7 +87,8 @@ def load_ensemble_settings(models_dir: str | Path, models: list[FoldModel]) -> d
     """The ensemble's decision settings: models/ensemble.json, written by train once it chose them.
 
     A folder without one (an older or hand-assembled run) votes at its models' own threshold
-    (0.5 unless they say otherwise), without test-time augmentation.
+    (0.5 unless they say otherwise), without test-time augmentation. In a finished run from
+    before ensemble.json listed the folds, its run.json says how many were trained.
     """
     path = Path(models_dir) / "ensemble.json"
     settings = {"threshold": models[0].config.get("threshold", 0.5), "tta": False}
@@ -101,7 +102,23 @@ def load_ensemble_settings(models_dir: str | Path, models: list[FoldModel]) -> d
         settings.update(saved)
     else:
         path = Path(models_dir) / f"fold_{models[0].fold}.json"
+        run_json = Path(models_dir).parent / "run.json"
+        trained, found = _finished_run_folds(run_json), [m.fold for m in models]
+        if trained is not None and trained != found:
+            missing = [f for f in trained if f not in found]
+            what = f"fold_{missing[0]}.safetensors is missing" if missing else f"found {found}"
+            raise FaceAttrError(f"{run_json} trained folds {trained}: {what}")
     return checked_settings(settings, path, [m.fold for m in models], ".safetensors")
+
+
+def _finished_run_folds(run_json: Path) -> list[int] | None:
+    """The folds 1..N of the finished run whose summary is `run_json` (None: no such run)."""
+    try:
+        summary = json.loads(run_json.read_text())
+        folds = summary["config"]["folds"] if summary.get("status") == "complete" else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # absent, or damaged:
+        return None  # that costs predict the report, not the labels
+    return list(range(1, folds + 1)) if isinstance(folds, int) and folds > 0 else None
 
 
 def checked_settings(settings: dict, path: Path, folds: list[int], suffix: str) -> dict:
@@ -109,17 +126,12 @@ def checked_settings(settings: dict, path: Path, folds: list[int], suffix: str) 
 
     Train and export list their folds: one missing would make a smaller ensemble than the
     one whose threshold was chosen. A hand-edited file fails here, in one line, not mid-way.
-    Runs from before that list number their folds from 1 all the same: a gap is a missing fold.
     """
-    listed = "folds" in settings
-    expected = settings["folds"] if listed else list(range(1, max(folds) + 1))
+    expected = settings.get("folds", folds)
     if expected != folds:
         missing = [f for f in expected if f not in folds] if isinstance(expected, list) else []
         what = f"fold_{missing[0]}{suffix} is missing" if missing else f"found {folds}"
-        where = (
-            f"{path} lists folds {expected}" if listed else f"{path.parent} numbers folds from 1"
-        )
-        raise FaceAttrError(f"{where}: {what}")
+        raise FaceAttrError(f"{path} lists folds {expected}: {what}")
     threshold, tta = settings.get("threshold"), settings.get("tta")
     if isinstance(threshold, bool) or not isinstance(threshold, int | float):
         raise FaceAttrError(f"{path}: threshold must be a number, got {threshold!r}")
