@@ -36,6 +36,7 @@ def test_csv_scores_read_back_exactly(tmp_path):
     # A float32 probability just under 1, and two scores either side of a threshold of 0.4123455:
     # 6 significant digits made them "1", "0.412345" and "0.412346".
     scores = [float(np.float32(0.99999994)), 0.41234549999, 0.4123455, np.float64(1e-9)]
+    scores.append(np.float32(0.3))  # not a float: written as the float64 it widens to
     write_csv(tmp_path / "t.csv", ["score"], [[s] for s in scores])
     read = [float(line) for line in (tmp_path / "t.csv").read_text().split()[1:]]
     assert read == scores and read[0] < 1

@@ -15,7 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from faceattr.errors import FaceAttrError
+
+FLOATS = (float, np.floating)  # numpy's float32 is no float: str() would give its own digits
 
 
 @contextlib.contextmanager
@@ -57,7 +61,7 @@ def write_csv(target: str | Path, header: list[str], rows: list[list[Any]]) -> P
     confident scores near 1 would collapse into ties."""
     lines = [",".join(header)]
     for row in rows:
-        lines.append(",".join(repr(float(v)) if isinstance(v, float) else str(v) for v in row))
+        lines.append(",".join(repr(float(v)) if isinstance(v, FLOATS) else str(v) for v in row))
     return write_text(target, "\n".join(lines) + "\n")
 
 
