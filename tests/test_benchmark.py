@@ -64,14 +64,18 @@ def test_benchmark_records_a_failed_measurement_and_goes_on_until_its_deadline(
     common = ["--data", str(dataset_dir), "--device", "cpu", "--arch", "simple", "--steps", "2",
               "--epochs", "1", "--batch-size", "32", "--no-compile"]  # fmt: skip
     results = tmp_path / "t.jsonl"
-    throughput.main([*common, "--measures", "ceiling", "faceattr", "--results", str(results)])
+    code = throughput.main(
+        [*common, "--measures", "ceiling", "faceattr", "--results", str(results)]
+    )
+    assert code == 1  # one failed
     failed, measured = [json.loads(line) for line in results.read_text().splitlines()]
     assert failed["measure"] == "ceiling" and "no C compiler" in failed["error"]
     assert "img_per_s" not in failed and measured["measure"] == "faceattr"
     assert measured["img_per_s"] > 0
     results = tmp_path / "late.jsonl"
-    throughput.main([*common, "--measures", "decode", "faceattr", "--deadline", "0",
-                     "--results", str(results)])  # fmt: skip
+    code = throughput.main([*common, "--measures", "decode", "faceattr", "--deadline", "0",
+                            "--results", str(results)])  # fmt: skip
+    assert code == 0
     assert [json.loads(line)["measure"] for line in results.read_text().splitlines()] == ["decode"]
 
 
@@ -294,7 +298,7 @@ def test_device_script_runs_the_holdout_apart_from_the_kept_runs(
     assert "--keep" not in command  # runs/default/ holds the default's own run and labels
 
 
-def test_device_script_measures_throughput_before_the_fixes_and_retries_a_failed_fix(
+def test_device_script_measures_eager_throughput_before_the_fixes(
     dataset_dir, tmp_path, monkeypatch
 ):
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -311,18 +315,33 @@ def test_device_script_measures_throughput_before_the_fixes_and_retries_a_failed
         with table.open("a") as f:
             if only[:1] == ["default"] and "--holdout" not in command:  # too slow: the fixes
                 f.write(json.dumps({"recipe": "default", **row}) + "\n")
-            elif only[:1] == [device.FIXES[0]]:  # only the first fix finishes
-                f.write(json.dumps({"recipe": device.FIXES[0], **row}) + "\n")
+            elif only[:1] == [device.FIXES[0]]:  # the fixes: one of them, in PRIORITY too, ends
+                f.write(json.dumps({"recipe": "lite0-imagenet-15", **row}) + "\n")
 
     monkeypatch.setattr(device.subprocess, "run", fake_run)
     monkeypatch.setattr(device.shutil, "which", lambda name: None)  # no nvidia-smi here
     device.run(600, tmp_path / "out", tmp_path / "carry")
     scripts = [Path(c[1]).name for c in ran]
-    assert scripts == ["recipes.py", "throughput.py", "recipes.py", "recipes.py", "recipes.py"]
+    assert scripts == ["recipes.py", "throughput.py", "recipes.py", "throughput.py", "recipes.py",
+                       "recipes.py"]  # fmt: skip
     assert all("--deadline" in c for c in ran)
-    fixes, holdout, rest = (c[c.index("--only") + 1 : c.index("--deadline")] for c in ran[2:])
-    assert fixes == device.FIXES and holdout[0] == "default" and "--holdout" in ran[3]
-    assert device.FIXES[0] not in rest and "lite0-imagenet-15" in rest  # a fix cut short: again
+    assert "--no-compile" in ran[1] and "baseline" in ran[1] and "--compiled-only" in ran[3]
+    fixes, holdout, rest = (
+        c[c.index("--only") + 1 : c.index("--deadline")] for c in (ran[2], ran[4], ran[5])
+    )
+    assert fixes == device.FIXES and holdout[0] == "default" and "--holdout" in ran[4]
+    assert "lite0-imagenet-15" in device.PRIORITY and "lite0-imagenet-15" not in rest
+    assert rest == [r for r in device.PRIORITY if r != "lite0-imagenet-15"]
+
+
+def test_device_script_knows_the_recipes_tabulated(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from device import tabulated
+
+    table = tmp_path / "celeba64.jsonl"
+    assert tabulated(table) == set()  # none yet
+    table.write_text('{"recipe": "default", "oof_hter": 0.03}\n{"recipe": "r18-1')  # cut short
+    assert tabulated(table) == {"default"}
 
 
 def test_device_script_reports_the_default_recipe_as_end_to_end(tmp_path):
