@@ -5,6 +5,8 @@ A command's refusals, once one is seen from a real process, are checked in this 
 
 import csv
 import json
+import subprocess
+import sys
 import zipfile
 
 import pytest
@@ -68,6 +70,17 @@ def test_predict_writes_one_label_per_test_image_and_the_table(trained_run, data
         if votes[0] == votes[1]:
             assert int(r["label"]) == votes[0]
         assert int(r["soft_label"]) == (float(r["soft_score"]) >= threshold)
+
+
+def test_predict_imports_none_of_what_only_training_and_decoding_use():
+    # torchvision (~2 s with the torch._dynamo it imports), scikit-learn and scipy (~1.5 s):
+    # a predict on cached images of a model that is no ResNet uses none of them.
+    code = (
+        "import sys, faceattr.cli, faceattr.predict; "
+        "print(sorted(m for m in ('torchvision', 'sklearn', 'scipy') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result
 
 
 def test_predict_soft_vote_from_a_zip_and_from_a_bare_folder(trained_run, dataset_dir, tmp_path):

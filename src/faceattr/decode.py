@@ -8,6 +8,7 @@ straight into a shared array, so nothing is copied back: on 16 cores this is I/O
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import mmap
@@ -17,6 +18,7 @@ import signal
 import sys
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -29,11 +31,6 @@ from faceattr.data import ImageSet, Source, open_source
 from faceattr.errors import FaceAttrError
 
 log = logging.getLogger("faceattr")
-
-try:  # deprecated in torchvision 0.29 in favour of TorchCodec; PIL does the work where it is gone
-    from torchvision.io import ImageReadMode, decode_jpeg
-except ImportError:  # pragma: no cover - depends on the installed torchvision
-    decode_jpeg = None
 
 SIZE = 64
 CHUNK = 256  # images per task: large enough to amortise the hand-off, small enough to balance
@@ -96,14 +93,28 @@ class Audit:
         )
 
 
+@functools.cache
+def jpeg_decoder() -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """torchvision's libjpeg-turbo decoder, imported at the first image to decode: importing
+    torchvision takes some 2 s, which a command whose images are all cached need not pay.
+
+    None where torchvision no longer has it (deprecated in 0.29 in favour of TorchCodec): PIL
+    then does the work.
+    """
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError:  # pragma: no cover - depends on the installed torchvision
+        return None
+    return functools.partial(decode_jpeg, mode=ImageReadMode.UNCHANGED)
+
+
 def decode_into(raw: bytes, where: str, dest: np.ndarray) -> tuple[tuple[int, int], str]:
     """Decode one image into `dest` (64, 64, 3) uint8; return its original size and mode."""
+    decode_jpeg = jpeg_decoder()
     # A complete JPEG ends with the EOI marker; a truncated one goes to PIL, which reports it.
     if decode_jpeg and raw[:2] == b"\xff\xd8" and raw.rstrip(b"\x00")[-2:] == b"\xff\xd9":
         try:
-            chw = decode_jpeg(
-                torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED
-            )
+            chw = decode_jpeg(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
         except RuntimeError:
             chw = None
         if chw is not None and chw.shape == (3, SIZE, SIZE):
@@ -240,6 +251,7 @@ def decode_images(
         else:
             # fork, as DataLoader does: workers start at once and share `out` with the parent.
             _JOB.update(path=images.source.path, paths=paths, out=out)
+            jpeg_decoder()  # imported once here, not once in every worker
             try:
                 with mp.get_context("fork").Pool(workers, initializer=_worker_init) as pool:
                     for part in pool.imap_unordered(_worker_task, chunks):

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import StratifiedKFold
 
 from faceattr.errors import FaceAttrError
 from faceattr.outputs import write_csv
@@ -23,6 +22,8 @@ def make_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
         rare, n = classes[counts.argmin()], int(counts.min())
         hint = f"use --folds {n}" if n >= 2 else "at least 2 of each class are needed"
         raise FaceAttrError(f"class {rare} has {n} images, fewer than the {k} folds; {hint}")
+    from sklearn.model_selection import StratifiedKFold  # here: see faceattr.metrics
+
     fold = np.empty(len(labels), dtype=np.int64)
     splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
     for f, (_, val_idx) in enumerate(splitter.split(np.zeros(len(labels)), labels)):

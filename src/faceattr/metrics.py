@@ -9,12 +9,14 @@ biometric verification, predicting 1 "accepts" an image:
 
 HTER weighs both classes equally whatever their sizes, which is why it suits imbalanced data: a
 model that always answers the majority class scores 50 %, not 91 %.
+
+scikit-learn is imported where it is used: it adds a second and a half to every command, and
+`predict` needs none of it.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
 
 def error_rates(labels: np.ndarray, predictions: np.ndarray) -> dict[str, float | int]:
@@ -26,6 +28,8 @@ def error_rates(labels: np.ndarray, predictions: np.ndarray) -> dict[str, float 
     predictions = np.asarray(predictions).astype(int).ravel()
     if labels.shape != predictions.shape:
         raise ValueError(f"{labels.size} labels but {predictions.size} predictions")
+    from sklearn.metrics import confusion_matrix
+
     (tn, fp), (fn, tp) = confusion_matrix(labels, predictions, labels=[0, 1])
     n0, n1 = tn + fp, fn + tp
     far = fp / n0 if n0 else float("nan")
@@ -81,6 +85,8 @@ def best_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, dict]
 
 def equal_error_rate(labels: np.ndarray, scores: np.ndarray) -> float:
     """The error rate where FAR equals FRR on the ROC curve (linearly interpolated)."""
+    from sklearn.metrics import roc_curve
+
     far, tpr, _ = roc_curve(labels, scores)
     frr = 1 - tpr
     i = int(np.argmax(frr <= far))  # first point where FRR has dropped to FAR or below
@@ -94,6 +100,8 @@ def equal_error_rate(labels: np.ndarray, scores: np.ndarray) -> float:
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     """Area under the ROC curve: the chance that a label-1 image outscores a label-0 image."""
+    from sklearn.metrics import roc_auc_score
+
     return float(roc_auc_score(labels, scores))
 
 

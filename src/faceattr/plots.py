@@ -2,6 +2,7 @@
 
 Plain matplotlib on the Agg backend (no display needed). Each function takes data and a path,
 writes one PNG atomically and returns its path; the PNG's metadata says how many panels it has.
+scikit-learn and scipy are imported by the curves that need them, as in metrics.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
-from scipy.stats import norm
-from sklearn.metrics import det_curve, roc_curve
 
 from faceattr.metrics import error_rates, scores_to_labels
 from faceattr.outputs import atomic_path
@@ -137,6 +136,9 @@ def training_curves(history: list[dict], path: str | Path, best_epoch: int | Non
 
 def roc_det(labels: np.ndarray, scores: np.ndarray, threshold: float, path: str | Path) -> Path:
     """ROC and DET curves, the operating point at `threshold` marked on both."""
+    from scipy.stats import norm
+    from sklearn.metrics import det_curve, roc_curve
+
     point = error_rates(labels, scores_to_labels(scores, threshold))
     fig, (ax_roc, ax_det) = plt.subplots(1, 2, figsize=(10, 4.2))
     far, tpr, _ = roc_curve(labels, scores)
