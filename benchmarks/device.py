@@ -93,9 +93,8 @@ def prepare(zip_path: Path, carry: Path = CARRY) -> None:
         if not k.startswith("_fc.")
     }
     save_file(backbone, str(carry / WEIGHTS))
-    (carry / WEIGHTS).chmod(
-        0o644
-    )  # safetensors writes it for its owner only; that may not be who runs it
+    # safetensors writes it for its owner only, who may not be the one running it there.
+    (carry / WEIGHTS).chmod(0o644)
     tracked = subprocess.run(
         ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True
     ).stdout.split(b"\0")

@@ -92,6 +92,7 @@ def load_ensemble_settings(models_dir: str | Path, models: list[FoldModel]) -> d
     """
     path = Path(models_dir) / "ensemble.json"
     settings = {"threshold": models[0].config.get("threshold", 0.5), "tta": False}
+    folds = [m.fold for m in models]
     if path.exists():
         try:
             saved = json.loads(path.read_text())
@@ -103,12 +104,10 @@ def load_ensemble_settings(models_dir: str | Path, models: list[FoldModel]) -> d
     else:
         path = Path(models_dir) / f"fold_{models[0].fold}.json"
         run_json = Path(models_dir).parent / "run.json"
-        trained, found = _finished_run_folds(run_json), [m.fold for m in models]
-        if trained is not None and trained != found:
-            missing = [f for f in trained if f not in found]
-            what = f"fold_{missing[0]}.safetensors is missing" if missing else f"found {found}"
-            raise FaceAttrError(f"{run_json} trained folds {trained}: {what}")
-    return checked_settings(settings, path, [m.fold for m in models], ".safetensors")
+        trained = _finished_run_folds(run_json)
+        if trained is not None:
+            check_folds(trained, folds, ".safetensors", f"{run_json} trained folds")
+    return checked_settings(settings, path, folds, ".safetensors")
 
 
 def _finished_run_folds(run_json: Path) -> list[int] | None:
@@ -121,17 +120,22 @@ def _finished_run_folds(run_json: Path) -> list[int] | None:
     return list(range(1, folds + 1)) if isinstance(folds, int) and folds > 0 else None
 
 
+def check_folds(expected: object, found: list[int], suffix: str, source: str) -> None:
+    """Refuse fold models numbered `found` unless they are the folds `expected` (`source`
+    says where those come from), naming the first one missing."""
+    if expected != found:
+        missing = [f for f in expected if f not in found] if isinstance(expected, list) else []
+        what = f"fold_{missing[0]}{suffix} is missing" if missing else f"found {found}"
+        raise FaceAttrError(f"{source} {expected}: {what}")
+
+
 def checked_settings(settings: dict, path: Path, folds: list[int], suffix: str) -> dict:
     """`settings` (read from `path`) if they can decide for the fold models `folds` found.
 
     Train and export list their folds: one missing would make a smaller ensemble than the
     one whose threshold was chosen. A hand-edited file fails here, in one line, not mid-way.
     """
-    expected = settings.get("folds", folds)
-    if expected != folds:
-        missing = [f for f in expected if f not in folds] if isinstance(expected, list) else []
-        what = f"fold_{missing[0]}{suffix} is missing" if missing else f"found {folds}"
-        raise FaceAttrError(f"{path} lists folds {expected}: {what}")
+    check_folds(settings.get("folds", folds), folds, suffix, f"{path} lists folds")
     threshold, tta = settings.get("threshold"), settings.get("tta")
     if isinstance(threshold, bool) or not isinstance(threshold, int | float):
         raise FaceAttrError(f"{path}: threshold must be a number, got {threshold!r}")
