@@ -202,44 +202,48 @@ def main(argv: list[str] | None = None) -> int:
     recipes = chosen(args.only or ([] if args.recipe else list(RECIPES)), args.recipe)
     args.results.mkdir(parents=True, exist_ok=True)
     jsonl = args.results / f"{args.name}.jsonl"
-    failed = []
     try:
-        with tempfile.TemporaryDirectory() as work:
-            work = Path(work)
-            data, held = args.data, work / "holdout"
-            if args.holdout:
-                data = str(split_off(args.data, args.holdout, args.holdout_seed, held))
-            warm_cache(data, work / "cache")  # decoded once, before any clock starts
-            for name, options in recipes.items():
-                left = (
-                    None if args.deadline is None else args.deadline - (time.monotonic() - started)
-                )
-                if left is not None and left <= 0:
-                    print(f"deadline reached: {name} and the rest not run", file=sys.stderr)
-                    break
-                try:
-                    row = run_recipe(name, options, data, args.device, work, args.keep, left)
-                except subprocess.TimeoutExpired:
-                    print(
-                        f"deadline reached while {name} ran: stopped, not tabulated",
-                        file=sys.stderr,
-                    )
-                    break
-                except subprocess.CalledProcessError as e:  # its error is on stderr above
-                    print(f"{name} failed (exit {e.returncode}): not tabulated", file=sys.stderr)
-                    failed.append(name)
-                    continue  # one recipe's failure (a compiler missing, memory) is not the others'
-                if args.holdout:
-                    row.update(holdout_metrics(work / name / "predictions.csv", held / TRUTH))
-                    row.update(holdout=args.holdout, holdout_seed=args.holdout_seed)
-                print(json.dumps(row), flush=True)
-                with jsonl.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+        failed = search(args, recipes, jsonl, started)
     finally:  # the table holds every finished row, whatever stopped the rest
         if jsonl.exists():
             rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
             (args.results / f"{args.name}.md").write_text(markdown(rows, args.name))
     return 1 if failed else 0
+
+
+def search(
+    args: argparse.Namespace, recipes: dict[str, str], jsonl: Path, started: float
+) -> list[str]:
+    """Run `recipes` in order, appending each finished row to `jsonl`, until the deadline (which
+    counts from `started`); return the names of those that failed."""
+    failed: list[str] = []
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        data, held = args.data, work / "holdout"
+        if args.holdout:
+            data = str(split_off(args.data, args.holdout, args.holdout_seed, held))
+        warm_cache(data, work / "cache")  # decoded once, before any clock starts
+        for name, options in recipes.items():
+            left = None if args.deadline is None else args.deadline - (time.monotonic() - started)
+            if left is not None and left <= 0:
+                print(f"deadline reached: {name} and the rest not run", file=sys.stderr)
+                break
+            try:
+                row = run_recipe(name, options, data, args.device, work, args.keep, left)
+            except subprocess.TimeoutExpired:
+                print(f"deadline reached while {name} ran: stopped, not tabulated", file=sys.stderr)
+                break
+            except subprocess.CalledProcessError as e:  # its error is on stderr above
+                print(f"{name} failed (exit {e.returncode}): not tabulated", file=sys.stderr)
+                failed.append(name)
+                continue  # one recipe's failure (a compiler missing, memory) is not the others'
+            if args.holdout:
+                row.update(holdout_metrics(work / name / "predictions.csv", held / TRUTH))
+                row.update(holdout=args.holdout, holdout_seed=args.holdout_seed)
+            print(json.dumps(row), flush=True)
+            with jsonl.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+    return failed
 
 
 if __name__ == "__main__":

@@ -305,7 +305,6 @@ def main(argv: list[str] | None = None) -> int:
     batch = args.batch_size or (512 if device.type == "cuda" else 128)
     results = args.results or RESULTS / f"throughput-{name}.jsonl"
     results.parent.mkdir(parents=True, exist_ok=True)
-    compile_modes = [False] if args.no_compile else [True] if args.compiled_only else [False, True]
     workers = os.cpu_count() or 1
     common = {
         "device": name,
@@ -360,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
                     record["num_workers"] = workers
                     add(record, baseline, files, labels, arch, device, batch, args.steps, workers)
 
-        if False in compile_modes:
+        if not args.compiled_only:
             training(compiled=False)
         if "inference" in args.measures and device.type == "cpu":
             for arch in args.arch:
@@ -379,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
                 return end_to_end(args.data, args.device, extra, tmp / "cache", tmp)
 
             add(record, commands)
-        if True in compile_modes:
+        if not args.no_compile:
             training(compiled=True)
         failed = 0
         for record, measure in jobs:
