@@ -94,10 +94,15 @@ def test_impossible_settings_are_rejected_before_any_work(change, message, datas
 
 
 def test_compiled_training_saves_plain_weights(dataset_dir, tmp_path):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
     data = load_dataset(dataset_dir)
     cfg = TrainConfig(folds=2, epochs=1, batch_size=32, compile=True)
     summary = train_run(data, cfg, tmp_path / "run", torch.device("cpu"))
     assert summary["config"]["compile"] is True
+    assert counters["stats"]["unique_graphs"] == 1  # the second fold's model reuses the first's
     (model, *_) = load_fold_models(tmp_path / "run" / "models")  # no "_orig_mod." prefixes
     assert model.config["arch"] == "simple"
 
