@@ -159,6 +159,22 @@ def test_ema_keeps_and_judges_the_averaged_weights():
     np.testing.assert_allclose(model_scores(kept, images[64:]), result.val_scores, atol=1e-6)
 
 
+def kill_after_epoch_2(monkeypatch, run, saved_as=lambda tensors: tensors) -> None:
+    """Run `run()` as if the process were killed right after epoch 2's state was saved (as
+    `saved_as` rewrites it); later saves are real."""
+    real_save = train_module.save_training_state
+
+    def save_then_stop(path, tensors, info):
+        real_save(path, saved_as(tensors), info)
+        if info["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_training_state", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(train_module, "save_training_state", real_save)
+
+
 def test_an_interrupted_fold_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
     images, labels = easy_data()
     # mixup draws its shares from the global generator: the saved state must restore it too.
@@ -172,17 +188,7 @@ def test_an_interrupted_fold_resumes_to_the_uninterrupted_result(tmp_path, monke
         return train_fold(create_model("simple"), images, labels, *split, cfg, 1, checkpoint)
 
     whole = fold(None)
-    real_save = train_module.save_training_state
-
-    def save_then_stop(path, tensors, info):
-        real_save(path, tensors, info)
-        if info["epoch"] == 2:
-            raise KeyboardInterrupt  # killed right after epoch 2 was saved
-
-    monkeypatch.setattr(train_module, "save_training_state", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        fold(tmp_path / "state")
-    monkeypatch.setattr(train_module, "save_training_state", real_save)
+    kill_after_epoch_2(monkeypatch, lambda: fold(tmp_path / "state"))
     torch.manual_seed(123)  # the resumed run must not depend on the process's generator
     resumed = fold(tmp_path / "state")
     assert resumed.best_epoch == whole.best_epoch
@@ -198,19 +204,15 @@ def test_a_fold_saved_on_a_gpu_resumes_on_a_cpu(tmp_path, monkeypatch, caplog):
     images, labels = easy_data()
     cfg = TrainConfig(epochs=3, batch_size=16, save_every=0)
     split = np.arange(64), np.arange(64, 96)
-    real_save = train_module.save_training_state
-
-    def save_as_a_gpu_then_stop(path, tensors, info):
-        # A CUDA generator's state is 16 bytes (seed and offset), and there is the CUDA one too.
-        gpu = {k: torch.zeros(16, dtype=torch.uint8) for k in ("rng.augment", "rng.cuda")}
-        real_save(path, {**tensors, **gpu}, info)
-        if info["epoch"] == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module, "save_training_state", save_as_a_gpu_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        train_fold(create_model("simple"), images, labels, *split, cfg, 1, tmp_path / "state")
-    monkeypatch.setattr(train_module, "save_training_state", real_save)
+    # A CUDA generator's state is 16 bytes (seed and offset), and there is the CUDA one too.
+    gpu = {k: torch.zeros(16, dtype=torch.uint8) for k in ("rng.augment", "rng.cuda")}
+    kill_after_epoch_2(
+        monkeypatch,
+        lambda: train_fold(
+            create_model("simple"), images, labels, *split, cfg, 1, tmp_path / "state"
+        ),
+        saved_as=lambda tensors: {**tensors, **gpu},
+    )
     with caplog.at_level("WARNING", logger="faceattr"):
         result = train_fold(
             create_model("simple"), images, labels, *split, cfg, 1, tmp_path / "state"
