@@ -1,9 +1,11 @@
 import json
 import os
+import time
 
 import numpy as np
 
 from conftest import cli, here
+from faceattr import decode
 from faceattr.cache import fingerprint, load_images
 from faceattr.data import load_dataset
 
@@ -18,6 +20,26 @@ def test_miss_then_hit_with_the_same_array(dataset_dir, tmp_path):
     assert np.array_equal(first.array, second.array)
     assert second.audit == first.audit
     assert len(list(tmp_path.glob("*.npy"))) == 1 and not list(tmp_path.glob(".*tmp"))
+
+
+def test_the_decode_rate_leaves_out_the_decoders_import(dataset_dir, tmp_path, monkeypatch):
+    # torchvision's import takes a second or two, once per process: no part of decoding, and
+    # more than decoding all 20,000 faces of celeba64 takes 16 cores.
+    real, imported = decode.jpeg_decoder, []
+
+    def slow_first_call():
+        if not imported:
+            time.sleep(1.0)
+            imported.append(True)
+        return real()
+
+    monkeypatch.setattr(decode, "jpeg_decoder", slow_first_call)
+    images = load_dataset(dataset_dir).train
+    for where in (tmp_path, None):  # a cache build, and decoding in memory
+        imported.clear()
+        loaded = load_images(images, where)
+        assert loaded.cache in ("miss", "off") and loaded.seconds < 0.9
+        assert imported  # the decoder was imported, only not on the clock
 
 
 def test_a_changed_file_or_label_file_misses(dataset_dir, tmp_path):
