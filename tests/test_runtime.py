@@ -1,3 +1,4 @@
+import os
 import random
 
 import numpy as np
@@ -5,7 +6,7 @@ import pytest
 import torch
 
 from faceattr.errors import FaceAttrError
-from faceattr.runtime import describe, resolve_device, seed_everything
+from faceattr.runtime import cpu_cores, describe, resolve_device, seed_everything
 
 
 def test_auto_takes_the_cpu_without_a_gpu_and_leaves_cudnn_alone(monkeypatch):
@@ -45,3 +46,14 @@ def test_seeding_repeats_every_generator():
 def test_a_run_records_its_versions_and_device():
     info = describe(torch.device("cpu"))
     assert info["torch"] == torch.__version__ and info["device"] == "cpu" and "gpu" not in info
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux only")
+def test_cpu_cores_counts_the_cores_this_process_may_use():
+    cores = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(cores)})  # as a container pinned to one core of the host
+        assert cpu_cores() == 1
+    finally:
+        os.sched_setaffinity(0, cores)
+    assert cpu_cores() == len(cores)

@@ -13,7 +13,6 @@ import io
 import logging
 import mmap
 import multiprocessing as mp
-import os
 import signal
 import sys
 import warnings
@@ -29,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from faceattr import progress
 from faceattr.data import ImageSet, Source, open_source
 from faceattr.errors import FaceAttrError
+from faceattr.runtime import cpu_cores
 
 log = logging.getLogger("faceattr")
 
@@ -236,7 +236,7 @@ def decode_images(
     """
     paths = images.paths()
     n = len(paths)
-    workers = min(workers or os.cpu_count() or 1, max(1, n // CHUNK))
+    workers = min(workers or cpu_cores(), max(1, n // CHUNK))
     parallel = workers > 1 and n >= PARALLEL_FROM and sys.platform == "linux"
     given = out
     if out is None or (parallel and not isinstance(out, np.memmap)):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -41,7 +40,7 @@ from faceattr.metrics import scores_to_labels
 from faceattr.models import count_parameters, create_model, weights_file
 from faceattr.outputs import check_writable, ensure_writable_dir, within, write_csv, write_json
 from faceattr.report import build_report
-from faceattr.runtime import describe, seed_everything
+from faceattr.runtime import cpu_cores, describe, seed_everything
 from faceattr.train import HISTORY_COLUMNS, FoldResult, TrainConfig, train_fold
 
 log = logging.getLogger("faceattr")
@@ -99,7 +98,7 @@ def train_run(
             f"--resume: the labels or images changed since {out} was started; "
             "--overwrite starts it again"
         )
-    workers = cfg.workers or max(1, (os.cpu_count() or 1) // ranks.world)
+    workers = cfg.workers or max(1, cpu_cores() // ranks.world)
     loaded = load_images(
         train_images, cfg.cache, workers, labels.tobytes(), cfg.skip_bad, SKIP_HINT
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import random
 
@@ -28,6 +29,14 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     return device
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on: a machine lent in slices (a container, a batch job)
+    pins its processes to some of the host's cores, and `os.cpu_count()` counts them all."""
+    if hasattr(os, "sched_getaffinity"):  # Linux; elsewhere every core is the process's
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def seed_everything(seed: int) -> None:
