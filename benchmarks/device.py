@@ -158,6 +158,7 @@ def run(budget: float, out: Path, carry: Path = CARRY, steps: tuple[str, ...] = 
         first = fixes(add_end_to_end(results, gpu))
     throughput = [sys.executable, str(bench / "throughput.py"), "--data", data]
     throughput += ["--results", str(results / f"throughput-{gpu}.jsonl")]
+    throughput += ["--epochs", "5"]  # 4 timed: the simple CNN's epoch is a fraction of a second
     if "throughput" in steps and left() > 60:  # eager: seconds; compiled: a minute to build each
         step(
             [*throughput, "--measures", "decode", "ceiling", "faceattr", "baseline", "--no-compile"]
@@ -180,18 +181,25 @@ def run(budget: float, out: Path, carry: Path = CARRY, steps: tuple[str, ...] = 
     print(f"[{time.monotonic() - start:5.0f}s] done", flush=True)
 
 
-def tabulated(table: Path) -> set[str]:
-    """The recipes with a row in `table` (a recipes.py .jsonl; none when it is not there).
+def table_rows(table: Path) -> list[dict]:
+    """The rows of `table` (a recipes.py .jsonl; none when it is not there).
 
     A line cut short (its writer killed) is no row.
     """
-    names = set()
+    rows = []
     for line in table.read_text().splitlines() if table.exists() else []:
         try:
-            names.add(json.loads(line)["recipe"])
-        except (ValueError, KeyError, TypeError):
+            row = json.loads(line)
+        except ValueError:
             continue
-    return names
+        if isinstance(row, dict) and "recipe" in row:
+            rows.append(row)
+    return rows
+
+
+def tabulated(table: Path) -> set[str]:
+    """The recipes with a row in `table`."""
+    return {row["recipe"] for row in table_rows(table)}
 
 
 def add_end_to_end(results: Path, name: str) -> float | None:
@@ -202,9 +210,7 @@ def add_end_to_end(results: Path, name: str) -> float | None:
     `name` is the device's short name, which names the throughput file. Returns the seconds,
     None when the default did not finish.
     """
-    table = results / "celeba64.jsonl"
-    rows = [json.loads(line) for line in table.read_text().splitlines()] if table.exists() else []
-    defaults = [r for r in rows if r["recipe"] == "default"]
+    defaults = [r for r in table_rows(results / "celeba64.jsonl") if r["recipe"] == "default"]
     if not defaults:
         print("the default recipe did not finish: no end_to_end measure", flush=True)
         return None
@@ -216,6 +222,7 @@ def add_end_to_end(results: Path, name: str) -> float | None:
         "seconds": row["train_seconds"] + row["predict_seconds"],
         "arch": row["arch"],
         "epochs": row["epochs"],
+        "batch_size": row.get("batch_size"),  # rows before it was recorded have none
         "train_args": "defaults",
         "source": "benchmarks/recipes.py --only default",
         "device": name,

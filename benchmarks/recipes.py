@@ -112,6 +112,7 @@ def run_recipe(
         "auc": run["auc"],
         "arch": run["config"]["arch"],
         "epochs": run["config"]["epochs"],
+        "batch_size": run["config"]["batch_size"],
         "folds": run["config"]["folds"],
         "train_seconds": timings["train_seconds"],
         "predict_seconds": timings["predict_seconds"],

@@ -3,7 +3,7 @@
 One JSON line per measurement on stdout, and the same lines appended to
 benchmarks/results/throughput-<device>.jsonl (device: e.g. h200, cpu):
 
-  ceiling     train steps/s of the model on random data already on the device (eager, compiled)
+  ceiling     train-step images/s of the model on random data already on the device (eager, compiled)
   faceattr    training images/s over whole epochs of faceattr's loop on a real dataset, augmentation
               included
   baseline    the same model fed by a DataLoader that opens and decodes each JPEG with PIL and
@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -45,7 +44,7 @@ from faceattr.data import ImageSet, ZipSource, load_dataset
 from faceattr.ensemble import ensemble_scores, inference_batch_size
 from faceattr.export import OnnxEnsemble, export_onnx
 from faceattr.models import create_model, for_inference
-from faceattr.runtime import resolve_device
+from faceattr.runtime import cpu_cores, resolve_device
 from faceattr.train import TrainConfig, class_weights, images_per_epoch, train_fold, train_step
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -76,7 +75,26 @@ def subset(images: ImageSet, labels: np.ndarray, limit: int | None) -> tuple[Ima
 # --- 1. ceiling: the model alone ---------------------------------------------------------------
 
 
-def ceiling(arch: str, device: torch.device, batch: int, steps: int, compiled: bool) -> float:
+def timed_steps(
+    step: Callable[[], object], batch: int, steps: int, min_seconds: float, device: torch.device
+) -> dict:
+    """Images/s of `step` (one batch) run `steps` times, and again as often as it takes to fill
+    `min_seconds`: 50 steps of the simple CNN are a tenth of a second on a GPU, too short a
+    window for one figure (a pause for garbage collection would move it by a tenth)."""
+    sync(device)
+    start, done = time.perf_counter(), 0
+    while done == 0 or time.perf_counter() - start < min_seconds:
+        for _ in range(steps):
+            step()
+        done += steps
+        sync(device)
+    seconds = time.perf_counter() - start
+    return {"img_per_s": batch * done / seconds, "steps": done, "seconds": seconds}
+
+
+def ceiling(
+    arch: str, device: torch.device, batch: int, steps: int, compiled: bool, min_seconds: float
+) -> dict:
     """Train-step images/s on random data already on the device: no loader, no augmentation."""
     torch.manual_seed(0)
     model = create_model(arch).to(device).to(memory_format=torch.channels_last).train()
@@ -86,14 +104,12 @@ def ceiling(arch: str, device: torch.device, batch: int, steps: int, compiled: b
     y = torch.randint(0, 2, (batch,), device=device)
     weights = class_weights(y)
 
+    def step() -> None:
+        train_step(step_model, optimizer, x, y, weights)
+
     for _ in range(3):  # warm-up, and compilation when asked
-        train_step(step_model, optimizer, x, y, weights)
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        train_step(step_model, optimizer, x, y, weights)
-    sync(device)
-    return batch * steps / (time.perf_counter() - start)
+        step()
+    return timed_steps(step, batch, steps, min_seconds, device)
 
 
 # --- 2. faceattr: the real training loop -------------------------------------------------------
@@ -107,8 +123,9 @@ def faceattr_loop(
     batch: int,
     epochs: int,
     compiled: bool,
-) -> float:
-    """Training images/s of faceattr's own loop (augmentation included) over whole epochs.
+) -> dict:
+    """Training images/s of faceattr's own loop (augmentation included) over whole epochs, and
+    with each epoch's validation (a fifth of the images, scored mirrored too) counted in.
 
     The first epoch is left out when there are more (it holds compilation and warm-up).
     """
@@ -122,8 +139,12 @@ def faceattr_loop(
     model = create_model(arch).to(device).to(memory_format=torch.channels_last)
     result = train_fold(model, images, labels_t, train_idx, val_idx, cfg, fold=1)
     timed = result.history[1:] or result.history
-    per_epoch = images_per_epoch(len(train_idx), batch, compiled)
-    return per_epoch * len(timed) / sum(r["train_seconds"] for r in timed)
+    trained = images_per_epoch(len(train_idx), batch, compiled) * len(timed)
+    return {
+        "img_per_s": trained / sum(r["train_seconds"] for r in timed),
+        "img_per_s_with_validation": trained / sum(r["seconds"] for r in timed),
+        "timed_epochs": len(timed),
+    }
 
 
 # --- 3. baseline: a per-image DataLoader, as typical solutions do ---------------------------------
@@ -170,7 +191,8 @@ def baseline(
     batch: int,
     steps: int,
     workers: int,
-) -> float:
+    min_seconds: float,
+) -> dict:
     """Train-step images/s of the same model fed by a PIL DataLoader."""
     torch.manual_seed(0)
     loader = DataLoader(
@@ -185,23 +207,23 @@ def baseline(
     model = create_model(arch).to(device).to(memory_format=torch.channels_last).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     weights = class_weights(torch.from_numpy(labels)).to(device)
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:  # epoch after epoch, as training goes on
+            yield from loader
+
+    feed = batches()
+
+    def step() -> None:
+        x, y = next(feed)
+        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        train_step(model, optimizer, x, y.to(device, non_blocking=True), weights)
+
     # The workers start together and queue up to 2 batches each: the clock starts once those
     # are used up, at the pace the workers keep, not the one their head start gave.
-    warm = max(3, 2 * workers)
-    done, start = 0, None
-    while done < steps + warm:
-        for x, y in loader:
-            if done == warm:
-                sync(device)
-                start = time.perf_counter()
-            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            y = y.to(device, non_blocking=True)
-            train_step(model, optimizer, x, y, weights)
-            done += 1
-            if done == steps + warm:
-                break
-    sync(device)
-    return batch * steps / (time.perf_counter() - start)
+    for _ in range(max(3, 2 * workers)):
+        step()
+    return timed_steps(step, batch, steps, min_seconds, device)
 
 
 # --- 5. end to end: the commands ----------------------------------------------------------------
@@ -243,7 +265,7 @@ def end_to_end(
         timings[name] = time.perf_counter() - start
     timings["seconds"] = timings["train_seconds"] + timings["predict_seconds"]
     config = json.loads((work / "run" / "run.json").read_text())["config"]
-    return {**timings, "arch": config["arch"], "epochs": config["epochs"]}
+    return {**timings, **{k: config[k] for k in ("arch", "epochs", "batch_size")}}
 
 
 # --- 6. inference on a CPU: PyTorch and onnxruntime ----------------------------------------------
@@ -283,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--measures", nargs="+", default=list(MEASURES), choices=MEASURES)
     p.add_argument("--batch-size", type=int, default=None, help="default 512 on a GPU, 128 on CPU")
     p.add_argument("--steps", type=int, default=50, help="timed train steps (ceiling, baseline)")
+    p.add_argument(
+        "--min-seconds", type=float, default=2.0, help="repeat the steps until this long (2)"
+    )
     p.add_argument("--epochs", type=int, default=3, help="epochs of the faceattr loop")
     p.add_argument("--limit", type=int, default=None, help="use only the first N training images")
     compiling = p.add_mutually_exclusive_group()
@@ -305,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     batch = args.batch_size or (512 if device.type == "cuda" else 128)
     results = args.results or RESULTS / f"throughput-{name}.jsonl"
     results.parent.mkdir(parents=True, exist_ok=True)
-    workers = os.cpu_count() or 1
+    workers = cpu_cores()
     common = {
         "device": name,
         "torch": torch.__version__,
@@ -315,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     def emit(record: dict) -> None:
-        line = json.dumps({**record, **common})
+        line = json.dumps({**common, **record})  # end_to_end's batch size is its run's
         print(line, flush=True)
         with results.open("a") as f:
             f.write(line + "\n")
@@ -348,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
                 settings = {"arch": arch, "compiled": compiled}
                 if "ceiling" in args.measures:
                     record = {"measure": "ceiling", **settings, "steps": args.steps}
-                    add(record, ceiling, arch, device, batch, args.steps, compiled)
+                    add(record, ceiling, arch, device, batch, args.steps, compiled,
+                        args.min_seconds)  # fmt: skip
                 if "faceattr" in args.measures:
                     record = {"measure": "faceattr", **settings, "epochs": args.epochs}
                     record["images"] = len(images)
@@ -357,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
                 if "baseline" in args.measures and not compiled:
                     record = {"measure": "baseline", **settings, "steps": args.steps}
                     record["num_workers"] = workers
-                    add(record, baseline, files, labels, arch, device, batch, args.steps, workers)
+                    add(record, baseline, files, labels, arch, device, batch, args.steps, workers,
+                        args.min_seconds)  # fmt: skip
 
         if not args.compiled_only:
             training(compiled=False)

@@ -31,8 +31,8 @@ def test_benchmark_writes_every_measure(dataset_dir, tmp_path):
     command = [
         sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--data", str(dataset_dir),
         "--device", "cpu", "--arch", "simple", "--steps", "2", "--epochs", "2", "--batch-size",
-        "32", "--no-compile", "--e2e-args", "--folds 2 --epochs 1 --batch-size 32",
-        "--results", str(results),
+        "32", "--min-seconds", "0.3", "--no-compile", "--e2e-args",
+        "--folds 2 --epochs 1 --batch-size 16", "--results", str(results),
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
@@ -50,14 +50,20 @@ def test_benchmark_writes_every_measure(dataset_dir, tmp_path):
     runtimes = {line["runtime"] for line in lines if line["measure"] == "inference"}
     assert runtimes == {"torch", "onnxruntime"}
     for line in lines:
-        assert line["device"] == "cpu" and line["torch"] and line["batch_size"] == 32
+        assert line["device"] == "cpu" and line["torch"]
+        assert line["batch_size"] == (16 if line["measure"] == "end_to_end" else 32)  # its run's
     for measure in ("decode", "ceiling", "faceattr", "baseline", "inference"):
         assert by_measure[measure]["img_per_s"] > 0
     for measure in ("ceiling", "faceattr", "baseline"):
         assert by_measure[measure]["arch"] == "simple"
+    for measure in ("ceiling", "baseline"):  # 2 steps, repeated until 0.3 s had passed
+        line = by_measure[measure]
+        assert line["seconds"] >= 0.3 and line["steps"] > 2 and line["steps"] % 2 == 0
+    loop = by_measure["faceattr"]
+    assert loop["timed_epochs"] == 1 and 0 < loop["img_per_s_with_validation"] < loop["img_per_s"]
     e2e = by_measure["end_to_end"]
     assert e2e["seconds"] == e2e["train_seconds"] + e2e["predict_seconds"] > 0
-    assert e2e["train_args"] == "--folds 2 --epochs 1 --batch-size 32"
+    assert e2e["train_args"] == "--folds 2 --epochs 1 --batch-size 16"
     assert (e2e["arch"], e2e["epochs"]) == ("efficientnet_lite0", 1)  # the CPU's default recipe
 
 
@@ -109,7 +115,7 @@ def test_recipe_search_tabulates_each_recipe(dataset_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     (row,) = [json.loads(line) for line in (tmp_path / "synthetic.jsonl").read_text().splitlines()]
     assert row["recipe"] == "tiny"
-    assert row["epochs"] == 1 and row["folds"] == 2
+    assert row["epochs"] == 1 and row["folds"] == 2 and row["batch_size"] == 32
     low, high = row["oof_hter_ci"]
     assert low <= row["oof_hter"] <= high
     assert row["train_seconds"] > 0 and row["predict_seconds"] > 0
@@ -346,12 +352,14 @@ def test_device_script_reports_the_default_recipe_as_end_to_end(tmp_path):
             "predict_seconds": 4.5,
             "arch": "resnet18",
             "epochs": 15,
+            "batch_size": 128,
         },
     ]
-    (tmp_path / "celeba64.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines = "".join(json.dumps(r) + "\n" for r in rows) + '{"recipe": "default", "train_se'
+    (tmp_path / "celeba64.jsonl").write_text(lines)  # the last row cut short: no row
     assert add_end_to_end(tmp_path, "h200") == 95.0
     (line,) = [json.loads(x) for x in (tmp_path / "throughput-h200.jsonl").read_text().splitlines()]
     assert line["measure"] == "end_to_end" and line["device"] == "h200"
     assert (line["train_seconds"], line["predict_seconds"], line["seconds"]) == (90.5, 4.5, 95.0)
     assert line["train_args"] == "defaults"
-    assert (line["arch"], line["epochs"]) == ("resnet18", 15)
+    assert (line["arch"], line["epochs"], line["batch_size"]) == ("resnet18", 15, 128)
