@@ -324,6 +324,7 @@ def test_device_script_measures_eager_throughput_before_the_fixes(carry, tmp_pat
                        "recipes.py"]  # fmt: skip
     assert all("--deadline" in c for c in ran)
     assert "--no-compile" in ran[1] and "baseline" in ran[1] and "--compiled-only" in ran[3]
+    assert "efficientnet_lite0_s1" in ran[1]  # the GPU default's model, eager, beside both archs
     fixes, holdout, rest = (
         c[c.index("--only") + 1 : c.index("--deadline")] for c in (ran[2], ran[4], ran[5])
     )
