@@ -340,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     def emit(record: dict) -> None:
-        line = json.dumps({**common, **record})  # end_to_end's batch size is its run's
+        # The record's own settings win (end_to_end's batch size is its run's), its fields first.
+        line = json.dumps({**record, **{k: v for k, v in common.items() if k not in record}})
         print(line, flush=True)
         with results.open("a") as f:
             f.write(line + "\n")
