@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -58,13 +59,28 @@ def test_benchmark_writes_every_measure(dataset_dir, tmp_path):
         assert by_measure[measure]["arch"] == "simple"
     for measure in ("ceiling", "baseline"):  # 2 steps, repeated until 0.3 s had passed
         line = by_measure[measure]
-        assert line["seconds"] >= 0.3 and line["steps"] > 2 and line["steps"] % 2 == 0
+        assert line["seconds"] >= 0.3 and line["steps"] >= 2 and line["steps"] % 2 == 0
     loop = by_measure["faceattr"]
     assert loop["timed_epochs"] == 1 and 0 < loop["img_per_s_with_validation"] < loop["img_per_s"]
     e2e = by_measure["end_to_end"]
     assert e2e["seconds"] == e2e["train_seconds"] + e2e["predict_seconds"] > 0
     assert e2e["train_args"] == "--folds 2 --epochs 1 --batch-size 16"
     assert (e2e["arch"], e2e["epochs"]) == ("efficientnet_lite0", 1)  # the CPU's default recipe
+
+
+def test_timed_steps_repeat_the_steps_until_the_minimum_time_has_passed(monkeypatch):
+    import throughput
+
+    clock = [0.0]  # each step takes a tenth of a second, by this clock
+    monkeypatch.setattr(throughput, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def step() -> None:
+        clock[0] += 0.1
+
+    timed = throughput.timed_steps(step, 32, 2, 0.35, torch.device("cpu"))
+    assert timed["steps"] == 4 and timed["seconds"] == pytest.approx(0.4)  # 2 rounds of 2
+    assert timed["img_per_s"] == pytest.approx(32 * 4 / 0.4)
+    assert throughput.timed_steps(step, 32, 2, 0.0, torch.device("cpu"))["steps"] == 2
 
 
 def test_benchmark_records_a_failed_measurement_and_goes_on_until_its_deadline(

@@ -29,7 +29,7 @@ def test_the_decode_rate_leaves_out_the_decoders_import(dataset_dir, tmp_path, m
 
     def slow_first_call():
         if not imported:
-            time.sleep(1.0)
+            time.sleep(2.0)
             imported.append(True)
         return real()
 
@@ -38,7 +38,7 @@ def test_the_decode_rate_leaves_out_the_decoders_import(dataset_dir, tmp_path, m
     for where in (tmp_path, None):  # a cache build, and decoding in memory
         imported.clear()
         loaded = load_images(images, where)
-        assert loaded.cache in ("miss", "off") and loaded.seconds < 0.9
+        assert loaded.cache in ("miss", "off") and loaded.seconds < 1.5
         assert imported  # the decoder was imported, only not on the clock
 
 
