@@ -228,6 +228,7 @@ def test_seed_commands_end_to_end(dataset_dir, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "out-of-fold HTER" in result.stdout
+    assert "warning: --step and --gamma shape the step schedule only" in result.stderr
     run = json.loads((tmp_path / "RUN" / "run.json").read_text())  # the CPU's default recipe
     assert (run["config"]["arch"], run["config"]["lr"]) == ("efficientnet_lite0", 0.001)
     assert run["pretrained_file"] == str(weights_file("efficientnet_lite0", "imagenet"))

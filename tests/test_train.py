@@ -50,6 +50,18 @@ def test_each_device_has_its_default_recipe_and_given_options_win():
         TrainConfig(**recipe).check()
 
 
+def test_step_and_gamma_without_the_step_schedule_are_a_warning(caplog):
+    cpu = torch.device("cpu")
+    with caplog.at_level("WARNING", logger="faceattr"):
+        config_for(cpu, {"step": 5, "gamma": 0.7})  # the seed's flags over the cosine recipe
+    assert "they do nothing" in caplog.text and "cosine" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="faceattr"):
+        config_for(cpu, {"arch": "simple", "step": 5, "gamma": 0.7})  # the seed's StepLR
+        config_for(cpu, {"step": 5, "schedule": "step"})
+    assert caplog.text == ""
+
+
 @pytest.mark.parametrize(
     ("option", "value", "message"),
     [

@@ -165,6 +165,12 @@ def config_for(device: torch.device, given: dict) -> TrainConfig:
     cfg = TrainConfig(**{**recipe, **given})
     if cfg.pretrained == "none":
         cfg.pretrained = None
+    if ({"step", "gamma"} & given.keys()) and cfg.schedule != "step":  # the seed's command has both
+        log.warning(
+            "--step and --gamma shape the step schedule only, and this run's is %s: they do "
+            "nothing (add --schedule step, or --arch simple for the seed's settings)",
+            cfg.schedule,
+        )
     return cfg
 
 
