@@ -1,6 +1,7 @@
 """The seed's interface, `python main.py --mode=explore|train|test ...`, on top of faceattr.
 
-Every flag of the original script keeps its name and default; the extra ones mirror `faceattr`'s.
+Every flag of the original script keeps its name; the defaults are faceattr's (train: the device's
+recipe; test: the soft vote at the run's threshold), and the extra flags mirror `faceattr`'s.
 """
 
 from __future__ import annotations
