@@ -224,11 +224,16 @@ def test_seed_commands_end_to_end(dataset_dir, tmp_path):
         "--gamma=0.7",
         "--save_dir=RUN",
         "--folds=2",
+        "--out=elsewhere",  # faceattr train's run folder flag, not the seed's: a warning
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     assert "out-of-fold HTER" in result.stdout
     assert "warning: --step and --gamma shape the step schedule only" in result.stderr
+    assert "warning: --out is --mode=explore's folder: the run goes to --save_dir=RUN" in (
+        result.stderr
+    )
+    assert not (tmp_path / "elsewhere").exists()
     run = json.loads((tmp_path / "RUN" / "run.json").read_text())  # the CPU's default recipe
     assert (run["config"]["arch"], run["config"]["lr"]) == ("efficientnet_lite0", 0.001)
     assert run["pretrained_file"] == str(weights_file("efficientnet_lite0", "imagenet"))

@@ -7,6 +7,7 @@ recipe; test: the soft vote at the run's threshold), and the extra flags mirror 
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from faceattr.cli import (
@@ -21,6 +22,9 @@ from faceattr.cli import (
 )
 from faceattr.errors import FaceAttrError
 
+log = logging.getLogger("faceattr")
+EXPLORE_OUT = "explore"
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -33,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save_dir", default="run", help="train: run folder (default run/)")
     p.add_argument("--model_dir", default="run/models", help="test: folder of fold models")
     p.add_argument("--output", default="label_val.txt", help="test: label file to write")
-    p.add_argument("--out", default="explore", help="explore: output folder (default explore/)")
+    p.add_argument("--out", default=EXPLORE_OUT, help="explore: output folder (default explore/)")
     add_predict_options(p)
     add_train_options(p)
     add_common(p)
@@ -54,6 +58,10 @@ def run(args: argparse.Namespace) -> int:
     if args.mode == "train":
         if not (args.img_train_dir and args.labels_txt):
             raise FaceAttrError("--mode=train needs --img_train_dir and --labels_txt")
+        if args.out != EXPLORE_OUT:  # faceattr train's flag for the run folder, not the seed's
+            log.warning(
+                "--out is --mode=explore's folder: the run goes to --save_dir=%s", args.save_dir
+            )
         # As the seed did, training into an existing --save_dir replaces it, unless the run
         # there was interrupted: then it continues (--overwrite: it starts again).
         args.out = args.save_dir
