@@ -45,6 +45,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 # The GPU machine runs this from a bare checkout: faceattr and throughput.py come from here.
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "benchmarks")]
+from recipes import table_rows  # noqa: E402
 from throughput import device_name  # noqa: E402
 
 from faceattr.models import HUB_FILES  # noqa: E402
@@ -180,22 +181,6 @@ def run(budget: float, out: Path, carry: Path = CARRY, steps: tuple[str, ...] = 
             tar.add(out / "runs", arcname="runs")
         shutil.rmtree(out / "runs")
     print(f"[{time.monotonic() - start:5.0f}s] done", flush=True)
-
-
-def table_rows(table: Path) -> list[dict]:
-    """The rows of `table` (a recipes.py .jsonl; none when it is not there).
-
-    A line cut short (its writer killed) is no row.
-    """
-    rows = []
-    for line in table.read_text().splitlines() if table.exists() else []:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and "recipe" in row:
-            rows.append(row)
-    return rows
 
 
 def tabulated(table: Path) -> set[str]:

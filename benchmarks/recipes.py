@@ -123,6 +123,22 @@ def run_recipe(
     }
 
 
+def table_rows(table: Path) -> list[dict]:
+    """The rows of `table` (a .jsonl this script appends to; none when it is not there).
+
+    A line cut short (its writer killed) is no row.
+    """
+    rows = []
+    for line in table.read_text().splitlines() if table.exists() else []:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and "recipe" in row:
+            rows.append(row)
+    return rows
+
+
 def markdown(rows: list[dict], title: str) -> str:
     """The results table, best out-of-fold HTER first; the default recipe in bold."""
     held = any("holdout_hter" in r for r in rows)
@@ -207,8 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         failed = search(args, recipes, jsonl, started)
     finally:  # the table holds every finished row, whatever stopped the rest
         if jsonl.exists():
-            rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
-            (args.results / f"{args.name}.md").write_text(markdown(rows, args.name))
+            (args.results / f"{args.name}.md").write_text(markdown(table_rows(jsonl), args.name))
     return 1 if failed else 0
 
 
