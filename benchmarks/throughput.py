@@ -45,7 +45,14 @@ from faceattr.ensemble import ensemble_scores, inference_batch_size
 from faceattr.export import OnnxEnsemble, export_onnx
 from faceattr.models import create_model, for_inference
 from faceattr.runtime import cpu_cores, resolve_device
-from faceattr.train import TrainConfig, class_weights, images_per_epoch, train_fold, train_step
+from faceattr.train import (
+    TrainConfig,
+    class_weights,
+    compile_model,
+    images_per_epoch,
+    train_fold,
+    train_step,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 INFERENCE_BATCH = inference_batch_size(torch.device("cpu"))  # as `faceattr predict` scores
@@ -98,7 +105,7 @@ def ceiling(
     """Train-step images/s on random data already on the device: no loader, no augmentation."""
     torch.manual_seed(0)
     model = create_model(arch).to(device).to(memory_format=torch.channels_last).train()
-    step_model = torch.compile(model) if compiled else model
+    step_model = compile_model(model) if compiled else model  # as train compiles it
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     x = torch.rand(batch, 3, 64, 64, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 2, (batch,), device=device)

@@ -438,7 +438,7 @@ def train_fold(
     if parallel:
         net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     # Compiled, the step sees one batch shape only (see images_per_epoch): no recompiles.
-    step_model = compiled(net) if cfg.compile else net
+    step_model = compile_model(net) if cfg.compile else net
 
     state = FoldState(model, ema, optimizer, scheduler, order_gen, gen)
     saved = load_training_state(checkpoint) if checkpoint else None
@@ -552,7 +552,7 @@ def train_fold(
     )
 
 
-def compiled(net: nn.Module) -> nn.Module:
+def compile_model(net: nn.Module) -> nn.Module:
     """`torch.compile`, one graph for every fold's model. Before 2.5, dynamo guarded on each module
     object unless told to inline them (the default since, and the flag deprecated), so each new
     fold model compiled afresh: a minute of a GPU's time per fold."""
