@@ -5,7 +5,7 @@ import time
 import numpy as np
 
 from conftest import cli, here
-from faceattr import decode
+from faceattr import cache, decode
 from faceattr.cache import fingerprint, load_images
 from faceattr.data import load_dataset
 
@@ -56,6 +56,14 @@ def test_a_changed_file_or_label_file_misses(dataset_dir, tmp_path):
     finally:
         os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert fingerprint(images) == key
+
+
+def test_another_decoder_release_misses(dataset_dir, tmp_path, monkeypatch):
+    images = load_dataset(dataset_dir).train
+    key = fingerprint(images)
+    assert "pillow " in cache.decoder_versions() and "torchvision " in cache.decoder_versions()
+    monkeypatch.setattr(cache, "decoder_versions", lambda: "pillow 0.0, torchvision none")
+    assert fingerprint(images) != key
 
 
 def test_damaged_entry_is_rebuilt(dataset_dir, tmp_path):

@@ -1,14 +1,16 @@
 """Decode once: every image set is cached as a memory-mapped .npy, keyed by a fingerprint.
 
 The fingerprint covers the source, every file's name, size and modification time (size, CRC and
-time stamp inside a zip), the decoder's version and any extra bytes the caller adds (the label
+time stamp inside a zip), the decoders' releases and any extra bytes the caller adds (the label
 file for a training set). A changed, added or removed file gives a new key, so a stale cache is
 never read. The array is memory-mapped, so a dataset larger than RAM still works.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -37,11 +39,25 @@ def default_cache_dir() -> Path:
     return Path(base) / "faceattr"
 
 
+@functools.cache
+def decoder_versions() -> str:
+    """The decoders' releases, from their packages' metadata (importing torchvision takes seconds):
+    a new libjpeg-turbo or PIL may round some pixels differently, so its cache is its own."""
+    found = []
+    for package in ("pillow", "torchvision"):
+        try:
+            found.append(f"{package} {importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            found.append(f"{package} none")
+    return ", ".join(found)
+
+
 def fingerprint(images: ImageSet, extra: bytes = b"") -> str:
     """A key that changes whenever any input of the decoded array does."""
     h = hashlib.sha256()
     source = Path(images.source.path).resolve()
-    h.update(f"faceattr-cache v{CACHE_VERSION} {SIZE} {source} {images.folder}\n".encode())
+    h.update(f"faceattr-cache v{CACHE_VERSION} {SIZE} {decoder_versions()}\n".encode())
+    h.update(f"{source} {images.folder}\n".encode())
     for rel in images.paths():
         h.update(f"{rel} {images.source.stat(rel)}\n".encode())
     h.update(extra)
