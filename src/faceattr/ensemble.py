@@ -110,8 +110,10 @@ def decision_rule(labels: np.ndarray, oof: np.ndarray, fold_of: np.ndarray) -> d
     - threshold: the one with the lowest HTER on all out-of-fold scores (`best_threshold`);
     - oof: error rates there, with a 95 % bootstrap interval; slightly optimistic, since the
       threshold was fitted on the same scores;
-    - oof_nested: each fold judged at a threshold chosen on the other folds only: an honest
-      estimate of how the chosen threshold does on unseen images;
+    - oof_nested: each fold judged at a threshold chosen on the other folds only, so no image
+      helps choose the threshold it is judged at. It still measures single fold models: the
+      ensemble applies the threshold to the mean of their scores, which spreads less (how well
+      the threshold carries over is what benchmarks/recipes.py --holdout measures);
     - oof_at_0.5: the untuned rule, for comparison; eer and auc: threshold-free quality.
 
     All of them lean a little optimistic all the same: each fold's epoch was the best on those

@@ -125,7 +125,7 @@ def _overview(s: dict) -> str:
         [name, pct(r["hter"]), ci(r), pct(r["far"]), pct(r["frr"])]
         for name, r in (
             ("at the chosen threshold", oof),
-            ("nested (honest)", nested),
+            ("threshold chosen on the other folds", nested),
             ("at 0.5", s["oof_at_0.5"]),
         )
     ]
