@@ -5,6 +5,7 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
+from faceattr import models
 from faceattr.errors import FaceAttrError
 from faceattr.models import (
     MODELS,
@@ -157,3 +158,18 @@ def test_inference_model_folds_batchnorm_and_keeps_the_scores(name):
         fast = for_inference(model, torch.device("cpu"))
         assert torch.allclose(fast(x), expected, atol=1e-4)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+
+
+def test_under_bf16_the_inference_model_scores_as_validation_did(monkeypatch):
+    """Folding under bf16 moves where the rounding happens; the threshold came from unfolded scores."""
+    monkeypatch.setattr(models, "uses_bf16", lambda device: True)
+    torch.manual_seed(0)
+    model = create_model("simple")
+    model.train()(torch.rand(8, 3, 64, 64))
+    model.eval()
+    x = torch.rand(64, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = torch.sigmoid(model.to(memory_format=torch.channels_last)(x).float())
+        kept = for_inference(model, torch.device("cpu"))
+        assert torch.equal(torch.sigmoid(kept(x).float()), expected)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in kept.modules())

@@ -15,6 +15,7 @@ from faceattr.metrics import (
     error_rates,
     scores_to_labels,
 )
+from faceattr.runtime import autocast
 
 VOTES = ("majority", "soft")
 
@@ -56,7 +57,7 @@ def ensemble_scores(
     for start in range(0, len(images), batch_size):
         x = to_model_input(images[start : start + batch_size].to(device, non_blocking=True))
         mirrored = x.flip(-1) if tta else None
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device):
             for model, scores in zip(models, out, strict=True):
                 p = torch.sigmoid(model(x).float())
                 if mirrored is not None:

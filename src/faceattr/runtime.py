@@ -31,6 +31,17 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def uses_bf16(device: torch.device) -> bool:
+    """bf16 autocast on CUDA (tensor cores, half the memory traffic); float32 on a CPU, where
+    bf16 is slower on most cores and its rounding would change what the tests pin down."""
+    return device.type == "cuda"
+
+
+def autocast(device: torch.device) -> torch.autocast:
+    """The precision every forward pass runs at, training, validation and prediction alike."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(device))
+
+
 def cpu_cores() -> int:
     """The cores this process may run on: a machine lent in slices (a container, a batch job)
     pins its processes to some of the host's cores, and `os.cpu_count()` counts them all."""

@@ -37,6 +37,7 @@ from faceattr.ensemble import model_scores, to_model_input
 from faceattr.errors import FaceAttrError
 from faceattr.metrics import error_rates, scores_to_labels
 from faceattr.models import IMAGENET
+from faceattr.runtime import autocast
 
 log = logging.getLogger("faceattr")
 
@@ -380,7 +381,7 @@ def train_step(
     mixed: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimiser step on a batch (bf16 autocast on CUDA); returns the loss and the logits."""
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+    with autocast(x.device):
         logits = model(x)
     loss = weighted_bce(logits, y, weights, smoothing, mixed)
     optimizer.zero_grad(set_to_none=True)
