@@ -431,6 +431,15 @@ def test_a_damaged_run_is_one_line_and_writes_nothing(tmp_path, dataset_dir, tra
         (run / "models" / name).unlink()
     code, err = predict(dataset_dir, run, "--output", str(labels))
     assert code == 2 and "run.json trained folds [1, 2]: fold_2.safetensors is missing" in err[0]
+    # A run still training, or interrupted: its folds so far are not the ensemble it will choose
+    # a threshold for, and neither predict nor export takes them at 0.5.
+    summary = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**summary, "status": "running"}))
+    unfinished = f"{run} holds a run that has not finished (1 of 2 fold models"
+    code, err = predict(dataset_dir, run, "--output", str(labels))
+    assert code == 2 and len(err) == 1 and unfinished in err[0] and "--resume" in err[0], err
+    code, err = in_process("export", str(run), "--onnx", str(tmp_path / "onnx"))
+    assert code == 2 and unfinished in err[0] and not (tmp_path / "onnx").exists(), err
     assert not labels.exists() and not (tmp_path / "predictions.csv").exists()
     # A hand-assembled folder of fold models, no run around it, votes with those it holds.
     shutil.copytree(run / "models", tmp_path / "models")

@@ -88,7 +88,9 @@ def load_ensemble_settings(models_dir: str | Path, models: list[FoldModel]) -> d
 
     A folder without one (an older or hand-assembled run) votes at its models' own threshold
     (0.5 unless they say otherwise), without test-time augmentation. In a finished run from
-    before ensemble.json listed the folds, its run.json says how many were trained.
+    before ensemble.json listed the folds, its run.json says how many were trained; a run that
+    has not finished (still training, or interrupted) is refused: its fold models so far, at
+    0.5, would be a different ensemble from the one its train will choose a threshold for.
     """
     path = Path(models_dir) / "ensemble.json"
     settings = {"threshold": models[0].config.get("threshold", 0.5), "tta": False}
@@ -104,20 +106,29 @@ def load_ensemble_settings(models_dir: str | Path, models: list[FoldModel]) -> d
     else:
         path = Path(models_dir) / f"fold_{models[0].fold}.json"
         run_json = Path(models_dir).parent / "run.json"
-        trained = _finished_run_folds(run_json)
+        trained = _finished_run_folds(run_json, folds)
         if trained is not None:
             check_folds(trained, folds, ".safetensors", f"{run_json} trained folds")
     return checked_settings(settings, path, folds, ".safetensors")
 
 
-def _finished_run_folds(run_json: Path) -> list[int] | None:
-    """The folds 1..N of the finished run whose summary is `run_json` (None: no such run)."""
+def _finished_run_folds(run_json: Path, found: list[int]) -> list[int] | None:
+    """The folds 1..N of the finished run whose summary is `run_json` (None: no such run);
+    an unfinished one, whose `found` fold models are not yet its ensemble, is refused."""
     try:
         summary = json.loads(run_json.read_text())
-        folds = summary["config"]["folds"] if summary.get("status") == "complete" else None
+        status, folds = summary.get("status"), summary["config"]["folds"]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):  # absent, or damaged:
         return None  # that costs predict the report, not the labels
-    return list(range(1, folds + 1)) if isinstance(folds, int) and folds > 0 else None
+    if not (isinstance(folds, int) and folds > 0):
+        return None
+    if status != "complete":
+        run = run_json.parent
+        raise FaceAttrError(
+            f"{run} holds a run that has not finished ({len(found)} of {folds} fold models; "
+            f"training, or interrupted): faceattr train DATA --out {run} --resume finishes it"
+        )
+    return list(range(1, folds + 1))
 
 
 def check_folds(expected: object, found: list[int], suffix: str, source: str) -> None:
