@@ -217,6 +217,14 @@ def test_resume_refuses_data_that_changed_and_trains_its_own_settings(tmp_path):
     assert_user_error(result, "--resume: the labels or images changed since", "--overwrite")
     assert json.loads(run_json.read_text())["status"] == "running"  # left as it was
     (data / "label_train.txt").write_text("".join(f"{v}\n" for v in labels))
+    # Two images of one size swapped: the names and sizes agree, the pixels do not.
+    first, second = data / "train_img" / "000001.jpg", data / "train_img" / "000002.jpg"
+    a, b = first.read_bytes(), second.read_bytes()
+    assert len(a) == len(b) and a != b
+    first.write_bytes(b), second.write_bytes(a)
+    result = here("train", str(data), "--out", str(tmp_path / "run"), "--resume")
+    assert_user_error(result, "--resume: the images changed since", "--overwrite")
+    first.write_bytes(a), second.write_bytes(b)
     # Same data, but a split that is not the run's (as another scikit-learn might shuffle):
     folds_csv = tmp_path / "run" / "folds.csv"
     saved = folds_csv.read_text()

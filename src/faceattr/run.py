@@ -103,6 +103,12 @@ def train_run(
         train_images, cfg.cache, workers, labels.tobytes(), cfg.skip_bad, SKIP_HINT
     )
     array, names = loaded.array, train_images.names
+    digest = pixel_digest(array)
+    if resume and previous.get("pixel_digest", digest) != digest:
+        # Same names and sizes, other pixels: an image edited, or two swapped.
+        raise FaceAttrError(
+            f"--resume: the images changed since {out} was started; --overwrite starts it again"
+        )
     if loaded.audit.bad:  # --skip-bad: leave them out
         keep = np.setdiff1d(np.arange(len(labels)), sorted(loaded.audit.bad))
         array, labels, names = array[keep], labels[keep], [names[i] for i in keep]
@@ -128,6 +134,7 @@ def train_run(
         "pretrained_file": str(weights_file(cfg.arch, cfg.pretrained)) if cfg.pretrained else None,
         "n_train": len(labels),
         "data_identity": identity,
+        "pixel_digest": digest,
         "class_counts": {str(c): int((labels == c).sum()) for c in (0, 1)},
         "audit": loaded.audit.to_dict(),
         "decode": loaded.summary(),
@@ -340,7 +347,8 @@ def _writing(out: Path, main: bool, found: dict | None) -> Iterator[None]:
 
 
 def data_identity(images: ImageSet, labels: np.ndarray) -> str:
-    """What a resumed run must find unchanged: the labels and every image's name and size.
+    """What a resumed run must find unchanged, told before any decoding: the labels and every
+    image's name and size (`pixel_digest` checks the pixels once they are decoded).
 
     Unlike the cache's fingerprint it leaves out where the data is and when it was written, so
     a run still resumes on the same data moved or copied.
@@ -348,6 +356,16 @@ def data_identity(images: ImageSet, labels: np.ndarray) -> str:
     h = hashlib.sha256(np.asarray(labels, dtype=np.int64).tobytes())
     for name, rel in zip(images.names, images.paths(), strict=True):
         h.update(f"{name} {images.source.stat(rel)[0]}\n".encode())
+    return h.hexdigest()[:32]
+
+
+def pixel_digest(array: np.ndarray, chunk: int = 4096) -> str:
+    """A hash of the decoded images, for what `data_identity` cannot see: a file edited or two
+    swapped, their sizes unchanged. 0.2 s for celeba64's 20,000 faces, read in chunks so that a
+    memory-mapped array larger than RAM is never loaded whole."""
+    h = hashlib.sha256(str(array.shape).encode())
+    for start in range(0, len(array), chunk):
+        h.update(np.ascontiguousarray(array[start : start + chunk]).data)
     return h.hexdigest()[:32]
 
 
