@@ -232,7 +232,12 @@ def test_resume_refuses_data_that_changed_and_trains_its_own_settings(tmp_path):
     result = here("train", str(data), "--out", str(tmp_path / "run"), "--resume")
     assert_user_error(result, "--resume: this data splits into other folds than", "--overwrite")
     folds_csv.write_text(saved)
-    result = here("train", str(data), "--out", str(tmp_path / "run"), "--resume")
+    # Options that differ from the run's are refused, not dropped; the run's own are fine.
+    resume = ["train", str(data), "--out", str(tmp_path / "run"), "--resume"]
+    result = here(*resume, "--arch", "simple", "--epochs", "3", "--lr", "0.1")
+    assert_user_error(result, "--resume continues", "not --epochs 3 (the run's: 1), --lr 0.1")
+    assert "--arch" not in result.stderr and "--overwrite starts it again" in result.stderr
+    result = here(*resume, "--arch", "simple", "--epochs", "1", "--workers", "1")
     assert result.returncode == 0, result.stderr
     # Its own settings, not the device's default recipe:
     assert "training simple, 2 folds x 1 epochs" in result.stderr

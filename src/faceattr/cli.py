@@ -91,14 +91,18 @@ TRAIN_OPTIONS = (
 )  # fmt: skip
 
 
+def given_options(args: argparse.Namespace) -> dict:
+    """The training options given on the command line: those not given are None (flags: False),
+    so that the recipe's values show through."""
+    given = {k: getattr(args, k) for k in TRAIN_OPTIONS}
+    return {k: v for k, v in given.items() if v is not None and v is not False}
+
+
 def train_config(args: argparse.Namespace, device: torch.device) -> TrainConfig:
     """The training options: those given on the command line over the device's default recipe."""
     from faceattr.train import config_for
 
-    # Options not given are None (flags: False), so that the recipe's values show through.
-    given = {k: getattr(args, k) for k in TRAIN_OPTIONS}
-    given = {k: v for k, v in given.items() if v is not None and v is not False}
-    return config_for(device, {**given, "cache": cache_dir(args)})
+    return config_for(device, {**given_options(args), "cache": cache_dir(args)})
 
 
 def run_train(dataset, args: argparse.Namespace) -> int:
@@ -110,7 +114,10 @@ def run_train(dataset, args: argparse.Namespace) -> int:
     ranks, device = distributed.from_environment(resolve_device(args.device))
     cfg = train_config(args, device)
     try:
-        summary = train_run(dataset, cfg, args.out, device, args.resume, args.overwrite, ranks)
+        summary = train_run(
+            dataset, cfg, args.out, device, args.resume, args.overwrite, ranks,
+            given=given_options(args).keys(),
+        )  # fmt: skip
     finally:
         distributed.finish()
     if summary is None:  # a torchrun process other than rank 0: its folds are written

@@ -13,7 +13,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -54,6 +54,7 @@ def train_run(
     resume: bool = False,
     overwrite: bool = False,
     ranks: Ranks = SINGLE,
+    given: Iterable[str] = (),
 ) -> dict | None:
     """Train one model per fold and write the whole run folder; returns the run summary.
 
@@ -63,7 +64,8 @@ def train_run(
     checked and decoded before the folder is touched, so bad input leaves nothing behind.
 
     `resume` continues the unfinished run in `out` with its own settings: finished folds are
-    kept, the running one continues from its last epoch. A folder that already holds a run is
+    kept, the running one continues from its last epoch. The options the user `given` must
+    agree with them, but for how the work runs (workers, cache, saves). A folder that already holds a run is
     otherwise left alone unless `overwrite` is given. Under torchrun (`ranks`), each process
     trains its share of the folds and rank 0 writes everything else; the others return None.
     """
@@ -72,7 +74,7 @@ def train_run(
     if resume:
         if previous is None:
             raise FaceAttrError(f"--resume: {out} holds no run to continue")
-        cfg = _resumed_config(cfg, previous["config"])
+        cfg = _resumed_config(cfg, previous["config"], given, out)
     elif previous is not None and not overwrite:
         state = "a finished" if previous.get("status") == "complete" else "an unfinished"
         raise FaceAttrError(
@@ -395,10 +397,25 @@ def _clear_run(out: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def _resumed_config(asked: TrainConfig, saved: dict) -> TrainConfig:
-    """The saved run's settings; only how the work runs (workers, cache, saves) may change."""
-    where = {"workers": asked.workers, "cache": asked.cache, "save_every": asked.save_every}
-    return TrainConfig(**{**saved, **where})
+RUNTIME_OPTIONS = ("workers", "cache", "save_every")  # how the work runs, not what it trains
+
+
+def _resumed_config(
+    asked: TrainConfig, saved: dict, given: Iterable[str], out: Path
+) -> TrainConfig:
+    """The saved run's settings; only how the work runs may change. An option `given` that
+    differs is refused rather than dropped: `--resume --epochs 30` does not train longer."""
+    changed = [
+        f"--{k.replace('_', '-')} {getattr(asked, k)} (the run's: {saved.get(k)})"
+        for k in given
+        if k not in RUNTIME_OPTIONS and getattr(asked, k) != saved.get(k)
+    ]
+    if changed:
+        raise FaceAttrError(
+            f"--resume continues {out} with its own settings, not {', '.join(changed)}: "
+            "drop them, or --overwrite starts it again with them"
+        )
+    return TrainConfig(**{**saved, **{k: getattr(asked, k) for k in RUNTIME_OPTIONS}})
 
 
 def _same_folds(path: Path, fold_of: np.ndarray) -> bool:
