@@ -3,6 +3,8 @@ import stat
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from faceattr.errors import FaceAttrError
 from faceattr.outputs import atomic_path, check_writable, write_csv, write_json, write_text
@@ -53,6 +55,11 @@ def test_outputs_get_the_usual_permissions(tmp_path):
     old = os.umask(0o022)
     try:
         path = write_text(tmp_path / "label_val.txt", "1\n")
+        # safetensors' save_file makes its file anew, readable by its owner only:
+        weights = tmp_path / "fold_1.safetensors"
+        with atomic_path(weights) as tmp:
+            save_file({"w": torch.zeros(2)}, str(tmp))
     finally:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert stat.S_IMODE(weights.stat().st_mode) == 0o644

@@ -34,10 +34,13 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         # os.open with 0o666 lets the umask decide, as for any file the user writes (mkstemp
         # would leave the final file readable by its owner only).
         os.close(os.open(tmp_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        mode = tmp_path.stat().st_mode & 0o777
     except OSError as e:
         raise FaceAttrError(f"cannot write {target}: {e.strerror or e}") from None
     try:
         yield tmp_path
+        if tmp_path.stat().st_mode & 0o777 != mode:  # a writer that made the file anew, 0600
+            os.chmod(tmp_path, mode)  # (safetensors' save_file): the umask's choice still holds
         os.replace(tmp_path, target)
     finally:
         tmp_path.unlink(missing_ok=True)
