@@ -162,6 +162,7 @@ def test_evaluate_a_labelled_test_set_with_pictures(trained_run, dataset_dir, tm
         str(tmp_path / "ev"),
         "--images",
         str(dataset_dir),
+        *("--no-cache", "--workers", "1", "-q"),  # it decodes, as explore does
     )
     assert result.returncode == 0, result.stderr
     metrics = json.loads(result.stdout)

@@ -36,8 +36,8 @@ def test_onnx_scores_equal_pytorch_scores(arch, dataset_dir, tmp_path):
 
 
 def test_export_and_predict_with_onnxruntime(trained_run, dataset_dir, tmp_path):
-    result = cli("export", str(trained_run), "--onnx", str(tmp_path / "onnx"))
-    assert result.returncode == 0, result.stderr
+    result = cli("export", str(trained_run), "--onnx", str(tmp_path / "onnx"), "-v")
+    assert result.returncode == 0 and "wrote 2 ONNX models" in result.stdout, result.stderr
     settings = json.loads((tmp_path / "onnx" / "ensemble.json").read_text())
     run_settings = json.loads((trained_run / "models" / "ensemble.json").read_text())
     assert settings["threshold"] == run_settings["threshold"] and settings["folds"] == [1, 2]

@@ -43,8 +43,8 @@ def test_report_holds_every_section_and_picture(predicted_run):
 
 def test_report_command_rebuilds_it(predicted_run, tmp_path):
     (predicted_run / "report.html").unlink()
-    result = cli("report", str(predicted_run))
-    assert result.returncode == 0, result.stderr
+    result = cli("report", str(predicted_run), "-q")  # -q and -v, as every command takes them
+    assert result.returncode == 0 and result.stdout.startswith("wrote "), result.stderr
     assert (predicted_run / "report.html").exists()
     result = here("report", str(tmp_path))
     assert result.returncode == 2 and "not a faceattr run folder" in result.stderr

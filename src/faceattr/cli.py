@@ -168,7 +168,7 @@ def run_predict(images, models_dir: str | Path, args: argparse.Namespace) -> int
         onnx=getattr(args, "onnx", None) is not None,
     )
     print(
-        f"{summary['images']:,} images, {summary['models']} models, {summary['vote']} vote at "
+        f"{summary['images']:,} images, {plural(summary['models'], 'model')}, {summary['vote']} vote at "
         f"threshold {summary['threshold']:.4f}{' with mirrored copies' if summary['tta'] else ''}:"
         f" {summary['predicted_0']:,} x 0, {summary['predicted_1']:,} x 1"
     )
@@ -207,7 +207,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             from faceattr.cache import load_images
             from faceattr.data import load_test_images
 
-            images = load_images(load_test_images(args.images), cache_dir(args)).array
+            images = load_images(load_test_images(args.images), cache_dir(args), args.workers).array
             if len(images) != len(truth):
                 raise FaceAttrError(
                     f"{args.images} has {len(images)} images, the truth {len(truth)}"
@@ -237,11 +237,15 @@ def read_scores(path: str | Path, n: int) -> tuple[np.ndarray, float]:
     return scores, float(above.min()) if len(above) else 1.0
 
 
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from faceattr.export import export_onnx
 
     paths = export_onnx(Path(args.run) / "models", args.onnx)
-    print(f"wrote {len(paths)} ONNX models and ensemble.json to {args.onnx}")
+    print(f"wrote {plural(len(paths), 'ONNX model')} and ensemble.json to {args.onnx}")
     return 0
 
 
@@ -379,17 +383,21 @@ def add_predict_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-tta", action="store_true", help="do not also score mirrored images")
 
 
-def add_common(p: argparse.ArgumentParser, device: bool = True) -> None:
+def add_common(p: argparse.ArgumentParser, device: bool = True, images: bool = True) -> None:
+    """The options every command shares: -q/-v, and those of the device and image decoding
+    where the command has them."""
     if device:
         p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-    p.add_argument("--workers", type=int, default=None, help="image-decoding processes")
-    p.add_argument(
-        "--cache",
-        type=Path,
-        default=None,
-        help="folder for decoded-image caches (default $FACEATTR_CACHE or ~/.cache/faceattr)",
-    )
-    p.add_argument("--no-cache", action="store_true", help="decode images in memory every time")
+    if images:
+        p.add_argument("--workers", type=int, default=None, help="image-decoding processes")
+        p.add_argument(
+            "--cache",
+            type=Path,
+            default=None,
+            help="folder for decoded-image caches (default $FACEATTR_CACHE, else "
+            "$XDG_CACHE_HOME/faceattr, else ~/.cache/faceattr)",
+        )
+        p.add_argument("--no-cache", action="store_true", help="decode images in memory every time")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings, errors and results")
     p.add_argument("-v", "--verbose", action="store_true", help="more detail")
 
@@ -439,16 +447,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scores", help="the predictions.csv beside --pred: adds AUC, EER and plots")
     p.add_argument("--plots", default="evaluation", help="folder for the plots (with --scores)")
     p.add_argument("--images", help="the test images (dataset or folder): adds the worst errors")
-    p.set_defaults(func=cmd_evaluate, quiet=False, verbose=False, no_cache=False, cache=None)
+    add_common(p, device=False)
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export", help="write the fold models as ONNX files")
     p.add_argument("run", help="run folder written by train")
     p.add_argument("--onnx", required=True, help="output folder")
-    p.set_defaults(func=cmd_export, quiet=False, verbose=False)
+    add_common(p, device=False, images=False)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("report", help="(re)build RUN/report.html")
     p.add_argument("run", help="run folder written by train")
-    p.set_defaults(func=cmd_report, quiet=False, verbose=False)
+    add_common(p, device=False, images=False)
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="synthetic data -> explore -> train -> predict -> evaluate")
     p.add_argument("--out", default="faceattr-demo", help="output folder (default faceattr-demo/)")
