@@ -7,7 +7,14 @@ import torch
 from safetensors.torch import save_file
 
 from faceattr.errors import FaceAttrError
-from faceattr.outputs import atomic_path, check_writable, write_csv, write_json, write_text
+from faceattr.outputs import (
+    atomic_path,
+    check_writable,
+    ensure_writable_dir,
+    write_csv,
+    write_json,
+    write_text,
+)
 
 
 def test_an_interrupted_write_leaves_the_old_file_whole(tmp_path):
@@ -49,6 +56,8 @@ def test_check_writable(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(FaceAttrError, match="is not a folder"):
         check_writable(tmp_path / "file" / "run")
+    with pytest.raises(FaceAttrError, match="file: it is not a folder"):
+        ensure_writable_dir(tmp_path / "file")  # not "File exists"
 
 
 def test_outputs_get_the_usual_permissions(tmp_path):

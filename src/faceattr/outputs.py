@@ -71,6 +71,7 @@ def write_csv(target: str | Path, header: list[str], rows: list[list[Any]]) -> P
 def ensure_writable_dir(path: str | Path) -> Path:
     """Create `path` if needed and check we can write into it, before any long work starts."""
     path = Path(path)
+    check_writable(path)  # a file in the way is named as such, not as "File exists"
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".probe."):
@@ -85,7 +86,8 @@ def check_writable(path: str | Path) -> None:
     path = Path(path).absolute()
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
-        raise FaceAttrError(f"cannot write to {path}: {existing} is not a folder")
+        what = "it" if existing == path else existing
+        raise FaceAttrError(f"cannot write to {path}: {what} is not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise FaceAttrError(f"cannot write to {path}: permission denied")
 
