@@ -148,6 +148,14 @@ def test_two_trains_never_write_one_folder_at_once(dataset_dir, tmp_path):
         with pytest.raises(FaceAttrError, match="being written by another faceattr train"):
             train_run(load_dataset(dataset_dir), cfg, run, torch.device("cpu"))
     assert [p.name for p in run.iterdir()] == [".lock"]  # nothing else written
+    # Once the other has written its run.json, this one is not told to --resume it.
+    (run / "run.json").write_text('{"status": "running", "config": {}}')
+    with open(run / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for resume in (False, True):
+            with pytest.raises(FaceAttrError, match="being written by another faceattr train"):
+                train_run(load_dataset(dataset_dir), cfg, run, torch.device("cpu"), resume)
+    (run / "run.json").unlink()
     # A run.json that appeared after this run's checks saw none: another train got there first.
     (run / "run.json").write_text('{"status": "running"}')
     with pytest.raises(FaceAttrError, match=r"wrote .* meanwhile"), _writing(run, True, None):

@@ -70,6 +70,7 @@ def train_run(
     trains its share of the folds and rank 0 writes everything else; the others return None.
     """
     out = Path(out)
+    _check_unlocked(out)
     previous = existing_run(out)
     if resume:
         if previous is None:
@@ -338,14 +339,30 @@ def _writing(out: Path, main: bool, found: dict | None) -> Iterator[None]:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise FaceAttrError(
-                f"{out} is being written by another faceattr train; wait, or choose another --out"
-            ) from None
+            raise _locked(out) from None
         if existing_run(out) != found:
             raise FaceAttrError(
                 f"another faceattr train wrote {out} meanwhile; choose another --out"
             )
         yield  # the lock goes with the file
+
+
+def _locked(out: Path) -> FaceAttrError:
+    return FaceAttrError(
+        f"{out} is being written by another faceattr train; wait, or choose another --out"
+    )
+
+
+def _check_unlocked(out: Path) -> None:
+    """Say so at once when another train holds OUT/.lock: what it wrote so far would otherwise
+    read as an unfinished run, and the advice to --resume it would meet the lock after decoding."""
+    if fcntl is None or not (out / ".lock").is_file():
+        return
+    with open(out / ".lock") as lock:  # read only: this creates nothing
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released as the file closes
+        except BlockingIOError:
+            raise _locked(out) from None
 
 
 def data_identity(images: ImageSet, labels: np.ndarray) -> str:
