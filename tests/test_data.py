@@ -106,6 +106,15 @@ def test_numbering_gaps_duplicates_and_names(tmp_path):
     (folder / "0003.png").unlink()
     (folder / "notes.txt").write_text("ignored")
     assert len(numbered_images(source, "imgs")) == 4
+    # A date-like number is one gap, found at once (counting up to it took all the memory).
+    write_image(folder / "20230101120000.jpg", (0, 0, 0))
+    with pytest.raises(FaceAttrError, match="without gaps; 5 is missing"):
+        numbered_images(source, "imgs")
+    write_image(folder / "0.jpg", (0, 0, 0))
+    (folder / "20230101120000.jpg").unlink()
+    with pytest.raises(FaceAttrError, match="numbering starts at 0"):
+        numbered_images(source, "imgs")
+    (folder / "0.jpg").unlink()
     write_image(folder / "face.jpg", (0, 0, 0))
     with pytest.raises(FaceAttrError, match=r"face\.jpg: image name is not a number"):
         numbered_images(source, "imgs")

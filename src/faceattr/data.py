@@ -246,8 +246,11 @@ def numbered_images(source: Source, folder: str) -> ImageSet:
         raise FaceAttrError(f"image folder {where} has no images")
     numbers = sorted(numbered)
     if numbers != list(range(1, len(numbers) + 1)):
-        missing = [n for n in range(1, numbers[-1] + 1) if n not in numbered]
-        problem = f"{missing[0]} is missing" if missing else "numbering starts at 0"
+        # The first gap, found without counting up to the largest number (a date-like name,
+        # 20230101120000.jpg, would have taken all the memory there is).
+        positive = [n for n in numbers if n > 0]
+        missing = next((i for i, n in enumerate(positive, start=1) if n != i), None)
+        problem = f"{missing} is missing" if missing else "numbering starts at 0"
         raise FaceAttrError(f"{where}: images must be numbered 1..N without gaps; {problem}")
     return ImageSet(source, folder, [numbered[n] for n in numbers])
 
