@@ -48,6 +48,16 @@ def test_unpadded_names_are_ordered_by_number(tmp_path):
     assert load_test_images(tmp_path).names[-1] == "11.png"
 
 
+def zip_as_named(folder: Path, target: Path, name) -> Path:
+    """A zip of `folder`'s files, each member named `name(relative posix path)` verbatim (zipfile's
+    own write would tidy the name)."""
+    with zipfile.ZipFile(target, "w") as z:
+        for p in sorted(folder.rglob("*")):
+            if p.is_file():
+                z.writestr(zipfile.ZipInfo(name(p.relative_to(folder).as_posix())), p.read_bytes())
+    return target
+
+
 @pytest.mark.parametrize("top", [None, "exercise"])
 def test_zip_is_read_directly_with_or_without_top_folder(tmp_path, top):
     make_layout(tmp_path / "src", [0, 1, 1, 0])
@@ -60,6 +70,23 @@ def test_zip_is_read_directly_with_or_without_top_folder(tmp_path, top):
     assert audit.sizes == {"64x64": 4}
     assert len(load_test_images(archive)) == 3
     assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == ["src"]  # nothing extracted
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        lambda rel: f"./{rel}",  # as some archivers write them
+        lambda rel: f"exercise//{rel}",
+        lambda rel: rel.replace("/", "\\"),  # Windows PowerShell 5's Compress-Archive
+    ],
+)
+def test_zip_member_names_are_normalised(tmp_path, name):
+    make_layout(tmp_path / "src", [0, 1, 1, 0])
+    archive = zip_as_named(tmp_path / "src", tmp_path / "data.zip", name)
+    data = load_dataset(archive, need="any")
+    assert data.labels.tolist() == [0, 1, 1, 0] and len(data.test) == 3
+    array, _ = decode_images(data.train)
+    assert array.shape == (4, 64, 64, 3) and data.train.source.stat(data.train.paths()[0])[0] > 0
 
 
 def test_folder_with_one_top_folder(tmp_path):

@@ -97,15 +97,19 @@ class ZipSource:
         self._lock = threading.Lock()  # one file handle, shared by the decoding threads
         self._files: dict[str, list[str]] = {}
         self._dirs: set[str] = {""}
+        # Each file's member name, by its normalised path: archivers write "./train_img/1.jpg",
+        # "data//train_img/1.jpg" or (Windows PowerShell 5) "train_img\\1.jpg" for the same.
+        self._members: dict[str, str] = {}
         for name in self.zip.namelist():
-            p = PurePosixPath(name)
+            p = PurePosixPath(name.replace("\\", "/"))
             parents = [str(q) for q in p.parents if str(q) != "."]
             self._dirs.update(parents)
-            if name.endswith("/"):
+            if name.endswith(("/", "\\")):
                 self._dirs.add(str(p))
             elif not p.name.startswith(".") and "__MACOSX" not in p.parts:
                 parent = "" if str(p.parent) == "." else str(p.parent)
                 self._files.setdefault(parent, []).append(p.name)
+                self._members[str(p)] = name
 
     def __str__(self) -> str:
         return str(self.path)
@@ -127,7 +131,7 @@ class ZipSource:
     def read(self, rel: str) -> bytes:
         try:
             with self._lock:
-                return self.zip.read(rel)
+                return self.zip.read(self._members.get(rel, rel))
         except _MEMBER_ERRORS as e:
             raise FaceAttrError(
                 f"{self.describe(rel)}: cannot be read from the zip ({e})"
@@ -139,7 +143,7 @@ class ZipSource:
 
     def stat(self, rel: str) -> tuple:
         """What identifies a member's version: size, CRC and time stamp."""
-        info = self.zip.getinfo(rel)
+        info = self.zip.getinfo(self._members.get(rel, rel))
         return info.file_size, info.CRC, info.date_time
 
     def describe(self, rel: str) -> str:
