@@ -155,6 +155,11 @@ def test_skip_bad_drops_the_image_with_a_warning(tmp_path):
     summary = json.loads((tmp_path / "run" / "run.json").read_text())
     assert summary["n_train"] == 15
     assert "000005.jpg" not in (tmp_path / "run" / "oof.csv").read_text()
+    for image in (data / "train_img").iterdir():  # none left to train on: said so, in one line
+        image.write_bytes(b"junk")
+    result = train(data, tmp_path / "r2", "--skip-bad")
+    assert_user_error(result, "--skip-bad: none of the 16 training images could be decoded")
+    assert not (tmp_path / "r2").exists()
 
 
 def test_a_test_image_that_cannot_be_decoded_stops_predict(tmp_path, trained_run):

@@ -16,6 +16,8 @@ def make_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
     if k < 2:
         raise FaceAttrError(f"--folds must be at least 2, got {k}")
     classes, counts = np.unique(labels, return_counts=True)
+    if len(classes) == 0:
+        raise FaceAttrError("there are no labelled images to split into folds")
     if len(classes) < 2:
         raise FaceAttrError(f"only class {classes[0]} is present in the labels; need both 0 and 1")
     if counts.min() < k:

@@ -113,6 +113,10 @@ def train_run(
             f"--resume: the images changed since {out} was started; --overwrite starts it again"
         )
     if loaded.audit.bad:  # --skip-bad: leave them out
+        if len(loaded.audit.bad) == len(labels):
+            raise FaceAttrError(
+                f"--skip-bad: none of the {len(labels)} training images could be decoded"
+            )
         keep = np.setdiff1d(np.arange(len(labels)), sorted(loaded.audit.bad))
         array, labels, names = array[keep], labels[keep], [names[i] for i in keep]
     fold_of = make_folds(labels, cfg.folds, cfg.seed)
