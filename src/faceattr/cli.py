@@ -227,7 +227,7 @@ def read_scores(path: str | Path, n: int) -> tuple[np.ndarray, float]:
             rows = list(csv.DictReader(f))
         scores = np.array([float(r["soft_score"]) for r in rows])
         labels = np.array([int(r["soft_label"]) for r in rows])
-    except (OSError, KeyError, ValueError) as e:
+    except (OSError, KeyError, ValueError, TypeError, csv.Error) as e:  # TypeError: a row cut short
         raise FaceAttrError(f"{path} is not a predictions.csv written by predict ({e})") from None
     if len(scores) != n:
         raise FaceAttrError(f"{path} has {len(scores)} rows but the truth has {n} labels")
