@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_user_error, here, read_lines, train_args, write_image
+from conftest import assert_user_error, here, read_lines, seed_main, train_args, write_image
 
 
 def small_layout(root, labels=(0, 1, 0, 1, 1, 1, 0, 1, 1, 1), n_test=3):
@@ -246,6 +246,28 @@ def test_resume_refuses_data_that_changed_and_trains_its_own_settings(tmp_path):
     assert result.returncode == 0, result.stderr
     # Its own settings, not the device's default recipe:
     assert "training simple, 2 folds x 1 epochs" in result.stderr
+
+
+def test_a_run_json_that_is_not_a_runs_is_one_line(tmp_path):
+    data = small_layout(tmp_path / "data")
+    out = tmp_path / "out"
+    out.mkdir()
+    for text in (b'["x"]', b'{"status": "complete"}', b"\xff\xfe{"):
+        (out / "run.json").write_bytes(text)
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            assert_user_error(train(data, out, *extra), "run.json is")
+    result = seed_main("--mode=train", f"--img_train_dir={data / 'train_img'}",
+                       f"--labels_txt={data / 'label_train.txt'}", f"--save_dir={out}",
+                       "--arch=simple", "--folds=2", "--epochs=1")  # fmt: skip
+    assert_user_error(result, "run.json is")
+    assert sorted(p.name for p in out.iterdir()) == ["run.json"]
+    # A later faceattr's run, with an option this one does not know, is not resumed half-read.
+    (out / "run.json").unlink()  # not a run's, so not replaced even with --overwrite
+    assert train(data, out).returncode == 0
+    summary = json.loads((out / "run.json").read_text())
+    summary["config"]["dropout"] = 0.5
+    (out / "run.json").write_text(json.dumps({**summary, "status": "running"}))
+    assert_user_error(train(data, out, "--resume"), "options this faceattr does not know: dropout")
 
 
 def test_out_of_gpu_memory_is_one_line(capsys):

@@ -157,8 +157,8 @@ def test_two_trains_never_write_one_folder_at_once(dataset_dir, tmp_path):
                 train_run(load_dataset(dataset_dir), cfg, run, torch.device("cpu"), resume)
     (run / "run.json").unlink()
     # A run.json that appeared after this run's checks saw none: another train got there first.
-    (run / "run.json").write_text('{"status": "running"}')
+    (run / "run.json").write_text('{"status": "running", "config": {}}')
     with pytest.raises(FaceAttrError, match=r"wrote .* meanwhile"), _writing(run, True, None):
         pass
-    with _writing(run, True, {"status": "running"}):  # what the checks saw: fine
+    with _writing(run, True, {"status": "running", "config": {}}):  # what the checks saw: fine
         pass

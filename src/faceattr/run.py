@@ -15,7 +15,7 @@ import shutil
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 try:
@@ -317,13 +317,16 @@ def fold_model(cfg: TrainConfig, fold: int, device: torch.device) -> torch.nn.Mo
 def existing_run(out: Path) -> dict | None:
     """The run.json of a run already in `out`, if any."""
     try:
-        return json.loads((out / "run.json").read_text())
+        found = json.loads((out / "run.json").read_text())
     except (FileNotFoundError, NotADirectoryError):
         return None
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: JSON, or not UTF-8
         raise FaceAttrError(
             f"{out / 'run.json'} is unreadable ({e}); choose another --out"
         ) from None
+    if not (isinstance(found, dict) and isinstance(found.get("config"), dict)):
+        raise FaceAttrError(f"{out / 'run.json'} is not a faceattr run's; choose another --out")
+    return found
 
 
 @contextmanager
@@ -435,6 +438,12 @@ def _resumed_config(
         raise FaceAttrError(
             f"--resume continues {out} with its own settings, not {', '.join(changed)}: "
             "drop them, or --overwrite starts it again with them"
+        )
+    unknown = sorted(saved.keys() - {f.name for f in fields(TrainConfig)})
+    if unknown:  # a later faceattr's run, or a hand-edited one
+        raise FaceAttrError(
+            f"--resume: {out / 'run.json'} has options this faceattr does not know: "
+            f"{', '.join(unknown)}"
         )
     return TrainConfig(**{**saved, **{k: getattr(asked, k) for k in RUNTIME_OPTIONS}})
 
