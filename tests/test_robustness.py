@@ -187,7 +187,12 @@ def test_existing_run_is_not_replaced_by_accident(tmp_path, trained_run):
     before = (tmp_path / "run" / "run.json").read_text()
     assert_user_error(train(data, tmp_path / "run"), "holds a finished run", "--overwrite")
     assert (tmp_path / "run" / "run.json").read_text() == before
+    (tmp_path / "run" / "fold_notes.txt").write_text("mine")  # the user's, beside the run
+    (tmp_path / "run" / "fold_analysis").mkdir()
     assert train(data, tmp_path / "run", "--overwrite").returncode == 0
+    assert (tmp_path / "run" / "fold_notes.txt").exists() and (
+        tmp_path / "run" / "fold_analysis"
+    ).exists()
     assert_user_error(train(data, tmp_path / "other", "--resume"), "holds no run to continue")
 
 

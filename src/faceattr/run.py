@@ -397,7 +397,8 @@ def pixel_digest(array: np.ndarray, chunk: int = 4096) -> str:
 
 def run_paths(out: Path) -> list[Path]:
     """What a run writes in `out`, there yet or not: RUN_CONTENTS and its fold_K/ folders."""
-    return [*(out / name for name in RUN_CONTENTS), *out.glob("fold_*")]
+    folds = [p for p in out.glob("fold_*") if p.name[5:].isdecimal()]  # not fold_notes.txt
+    return [*(out / name for name in RUN_CONTENTS), *folds]
 
 
 def _check_apart(out: Path, dataset: Dataset) -> None:
