@@ -151,6 +151,10 @@ def test_evaluate_a_labelled_test_set_with_pictures(trained_run, dataset_dir, tm
         == 0
     )
     truth = dataset_dir.parent / "truth_val.txt"
+    evaluate = ["evaluate", "--pred", str(out), "--truth", str(truth)]
+    evaluate += ["--scores", str(tmp_path / "predictions.csv"), "--images", str(dataset_dir)]
+    result = here(*evaluate, "--plots", str(dataset_dir / "val_img"))
+    assert_user_error(result, "--plots", "is inside the image folder")
     result = cli(
         "evaluate",
         "--pred",

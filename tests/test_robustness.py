@@ -190,9 +190,7 @@ def test_existing_run_is_not_replaced_by_accident(tmp_path, trained_run):
     (tmp_path / "run" / "fold_notes.txt").write_text("mine")  # the user's, beside the run
     (tmp_path / "run" / "fold_analysis").mkdir()
     assert train(data, tmp_path / "run", "--overwrite").returncode == 0
-    assert (tmp_path / "run" / "fold_notes.txt").exists() and (
-        tmp_path / "run" / "fold_analysis"
-    ).exists()
+    assert all((tmp_path / "run" / name).exists() for name in ("fold_notes.txt", "fold_analysis"))
     assert_user_error(train(data, tmp_path / "other", "--resume"), "holds no run to continue")
 
 
@@ -208,6 +206,10 @@ def test_a_run_folder_never_takes_the_datas_place(tmp_path):
     ):
         code, err = in_process("train", str(source), "--out", str(tmp_path), "-q", *extra)
         assert code == 2 and len(err) == 1 and message in err[0], err
+    # Nor a run or explore's pictures in an image folder, where they would join the images.
+    for command, folder in (("train", "train_img"), ("explore", "val_img/pictures")):
+        code, err = in_process(command, str(data), "--out", str(data / folder), "-q")
+        assert code == 2 and len(err) == 1 and "is inside the image folder" in err[0], err
     assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
     assert not (tmp_path / "run.json").exists()
     result = train(data, data)  # beside the data, not in place of it: fine

@@ -206,8 +206,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if args.images:
             from faceattr.cache import load_images
             from faceattr.data import load_test_images
+            from faceattr.outputs import refuse_inside
 
-            images = load_images(load_test_images(args.images), cache_dir(args), args.workers).array
+            test_images = load_test_images(args.images)
+            refuse_inside(args.plots, [test_images.source.local(test_images.folder)], "--plots")
+            images = load_images(test_images, cache_dir(args), args.workers).array
             if len(images) != len(truth):
                 raise FaceAttrError(
                     f"{args.images} has {len(images)} images, the truth {len(truth)}"

@@ -281,6 +281,10 @@ class Dataset:
             raise FaceAttrError(f"{self.where}: no {TEST_DIR}/ found")
         return self.test
 
+    def image_folders(self) -> list[Path]:
+        """Its image folders on disk (a zip's: the archive, which no folder lies in)."""
+        return [p.source.local(p.folder) for p in (self.train, self.test) if p is not None]
+
     def locations(self) -> list[Path]:
         """Where on disk the data lives: its image folders (or zip) and the folder it was named by,
         which holds the label file."""

@@ -8,7 +8,7 @@ from pathlib import Path
 from faceattr import plots
 from faceattr.cache import load_images
 from faceattr.data import Dataset
-from faceattr.outputs import ensure_writable_dir, write_json
+from faceattr.outputs import ensure_writable_dir, refuse_inside, write_json
 
 log = logging.getLogger("faceattr")
 
@@ -39,6 +39,7 @@ def explore(
 
     Images are decoded through the same cache as `train` and `predict`, which then find them.
     """
+    refuse_inside(out, dataset.image_folders(), "--out")
     out = ensure_writable_dir(out)
     summary: dict = {"data": dataset.where}
     if dataset.train is not None and dataset.labels is not None:

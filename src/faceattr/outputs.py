@@ -97,6 +97,16 @@ def within(path: Path, folder: Path) -> bool:
     return path.resolve().is_relative_to(folder.resolve())
 
 
+def refuse_inside(out: str | Path, image_folders: list[Path], option: str) -> None:
+    """Refuse an output folder in an image folder: the pictures written there would join the
+    dataset's images, and every later command on it stop at "image name is not a number"."""
+    for folder in image_folders:
+        if within(Path(out), folder):
+            raise FaceAttrError(
+                f"{option} {out} is inside the image folder {folder}; choose another {option}"
+            )
+
+
 def _jsonable(obj: Any) -> Any:
     """Let numpy scalars and paths pass through json.dumps."""
     if hasattr(obj, "item"):

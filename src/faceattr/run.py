@@ -38,7 +38,14 @@ from faceattr.errors import FaceAttrError
 from faceattr.folds import load_folds, make_folds, save_folds
 from faceattr.metrics import scores_to_labels
 from faceattr.models import count_parameters, create_model, weights_file
-from faceattr.outputs import check_writable, ensure_writable_dir, within, write_csv, write_json
+from faceattr.outputs import (
+    check_writable,
+    ensure_writable_dir,
+    refuse_inside,
+    within,
+    write_csv,
+    write_json,
+)
 from faceattr.report import build_report
 from faceattr.runtime import cpu_cores, describe, seed_everything
 from faceattr.train import HISTORY_COLUMNS, FoldResult, TrainConfig, train_fold
@@ -403,7 +410,9 @@ def run_paths(out: Path) -> list[Path]:
 
 def _check_apart(out: Path, dataset: Dataset) -> None:
     """Refuse an `out` whose run folders would hold the data itself: the run writes pictures into
-    `data/`, and --overwrite clears `data/`, `models/`, `fold_K/`... before it starts again."""
+    `data/`, and --overwrite clears `data/`, `models/`, `fold_K/`... before it starts again;
+    nor one in an image folder, whose images its files would join."""
+    refuse_inside(out, dataset.image_folders(), "--out")
     for where in dataset.locations():
         for part in run_paths(out):
             if within(where, part):
