@@ -1,5 +1,6 @@
 import os
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from faceattr.outputs import (
     write_csv,
     write_json,
     write_text,
+    write_together,
 )
 
 
@@ -72,3 +74,21 @@ def test_outputs_get_the_usual_permissions(tmp_path):
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
     assert stat.S_IMODE(weights.stat().st_mode) == 0o644
+
+
+def test_files_written_together_land_together(tmp_path, monkeypatch):
+    labels, table = tmp_path / "label_val.txt", tmp_path / "predictions.csv"
+    write_together({labels: "1\n", table: "x\n"})
+    assert labels.read_text() == "1\n" and table.read_text() == "x\n"
+    replace = os.replace
+
+    def full_disk(src, dst):
+        if Path(dst) == labels:  # renamed first: the one a user named
+            raise OSError(28, "No space left on device")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        write_together({labels: "0\n", table: "y\n"})
+    assert labels.read_text() == "1\n" and table.read_text() == "x\n"  # neither
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["label_val.txt", "predictions.csv"]

@@ -429,6 +429,12 @@ def test_what_the_system_refuses_is_one_line(tmp_path, dataset_dir, trained_run)
     too_long = str(tmp_path / ("x" * 300 + ".txt"))  # a name over the file system's 255 bytes
     code, err = predict(dataset_dir, trained_run, "--output", too_long)
     assert code == 2 and len(err) == 1 and "File name too long" in err[0], err
+    # 240 characters: long, but a name; its temporary file's must be too. Label file and table
+    # are written together (the table had been written before the label file failed).
+    long_name = tmp_path / "long" / ("L" * 240 + ".txt")
+    code, err = predict(dataset_dir, trained_run, "--output", str(long_name))
+    assert code == 0 and len(read_lines(long_name)) == 40, err
+    assert sorted(p.name for p in long_name.parent.iterdir()) == [long_name.name, "predictions.csv"]
 
 
 DAMAGED_RUNS = {

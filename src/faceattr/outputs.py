@@ -28,7 +28,8 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     target = Path(target)
     if target.exists() and not target.is_file():  # a folder, /dev/null, a pipe: not ours to replace
         raise FaceAttrError(f"cannot write {target}: it exists and is not a regular file")
-    tmp_path = target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    # Part of the name only: a name near the file system's 255 bytes must still have its own.
+    tmp_path = target.parent / f".{target.name[:40]}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         # os.open with 0o666 lets the umask decide, as for any file the user writes (mkstemp
@@ -58,14 +59,28 @@ def write_json(target: str | Path, data: Any) -> Path:
     return write_text(target, json.dumps(data, indent=2, default=_jsonable) + "\n")
 
 
-def write_csv(target: str | Path, header: list[str], rows: list[list[Any]]) -> Path:
-    """Atomically write a small CSV. Floats are written in full (the shortest text that reads
-    back as the same number): rounded, a score just under a threshold could read back on it, and
-    confident scores near 1 would collapse into ties."""
+def write_together(texts: dict[Path, str]) -> None:
+    """Write files that go together, as the label file and its table: every one is written to
+    its temporary file before any is renamed into place, in the order given. A failure (a full
+    disk, Ctrl-C, the first rename refused) leaves all of them as they were."""
+    with contextlib.ExitStack() as stack:
+        for target, text in reversed(texts.items()):  # contexts exit last first
+            stack.enter_context(atomic_path(target)).write_text(text, encoding="utf-8")
+
+
+def csv_text(header: list[str], rows: list[list[Any]]) -> str:
+    """A small CSV. Floats are written in full (the shortest text that reads back as the same
+    number): rounded, a score just under a threshold could read back on it, and confident
+    scores near 1 would collapse into ties."""
     lines = [",".join(header)]
     for row in rows:
         lines.append(",".join(repr(float(v)) if isinstance(v, FLOATS) else str(v) for v in row))
-    return write_text(target, "\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(target: str | Path, header: list[str], rows: list[list[Any]]) -> Path:
+    """Atomically write a small CSV (`csv_text`)."""
+    return write_text(target, csv_text(header, rows))
 
 
 def ensure_writable_dir(path: str | Path) -> Path:

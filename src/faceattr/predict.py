@@ -18,7 +18,13 @@ from faceattr.errors import FaceAttrError
 from faceattr.export import OnnxEnsemble
 from faceattr.metrics import scores_to_labels
 from faceattr.models import for_inference
-from faceattr.outputs import ensure_writable_dir, within, write_csv, write_json, write_text
+from faceattr.outputs import (
+    csv_text,
+    ensure_writable_dir,
+    within,
+    write_json,
+    write_together,
+)
 from faceattr.report import build_report
 from faceattr.run import run_paths
 
@@ -92,8 +98,8 @@ def predict(
         ]
         for i, name in enumerate(images.names)
     ]
-    write_csv(csv_path, header, rows)
-    write_text(output, "".join(f"{v}\n" for v in labels))
+    labels_text = "".join(f"{v}\n" for v in labels)
+    write_together({output: labels_text, csv_path: csv_text(header, rows)})  # both, or neither
     summary = {
         "images": len(labels),
         "models": len(folds),
