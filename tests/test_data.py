@@ -166,6 +166,24 @@ def test_seed_style_paths(tmp_path):
     assert data.labels.tolist() == [1, 0, 1] and len(data.test) == 3
     with pytest.raises(FaceAttrError, match="must be given together"):
         dataset_from_paths(tmp_path / "train_img", None, None)
+    # The label file reached through a link: its folder's ".." is not where the images are.
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "real" / "labels").mkdir(parents=True)
+    (tmp_path / "label_train.txt").rename(tmp_path / "real" / "labels" / "label_train.txt")
+    (tmp_path / "proj" / "labels").symlink_to(tmp_path / "real" / "labels")
+    (tmp_path / "train_img").rename(tmp_path / "proj" / "train_img")
+    linked = tmp_path / "proj" / "labels" / "label_train.txt"
+    assert dataset_from_paths(tmp_path / "proj" / "train_img", linked, None).labels.tolist() == [
+        1,
+        0,
+        1,
+    ]
+    for folder, message in ((tmp_path / "nowhere", f"{tmp_path / 'nowhere'} does not exist"),
+                            (linked, "label_train.txt is not a folder")):  # fmt: skip
+        with pytest.raises(FaceAttrError, match=message):
+            dataset_from_paths(folder, linked, None)
+        with pytest.raises(FaceAttrError, match=message):
+            dataset_from_paths(None, None, folder)
 
 
 def test_not_a_dataset(tmp_path):

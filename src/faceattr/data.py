@@ -351,27 +351,36 @@ def dataset_from_paths(
     if train_dir is not None or labels_txt is not None:
         if train_dir is None or labels_txt is None:
             raise FaceAttrError("--img_train_dir and --labels_txt must be given together")
-        label_path = Path(labels_txt)
+        label_path, train_path = Path(labels_txt), _folder(train_dir)
         if not label_path.is_file():
             raise FaceAttrError(f"label file {label_path} does not exist")
-        train, labels = _train_part(
-            FolderSource(label_path.parent), _rel_to(train_dir, label_path.parent), label_path.name
-        )
+        # One source holding both, from their common folder: paths without "..", which a link
+        # between them would have sent elsewhere.
+        label_abs, train_abs = label_path.resolve(), train_path.resolve()
+        root = Path(os.path.commonpath([label_abs.parent, train_abs]))
+        source = FolderSource(root)
+        train, labels = _train_part(source, _rel_to(train_abs, root), _rel_to(label_abs, root))
     if test_dir is not None:
         test = image_folder(test_dir)
     return Dataset(train, labels, test, where=str(train_dir or test_dir))
 
 
-def _rel_to(path: str | Path, root: Path) -> str:
-    return os.path.relpath(Path(path), root).replace(os.sep, "/")
+def _rel_to(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def _folder(path: str | Path) -> Path:
+    """`path`, if it is a folder; a zip or a missing path is named as such."""
+    path = Path(path)
+    if not path.is_dir():
+        state = "is not a folder" if path.exists() else "does not exist"
+        raise FaceAttrError(f"image folder {path} {state}")
+    return path
 
 
 def image_folder(path: str | Path) -> ImageSet:
     """A folder of numbered images given directly (the seed's `--img_test_dir`)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FaceAttrError(f"image folder {path} does not exist")
-    return numbered_images(FolderSource(path), "")
+    return numbered_images(FolderSource(_folder(path)), "")
 
 
 def load_test_images(path: str | Path) -> ImageSet:
