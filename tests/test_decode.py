@@ -34,6 +34,9 @@ def test_truncated_jpeg_is_named_not_padded():
     raw = jpeg_bytes(np.full((64, 64, 3), 128, dtype=np.uint8))
     with pytest.raises(FaceAttrError, match=r"broken\.jpg: cannot decode image"):
         decode_image(raw[: len(raw) // 2], "broken.jpg")
+    for junk in (b"", b"junk"):  # named for what it is, not as <_io.BytesIO object at 0x...>
+        with pytest.raises(FaceAttrError, match=r"^junk\.jpg: cannot decode image \(not an image"):
+            decode_image(junk, "junk.jpg")
 
 
 @pytest.mark.parametrize("use_zip", [False, True])
