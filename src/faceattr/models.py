@@ -302,7 +302,11 @@ def load_imagenet_weights(net: nn.Module, path: Path, blocks: str, name: str) ->
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any unreadable file is the user's to fix
-        raise FaceAttrError(f"cannot read pretrained weights {path}: {first_line(e)}") from None
+        kind = "safetensors" if path.suffix == ".safetensors" else "PyTorch"
+        raise FaceAttrError(  # the type too: torch.load's text can be a bare number
+            f"cannot read pretrained weights {path} as a {kind} file "
+            f"({type(e).__name__}: {first_line(e)})"
+        ) from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
