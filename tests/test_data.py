@@ -12,6 +12,7 @@ from faceattr.data import (
     numbered_images,
     open_source,
     parse_labels,
+    read_labels,
 )
 from faceattr.decode import decode_images
 from faceattr.errors import FaceAttrError
@@ -103,13 +104,26 @@ def test_labels_accept_crlf_and_trailing_blank_lines():
     [
         ("", "is empty"),
         ("\n\n", "is empty"),
-        ("0\n1\n2\n", "line 3: expected 0 or 1, found '2'"),
+        ("0\n1\n2\n", r"line 3: expected 0 or 1 \(one label a line\), found '2'"),
         ("0\n\n1\n", "line 2"),
+        ("0 1 " * 5000, r"line 1: .*, found '0 1 0 1 0 1 0 1 0 1 0 1 0 1 0 1 0 1 0 1 \.\.\.'$"),
     ],
 )
 def test_bad_label_files(text, message):
     with pytest.raises(FaceAttrError, match=message):
         parse_labels(text, "labels.txt")
+
+
+def test_a_utf16_label_file_is_read(tmp_path):
+    """Windows Notepad's "Unicode": UTF-16 with a byte-order mark."""
+    for encoding in ("utf-16", "utf-16-be"):
+        path = tmp_path / f"{encoding}.txt"
+        bom = "\ufeff" if encoding == "utf-16-be" else ""  # utf-16 writes its own
+        path.write_bytes((bom + "0\r\n1\r\n1\r\n").encode(encoding))
+        assert read_labels(path).tolist() == [0, 1, 1]
+    (tmp_path / "latin.txt").write_bytes(b"0\n\xe91\n")
+    with pytest.raises(FaceAttrError, match="is not a text file"):
+        read_labels(tmp_path / "latin.txt")
 
 
 def test_label_count_must_match_image_count(tmp_path):

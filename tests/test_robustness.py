@@ -53,7 +53,7 @@ BAD_DATA = {
     "empty label file": (lambda d: (d / "label_train.txt").write_text(""), "is empty"),
     "label not 0/1": (
         lambda d: (d / "label_train.txt").write_text("0\n1\n2\n" + "1\n" * 7),
-        "line 3: expected 0 or 1, found '2'",
+        "line 3: expected 0 or 1 (one label a line), found '2'",
     ),
     "more labels than images": (
         lambda d: (d / "label_train.txt").write_text("0\n1\n" * 6),

@@ -10,6 +10,7 @@ Decoding the images into one array is `decode`'s job; this module only finds and
 
 from __future__ import annotations
 
+import codecs
 import logging
 import os
 import threading
@@ -189,7 +190,10 @@ def parse_labels(text: str, where: str) -> np.ndarray:
     for i, line in enumerate(lines):
         value = line.strip()
         if value not in ("0", "1"):
-            raise FaceAttrError(f"{where} line {i + 1}: expected 0 or 1, found {value!r}")
+            shown = value if len(value) <= 40 else f"{value[:40]}..."  # a whole file on one line
+            raise FaceAttrError(
+                f"{where} line {i + 1}: expected 0 or 1 (one label a line), found {shown!r}"
+            )
         labels[i] = int(value)
     return labels
 
@@ -203,7 +207,11 @@ def read_labels(path: str | Path) -> np.ndarray:
 
 
 def _decode_text(raw: bytes, where: str) -> str:
+    """UTF-8 (with or without a byte-order mark), or UTF-16 with one: Windows Notepad's
+    "Unicode"."""
     try:
+        if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            return raw.decode("utf-16")
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise FaceAttrError(f"{where} is not a text file") from None
