@@ -172,6 +172,16 @@ def test_missing_or_empty_folders(tmp_path):
         load_dataset(tmp_path / "train_img")
 
 
+def test_an_empty_test_folder_is_left_out_where_it_is_optional(tmp_path, caplog):
+    make_layout(tmp_path, [0, 1, 1], n_test=0)
+    (tmp_path / "val_img").mkdir()
+    data = load_dataset(tmp_path, need="any")  # explore's: the training images are still there
+    assert data.test is None and len(data.train) == 3
+    assert "val_img has no images; leaving the test part out" in caplog.text
+    with pytest.raises(FaceAttrError, match="has no images"):
+        load_dataset(tmp_path, need="test")  # predict's: the test images are the point
+
+
 def test_seed_style_paths(tmp_path):
     make_layout(tmp_path, [1, 0, 1])
     data = dataset_from_paths(

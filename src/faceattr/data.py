@@ -328,14 +328,23 @@ def load_dataset(path: str | Path, need: str = "train") -> Dataset:
     has_train = source.is_dir(_join(root, TRAIN_DIR)) or source.is_file(_join(root, LABEL_FILE))
     if has_train and need != "test":
         train, labels = _train_part(source, _join(root, TRAIN_DIR), _join(root, LABEL_FILE))
-    if source.is_dir(_join(root, TEST_DIR)) and need != "train":
-        test = numbered_images(source, _join(root, TEST_DIR))
+    test_dir = _join(root, TEST_DIR)
+    if source.is_dir(test_dir) and need != "train":
+        if need == "any" and train is not None and not _holds_images(source, test_dir):
+            # An empty test folder is no reason to stop exploring the training images.
+            log.warning("%s has no images; leaving the test part out", source.describe(test_dir))
+        else:
+            test = numbered_images(source, test_dir)
     dataset = Dataset(train, labels, test, where=str(path))
     if need == "train":
         dataset.require_train()
     elif need == "test":
         dataset.require_test()
     return dataset
+
+
+def _holds_images(source: Source, folder: str) -> bool:
+    return any(os.path.splitext(n)[1].lower() in IMAGE_SUFFIXES for n in source.list_files(folder))
 
 
 def _train_part(source: Source, folder: str, label_rel: str) -> tuple[ImageSet, np.ndarray]:
