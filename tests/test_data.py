@@ -93,6 +93,9 @@ def test_zip_member_names_are_normalised(tmp_path, name):
 def test_folder_with_one_top_folder(tmp_path):
     make_layout(tmp_path / "celeba", [0, 1])
     assert len(load_dataset(tmp_path).train) == 2
+    make_layout(tmp_path / "copy", [0, 1])  # two: which one is meant is not guessed
+    with pytest.raises(FaceAttrError, match="celeba/, copy/ each hold the layout; give one"):
+        load_dataset(tmp_path)
 
 
 def test_labels_accept_crlf_and_trailing_blank_lines():

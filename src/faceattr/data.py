@@ -313,7 +313,11 @@ def _find_root(source: Source) -> str | None:
     if has_layout(""):
         return ""
     found = [d for d in source.subfolders() if has_layout(d)]
-    return found[0] if len(found) == 1 else None
+    if len(found) > 1:  # which one is meant is the user's to say
+        raise FaceAttrError(
+            f"{source}: {', '.join(f'{d}/' for d in found)} each hold the layout; give one of them"
+        )
+    return found[0] if found else None
 
 
 def load_dataset(path: str | Path, need: str = "train") -> Dataset:
