@@ -40,4 +40,12 @@ def test_save_and_load_roundtrip(tmp_path):
     fold = make_folds(labels, 4, 0)
     save_folds(tmp_path / "folds.csv", [f"{i:06d}.jpg" for i in range(1, 21)], labels, fold)
     assert np.array_equal(load_folds(tmp_path / "folds.csv"), fold)
-    assert (tmp_path / "folds.csv").read_text().startswith("image,label,fold\n000001.jpg,0,")
+    text = (tmp_path / "folds.csv").read_text()
+    assert text.startswith("image,label,fold\n000001.jpg,0,")
+    counted = [int(line.rsplit(",", 1)[1]) for line in text.splitlines()[1:]]
+    assert sorted(set(counted)) == [1, 2, 3, 4]  # from 1, as oof.csv and fold_K/
+    # An earlier run's, counted from 0, reads as the same folds:
+    rows = [line.rsplit(",", 1) for line in text.splitlines()[1:]]
+    old = "image,label,fold\n" + "".join(f"{a},{int(f) - 1}\n" for a, f in rows)
+    (tmp_path / "old.csv").write_text(old)
+    assert np.array_equal(load_folds(tmp_path / "old.csv"), fold)

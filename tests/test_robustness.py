@@ -240,7 +240,7 @@ def test_resume_refuses_data_that_changed_and_trains_its_own_settings(tmp_path):
     # Same data, but a split that is not the run's (as another scikit-learn might shuffle):
     folds_csv = tmp_path / "run" / "folds.csv"
     saved = folds_csv.read_text()
-    folds_csv.write_text(saved.replace(",0\n", ",x\n").replace(",1\n", ",0\n").replace(",x", ",1"))
+    folds_csv.write_text(saved.replace(",1\n", ",x\n").replace(",2\n", ",1\n").replace(",x", ",2"))
     result = here("train", str(data), "--out", str(tmp_path / "run"), "--resume")
     assert_user_error(result, "--resume: this data splits into other folds than", "--overwrite")
     folds_csv.write_text(saved)

@@ -34,12 +34,18 @@ def make_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
 
 
 def save_folds(path: str | Path, names: list[str], labels: np.ndarray, fold: np.ndarray) -> None:
-    """folds.csv: image, label, fold (0-based), one row per training image."""
-    rows = [[n, int(y), int(f)] for n, y, f in zip(names, labels, fold, strict=True)]
+    """folds.csv: image, label, fold, one row per training image; folds count from 1, as in
+    oof.csv, fold_K/ and models/fold_K.*."""
+    rows = [[n, int(y), int(f) + 1] for n, y, f in zip(names, labels, fold, strict=True)]
     write_csv(path, ["image", "label", "fold"], rows)
 
 
 def load_folds(path: str | Path) -> np.ndarray:
-    """The fold column of a folds.csv written by `save_folds`."""
+    """The folds (0..k-1, as `make_folds` gives them) of a folds.csv written by `save_folds`.
+
+    Earlier runs counted them from 0 there: every fold holds images, so a file whose smallest
+    fold is 0 is one of those, and still resumes.
+    """
     lines = Path(path).read_text().splitlines()[1:]
-    return np.array([int(line.rsplit(",", 1)[1]) for line in lines], dtype=np.int64)
+    folds = np.array([int(line.rsplit(",", 1)[1]) for line in lines], dtype=np.int64)
+    return folds if len(folds) and folds.min() == 0 else folds - 1
