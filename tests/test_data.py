@@ -181,6 +181,7 @@ def test_an_empty_test_folder_is_left_out_where_it_is_optional(tmp_path, caplog)
     data = load_dataset(tmp_path, need="any")  # explore's: the training images are still there
     assert data.test is None and len(data.train) == 3
     assert "val_img has no images; leaving the test part out" in caplog.text
+    assert tmp_path / "val_img" in data.image_folders()  # no output goes there all the same
     with pytest.raises(FaceAttrError, match="has no images"):
         load_dataset(tmp_path, need="test")  # predict's: the test images are the point
 

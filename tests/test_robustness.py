@@ -212,6 +212,15 @@ def test_a_run_folder_never_takes_the_datas_place(tmp_path):
         assert code == 2 and len(err) == 1 and "is inside the image folder" in err[0], err
     assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
     assert not (tmp_path / "run.json").exists()
+    # The seed's way, the label file in a folder of its own: a run's data/ must not be that one.
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    shutil.copytree(data / "train_img", project / "imgs")
+    shutil.copy(data / "label_train.txt", project / "data" / "label.txt")
+    result = seed_main("--mode=train", "--img_train_dir=imgs", "--labels_txt=data/label.txt",
+                       "--save_dir=.", "--arch=simple", "--folds=2", "--epochs=1", cwd=project)  # fmt: skip
+    assert_user_error(result, "would put the run's data/ where the data is")
+    assert sorted(p.name for p in (project / "data").iterdir()) == ["label.txt"]
     result = train(data, data)  # beside the data, not in place of it: fine
     assert result.returncode == 0, result.stderr
 

@@ -278,6 +278,8 @@ class Dataset:
     labels: np.ndarray | None
     test: ImageSet | None
     where: str = ""
+    label_folder: Path | None = None  # the label file's, when given on its own (the seed's)
+    empty_test: Path | None = None  # an empty test folder, left out
 
     def require_train(self) -> tuple[ImageSet, np.ndarray]:
         if self.train is None or self.labels is None:
@@ -290,14 +292,17 @@ class Dataset:
         return self.test
 
     def image_folders(self) -> list[Path]:
-        """Its image folders on disk (a zip's: the archive, which no folder lies in)."""
-        return [p.source.local(p.folder) for p in (self.train, self.test) if p is not None]
+        """Its image folders on disk (a zip's: the archive, which no folder lies in), the empty
+        one left out too: pictures written there would be its images next time."""
+        found = [p.source.local(p.folder) for p in (self.train, self.test) if p is not None]
+        return found + ([self.empty_test] if self.empty_test else [])
 
     def locations(self) -> list[Path]:
-        """Where on disk the data lives: its image folders (or zip) and the folder it was named by,
-        which holds the label file."""
+        """Where on disk the data lives: its image folders (or zip), the folder it was named by
+        and the one holding the label file."""
         parts = [p for p in (self.train, self.test) if p is not None]
-        return [where for p in parts for where in (p.source.local(p.folder), p.source.local(""))]
+        found = [where for p in parts for where in (p.source.local(p.folder), p.source.local(""))]
+        return found + [f for f in (self.empty_test, self.label_folder) if f is not None]
 
 
 def _find_root(source: Source) -> str | None:
@@ -328,7 +333,7 @@ def load_dataset(path: str | Path, need: str = "train") -> Dataset:
         raise FaceAttrError(
             f"{path}: expected {TRAIN_DIR}/, {LABEL_FILE} or {TEST_DIR}/ at the top or one folder down"
         )
-    train = labels = test = None
+    train = labels = test = empty_test = None
     has_train = source.is_dir(_join(root, TRAIN_DIR)) or source.is_file(_join(root, LABEL_FILE))
     if has_train and need != "test":
         train, labels = _train_part(source, _join(root, TRAIN_DIR), _join(root, LABEL_FILE))
@@ -337,9 +342,10 @@ def load_dataset(path: str | Path, need: str = "train") -> Dataset:
         if need == "any" and train is not None and not _holds_images(source, test_dir):
             # An empty test folder is no reason to stop exploring the training images.
             log.warning("%s has no images; leaving the test part out", source.describe(test_dir))
+            empty_test = source.local(test_dir)
         else:
             test = numbered_images(source, test_dir)
-    dataset = Dataset(train, labels, test, where=str(path))
+    dataset = Dataset(train, labels, test, where=str(path), empty_test=empty_test)
     if need == "train":
         dataset.require_train()
     elif need == "test":
@@ -383,7 +389,8 @@ def dataset_from_paths(
         train, labels = _train_part(source, _rel_to(train_abs, root), _rel_to(label_abs, root))
     if test_dir is not None:
         test = image_folder(test_dir)
-    return Dataset(train, labels, test, where=str(train_dir or test_dir))
+    label_folder = Path(labels_txt).resolve().parent if labels_txt is not None else None
+    return Dataset(train, labels, test, str(train_dir or test_dir), label_folder)
 
 
 def _rel_to(path: Path, root: Path) -> str:
