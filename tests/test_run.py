@@ -138,7 +138,7 @@ def test_other_recipes_train(recipe, dataset_dir, tmp_path):
 def test_two_trains_never_write_one_folder_at_once(dataset_dir, tmp_path):
     import fcntl
 
-    from faceattr.run import _writing
+    from faceattr.run import _check_unlocked, _writing
 
     cfg = TrainConfig(arch="simple", folds=2, epochs=1, batch_size=32)
     run = tmp_path / "run"
@@ -156,6 +156,10 @@ def test_two_trains_never_write_one_folder_at_once(dataset_dir, tmp_path):
             with pytest.raises(FaceAttrError, match="being written by another faceattr train"):
                 train_run(load_dataset(dataset_dir), cfg, run, torch.device("cpu"), resume)
     (run / "run.json").unlink()
+    # Another process probing the lock (a torchrun rank's check) is no writer: it holds it shared.
+    with open(run / ".lock") as probe:
+        fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        _check_unlocked(run)
     # A run.json that appeared after this run's checks saw none: another train got there first.
     (run / "run.json").write_text('{"status": "running", "config": {}}')
     with pytest.raises(FaceAttrError, match=r"wrote .* meanwhile"), _writing(run, True, None):

@@ -373,8 +373,8 @@ def _check_unlocked(out: Path) -> None:
     if fcntl is None or not (out / ".lock").is_file():
         return
     with open(out / ".lock") as lock:  # read only: this creates nothing
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released as the file closes
+        try:  # shared: probes (torchrun's ranks) do not block each other, a writer blocks them;
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)  # and NFS takes it read-only
         except BlockingIOError:
             raise _locked(out) from None
 
