@@ -244,7 +244,7 @@ def test_resume_refuses_data_that_changed_and_trains_its_own_settings(tmp_path):
     assert len(a) == len(b) and a != b
     first.write_bytes(b), second.write_bytes(a)
     result = here("train", str(data), "--out", str(tmp_path / "run"), "--resume")
-    assert_user_error(result, "--resume: the images changed since", "--overwrite")
+    assert_user_error(result, "--resume: the images decode to other pixels than", "--overwrite")
     first.write_bytes(a), second.write_bytes(b)
     # Same data, but a split that is not the run's (as another scikit-learn might shuffle):
     folds_csv = tmp_path / "run" / "folds.csv"
@@ -255,8 +255,9 @@ def test_resume_refuses_data_that_changed_and_trains_its_own_settings(tmp_path):
     folds_csv.write_text(saved)
     # Options that differ from the run's are refused, not dropped; the run's own are fine.
     resume = ["train", str(data), "--out", str(tmp_path / "run"), "--resume"]
-    result = here(*resume, "--arch", "simple", "--epochs", "3", "--lr", "0.1")
+    result = here(*resume, "--arch", "simple", "--epochs", "3", "--lr", "0.1", "--compile")
     assert_user_error(result, "--resume continues", "not --epochs 3 (the run's: 1), --lr 0.1")
+    assert "--compile on (the run's: off)" in result.stderr
     assert "--arch" not in result.stderr and "--overwrite starts it again" in result.stderr
     result = here(*resume, "--arch", "simple", "--epochs", "1", "--workers", "1")
     assert result.returncode == 0, result.stderr

@@ -42,7 +42,8 @@ def default_cache_dir() -> Path:
 @functools.cache
 def decoder_versions() -> str:
     """The decoders' releases, from their packages' metadata (importing torchvision takes seconds):
-    a new libjpeg-turbo or PIL may round some pixels differently, so its cache is its own."""
+    another release (and the libjpeg-turbo its wheel bundles) may round some pixels differently,
+    so its cache is its own. A decoder library replaced under them is not seen."""
     found = []
     for package in ("pillow", "torchvision"):
         try:

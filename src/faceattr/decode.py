@@ -151,9 +151,7 @@ def _decode_with_pil(raw: bytes, where: str, dest: np.ndarray) -> tuple[tuple[in
                 im = im.resize((SIZE, SIZE), Image.Resampling.BICUBIC, box=box)
             dest[...] = np.asarray(im, dtype=np.uint8)
     except UnidentifiedImageError:  # its text names the in-memory file: <_io.BytesIO ...>
-        raise FaceAttrError(
-            f"{where}: cannot decode image (not an image format PIL reads)"
-        ) from None
+        raise FaceAttrError(f"{where}: cannot decode image (PIL cannot read it as one)") from None
     except _UNDECODABLE as e:
         raise FaceAttrError(f"{where}: cannot decode image ({e})") from None
     return size, mode

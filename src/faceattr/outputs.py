@@ -61,8 +61,9 @@ def write_json(target: str | Path, data: Any) -> Path:
 
 def write_together(texts: dict[Path, str]) -> None:
     """Write files that go together, as the label file and its table: every one is written to
-    its temporary file before any is renamed into place, in the order given. A failure (a full
-    disk, Ctrl-C, the first rename refused) leaves all of them as they were."""
+    its temporary file before any is renamed into place, in the order given. A failure while
+    writing (a full disk, Ctrl-C) or at the first rename leaves all of them as they were; one
+    between two renames, a moment's window, leaves the first new and the rest old."""
     with contextlib.ExitStack() as stack:
         for target, text in reversed(texts.items()):  # contexts exit last first
             stack.enter_context(atomic_path(target)).write_text(text, encoding="utf-8")

@@ -115,9 +115,10 @@ def train_run(
     array, names = loaded.array, train_images.names
     digest = pixel_digest(array)
     if resume and previous.get("pixel_digest", digest) != digest:
-        # Same names and sizes, other pixels: an image edited, or two swapped.
+        # Same names and sizes, other pixels: an image edited, two swapped, or a new decoder.
         raise FaceAttrError(
-            f"--resume: the images changed since {out} was started; --overwrite starts it again"
+            f"--resume: the images decode to other pixels than when {out} was started (a file "
+            "changed, or pillow or torchvision did); --overwrite starts it again"
         )
     if loaded.audit.bad:  # --skip-bad: leave them out
         if len(loaded.audit.bad) == len(labels):
@@ -439,8 +440,16 @@ def _resumed_config(
 ) -> TrainConfig:
     """The saved run's settings; only how the work runs may change. An option `given` that
     differs is refused rather than dropped: `--resume --epochs 30` does not train longer."""
+
+    def shown(value: object) -> str:
+        return (
+            {True: "on", False: "off"}.get(value, str(value))
+            if isinstance(value, bool)
+            else str(value)
+        )
+
     changed = [
-        f"--{k.replace('_', '-')} {getattr(asked, k)} (the run's: {saved.get(k)})"
+        f"--{k.replace('_', '-')} {shown(getattr(asked, k))} (the run's: {shown(saved.get(k))})"
         for k in given
         if k not in RUNTIME_OPTIONS and getattr(asked, k) != saved.get(k)
     ]
