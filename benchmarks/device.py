@@ -6,7 +6,8 @@ there, they serve from torch's hub cache, as a machine without their package fin
 
     python benchmarks/device.py prepare ../shared/data/celeba64.zip
 
-There: the device tool's `run` with carry [".carry"] and timeout_s a minute above the budget:
+There: the device tool's `run` with carry [".carry"] and timeout_s two minutes above the budget
+(its last step may end 30 s past it, then the results are packed):
 
     python3 benchmarks/device.py run --budget 480 [--steps default throughput holdout recipes]
 
@@ -32,6 +33,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -133,9 +135,12 @@ def run(budget: float, out: Path, carry: Path = CARRY, steps: tuple[str, ...] = 
     env["TORCH_HOME"] = str(hub)
     results = out / "results"
     results.mkdir(parents=True, exist_ok=True)
-    if shutil.which("nvidia-smi"):
+    if shutil.which(
+        "nvidia-smi"
+    ):  # with /dev/shm's size: the baseline's workers pass batches there
         smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, check=False)
-        (out / "nvidia-smi.txt").write_text(smi.stdout + smi.stderr)
+        shm = subprocess.run(["df", "-h", "/dev/shm"], capture_output=True, text=True, check=False)
+        (out / "nvidia-smi.txt").write_text(smi.stdout + smi.stderr + shm.stdout + shm.stderr)
     (zip_path,) = carry.glob("*.zip")
     unzipped = Path(tempfile.mkdtemp())  # not under $OUT: only results go back
     with zipfile.ZipFile(zip_path) as z:
@@ -148,10 +153,7 @@ def run(budget: float, out: Path, carry: Path = CARRY, steps: tuple[str, ...] = 
     def step(command: list[str]) -> None:
         seconds = max(1.0, left())
         print(f"[{time.monotonic() - start:5.0f}s] {' '.join(command[1:])}", flush=True)
-        try:
-            command = [*command, "--deadline", f"{seconds:.0f}"]
-            subprocess.run(command, env=env, check=False, timeout=seconds + 30)
-        except subprocess.TimeoutExpired:
+        if not run_step([*command, "--deadline", f"{seconds:.0f}"], env, seconds + 30):
             print("stopped at the end of the budget", flush=True)
 
     gpu = device_name(torch.device("cuda")) if torch.cuda.is_available() else "cpu"
@@ -174,13 +176,26 @@ def run(budget: float, out: Path, carry: Path = CARRY, steps: tuple[str, ...] = 
     rest = [r for r in PRIORITY if r not in tabulated(results / "celeba64.jsonl")]
     if rest and "recipes" in steps and left() > 60:  # a fix that failed or was cut runs again
         step([*recipes, "--only", *rest])
-    shutil.rmtree(unzipped)
-    shutil.rmtree(hub)
-    if (out / "runs").exists():
+    if (out / "runs").exists():  # first: the deliverable, before the slow clean-up
         with tarfile.open(out / "runs.tar.gz", "w:gz") as tar:
             tar.add(out / "runs", arcname="runs")
         shutil.rmtree(out / "runs")
+    shutil.rmtree(unzipped)
+    shutil.rmtree(hub)
     print(f"[{time.monotonic() - start:5.0f}s] done", flush=True)
+
+
+def run_step(command: list[str], env: dict[str, str], timeout: float) -> bool:
+    """Run `command`; past `timeout`, kill it with everything it started (its own session: a
+    `faceattr train` left running would share the GPU with the next step). False if killed."""
+    child = subprocess.Popen(command, env=env, start_new_session=True)
+    try:
+        child.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+        return False
+    return True
 
 
 def tabulated(table: Path) -> set[str]:

@@ -1,6 +1,7 @@
 """The throughput benchmark runs end to end on a CPU with small sizes."""
 
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -306,7 +307,7 @@ def test_device_script_runs_the_holdout_apart_from_the_kept_runs(carry, tmp_path
     import device
 
     ran = []
-    monkeypatch.setattr(device.subprocess, "run", lambda command, **options: ran.append(command))
+    monkeypatch.setattr(device, "run_step", lambda command, *options: ran.append(command))
     monkeypatch.setattr(device.shutil, "which", lambda name: None)  # no nvidia-smi here
     device.run(600, tmp_path / "out", carry, ("holdout",))
     (command,) = ran
@@ -322,7 +323,7 @@ def test_device_script_measures_eager_throughput_before_the_fixes(carry, tmp_pat
     table = tmp_path / "out" / "results" / "celeba64.jsonl"
     ran = []
 
-    def fake_run(command: list[str], **options: object) -> None:
+    def fake_run(command: list[str], *options: object) -> None:
         ran.append(command)
         only = command[command.index("--only") + 1 :] if "--only" in command else []
         row = {"train_seconds": 200.0, "predict_seconds": 5.0, "arch": "a", "epochs": 1}
@@ -332,7 +333,7 @@ def test_device_script_measures_eager_throughput_before_the_fixes(carry, tmp_pat
             elif only[:1] == [device.FIXES[0]]:  # the fixes: one of them, in PRIORITY too, ends
                 f.write(json.dumps({"recipe": "lite0-imagenet-15", **row}) + "\n")
 
-    monkeypatch.setattr(device.subprocess, "run", fake_run)
+    monkeypatch.setattr(device, "run_step", fake_run)
     monkeypatch.setattr(device.shutil, "which", lambda name: None)  # no nvidia-smi here
     device.run(600, tmp_path / "out", carry)
     scripts = [Path(c[1]).name for c in ran]
@@ -347,6 +348,24 @@ def test_device_script_measures_eager_throughput_before_the_fixes(carry, tmp_pat
     assert fixes == device.FIXES and holdout[0] == "default" and "--holdout" in ran[4]
     assert "lite0-imagenet-15" in device.PRIORITY and "lite0-imagenet-15" not in rest
     assert rest == [r for r in device.PRIORITY if r != "lite0-imagenet-15"]
+
+
+def test_a_step_past_its_time_goes_with_what_it_started(tmp_path):
+    from device import run_step
+
+    pid_file = tmp_path / "grandchild"
+    script = (  # a step that starts a long child of its own, as recipes.py starts faceattr train
+        "import subprocess, sys, time; "
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+        f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(60)"
+    )
+    start = time.monotonic()
+    assert run_step([sys.executable, "-c", script], dict(os.environ), 3) is False
+    assert time.monotonic() - start < 30
+    stat = Path(f"/proc/{pid_file.read_text()}/stat")
+    time.sleep(0.5)  # gone, or a zombie ("Z") whose dead parent left it to init
+    assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    assert run_step([sys.executable, "-c", "pass"], dict(os.environ), 30) is True
 
 
 def test_device_script_knows_the_recipes_tabulated(tmp_path):
