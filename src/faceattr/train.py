@@ -293,7 +293,8 @@ class WeightAverage:
 class FoldState:
     """A fold's training between two epochs: all that a checkpoint saves and a resume restores.
 
-    Restored, training continues bit for bit as if it had not stopped: the weights (and their
+    Restored, training continues as if it had not stopped (bit for bit on a CPU; on a GPU as
+    closely as cuDNN's autotuned, not deterministic, kernels allow): the weights (and their
     average), the optimiser's moments, the schedule, the three random generators (batch order,
     augmentation, torch's own) and the best epoch so far with its weights and validation scores.
     """
