@@ -175,7 +175,11 @@ def test_a_test_image_that_cannot_be_decoded_stops_predict(tmp_path, trained_run
 
 def test_non_finite_loss_stops_with_the_epoch_and_step(tmp_path, dataset_dir):
     result = train(dataset_dir, tmp_path / "run", "--lr", "1e30", "--batch-size", "16")
-    assert_user_error(result, "loss became infinite or NaN at epoch 1, step 2", "--lr")
+    assert_user_error(
+        result, "loss became infinite or NaN at epoch 1, step 2", "--lr", "--overwrite"
+    )
+    # As it says: another --lr over the stopped run, which --resume would refuse.
+    assert train(dataset_dir, tmp_path / "run", "--batch-size", "16", "--overwrite").returncode == 0
     # One step an epoch: the loss is still finite, the outputs after it are not.
     result = train(small_layout(tmp_path / "data"), tmp_path / "run2", "--lr", "1e30")
     assert_user_error(result, "outputs became infinite or NaN at epoch 1 (after step 1)")

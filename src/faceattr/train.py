@@ -41,6 +41,8 @@ from faceattr.runtime import autocast
 
 log = logging.getLogger("faceattr")
 
+RETRY = "try a lower --lr, with --overwrite: the stopped run is not resumable with another"
+
 HISTORY_COLUMNS = [
     "epoch",
     "lr",
@@ -495,7 +497,7 @@ def train_fold(
         if first_bad.item() >= 0:
             raise FaceAttrError(
                 f"fold {fold}: the loss became infinite or NaN at epoch {epoch}, step "
-                f"{first_bad.item()}; training stopped (try a lower --lr)"
+                f"{first_bad.item()}; training stopped ({RETRY})"
             )
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # so that train_seconds is the work, not its queueing
@@ -506,7 +508,7 @@ def train_fold(
         if not np.isfinite(val_scores).all():
             raise FaceAttrError(
                 f"fold {fold}: the model's outputs became infinite or NaN at epoch {epoch} "
-                f"(after step {step}); training stopped (try a lower --lr)"
+                f"(after step {step}); training stopped ({RETRY})"
             )
         val_logits = torch.logit(torch.as_tensor(val_scores, device=device), eps=1e-7)
         val_rates = error_rates(y_val.cpu().numpy(), scores_to_labels(val_scores, cfg.threshold))
