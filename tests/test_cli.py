@@ -271,6 +271,12 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     assert len(read_lines(tmp_path / "demo" / "label_val.txt")) == 60
     assert (tmp_path / "demo" / "run" / "run.json").exists()
     assert (tmp_path / "demo" / "explore" / "samples.png").exists()
+    # Again in its own folder, smaller: its data is made afresh, not mixed with the last one's.
+    result = cli("demo", "--out", str(tmp_path / "demo"), "--n-train", "60", "--n-test", "20",
+                 "--epochs", "1", "--device", "cpu")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "demo" / "data" / "train_img").iterdir())) == 60
+    assert len(read_lines(tmp_path / "demo" / "label_val.txt")) == 20
 
 
 def test_pretrained_alone_means_the_installed_imagenet_weights():

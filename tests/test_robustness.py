@@ -558,10 +558,26 @@ def test_ctrl_c_while_torch_loads_is_one_line(capsys):
 
 
 def test_demo_sizes_it_cannot_split_are_refused_before_writing(tmp_path):
-    for options in (["--n-train", "5"], ["--n-train", "-5"], ["--n-test", "0"]):
+    for options in (["--n-train", "5"], ["--n-train", "-5"], ["--n-test", "0"], ["--n-test", "1"]):
         code, err = in_process("demo", "--out", str(tmp_path / "demo"), *options)
         assert code == 2 and len(err) == 1 and "the demo needs --n-train 50 or more" in err[0]
     assert not (tmp_path / "demo").exists()
+    # A folder it did not make may hold the user's data or run: the demo writes nothing there.
+    mine = small_layout(tmp_path / "mine" / "data")
+    before = sorted(p.relative_to(mine) for p in mine.rglob("*"))
+    code, err = in_process("demo", "--out", str(tmp_path / "mine"), "--n-train", "60")
+    assert code == 2 and len(err) == 1 and "already holds files the demo did not make" in err[0]
+    assert sorted(p.relative_to(mine) for p in mine.rglob("*")) == before
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["data"]
+
+
+def test_a_small_synthetic_part_holds_both_classes(tmp_path):
+    from faceattr.synthetic import make_dataset
+
+    for n in range(2, 8):  # at 12 %, a few faces often draw no glasses or hat at all
+        truth = make_dataset(tmp_path / str(n), n_train=n, n_test=n, seed=n)
+        assert set(truth.tolist()) == {0, 1}
+        assert set(read_lines(tmp_path / str(n) / "label_train.txt")) == {"0", "1"}
 
 
 def test_evaluate_needs_both_classes_and_probabilities(tmp_path):

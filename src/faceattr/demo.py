@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from faceattr.data import load_dataset, read_labels
 from faceattr.errors import FaceAttrError
 from faceattr.explore import explore
 from faceattr.metrics import error_rates
-from faceattr.outputs import write_text
+from faceattr.outputs import ensure_writable_dir, write_text
 from faceattr.predict import predict
 from faceattr.run import train_run
 from faceattr.synthetic import make_dataset
@@ -27,12 +28,13 @@ def run_demo(
     out: str | Path, device: torch.device, n_train: int = 2000, n_test: int = 500, epochs: int = 6
 ) -> dict:
     """Run the whole pipeline on a fresh synthetic dataset under `out`; return the test metrics."""
-    if n_train < MIN_TRAIN or n_test < 1 or epochs < 1:
+    if n_train < MIN_TRAIN or n_test < 2 or epochs < 1:
         raise FaceAttrError(
-            f"the demo needs --n-train {MIN_TRAIN} or more (3 folds of both classes), --n-test and "
-            f"--epochs 1 or more; got {n_train}, {n_test} and {epochs}"
+            f"the demo needs --n-train {MIN_TRAIN} or more (3 folds of both classes), --n-test 2 "
+            f"or more (both classes) and --epochs 1 or more; got {n_train}, {n_test} and {epochs}"
         )
     out = Path(out)
+    _claim(out)
     started = time.perf_counter()
     log.info("making a synthetic dataset of %d training and %d test faces", n_train, n_test)
     truth = make_dataset(out / "data", n_train=n_train, n_test=n_test, seed=0)
@@ -50,3 +52,18 @@ def run_demo(
         "seconds": time.perf_counter() - started,
         "out": str(out),
     }
+
+
+MARK = ".faceattr-demo"  # in a folder the demo made: it may replace what it wrote there
+
+
+def _claim(out: Path) -> None:
+    """Make `out` the demo's, or refuse it: an existing folder it did not make may hold a
+    dataset or a run of the user's, which the demo's data/ and run/ would write over."""
+    if out.exists() and not (out / MARK).exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FaceAttrError(
+            f"--out {out} already holds files the demo did not make; choose a new or empty folder"
+        )
+    ensure_writable_dir(out)
+    write_text(out / MARK, "made by faceattr demo: it replaces data/, run/ and the rest here\n")
+    shutil.rmtree(out / "data", ignore_errors=True)  # a smaller dataset than last time's

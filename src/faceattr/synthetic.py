@@ -61,8 +61,8 @@ def make_dataset(
 ) -> np.ndarray:
     """Write train_img/, label_train.txt and val_img/ under `out`; return the test labels.
 
-    Label 0 (occluded) has a share of `minority`; the test labels are withheld from `out`, as in the
-    exercise, and returned for scoring.
+    Label 0 (occluded) has a share of `minority`, and a part of 2 images or more holds both; the
+    test labels are withheld from `out`, as in the exercise, and returned for scoring.
     """
     out = Path(out)
     rng = np.random.default_rng(seed)
@@ -71,6 +71,8 @@ def make_dataset(
         folder = out / part
         folder.mkdir(parents=True, exist_ok=True)
         y = (rng.random(n) >= minority).astype(np.int64)
+        if n >= 2 and len(set(y.tolist())) < 2:  # a small part drew one class: HTER needs both
+            y[0] = 1 - y[0]
         for i, label in enumerate(y, start=1):
             draw_face(rng, occluded=label == 0).save(folder / f"{i:06d}.jpg", quality=90)
         labels[part] = y
