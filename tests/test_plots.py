@@ -90,6 +90,14 @@ def test_worst_errors_shows_only_errors(tmp_path):
 def test_prediction_pictures(tmp_path):
     rng = np.random.default_rng(1)
     scores = rng.random(300)
-    assert panels(plots.prediction_scores(scores, 0.5, tmp_path / "s.png")) == 1
+    labels = (scores >= 0.5).astype(int)
+    labels[:7] = 0  # as a majority vote may differ from the soft one the histogram shows
+    path = plots.prediction_scores(scores, 0.5, labels, "majority", tmp_path / "s.png")
+    assert panels(path) == 1
+    with Image.open(path) as im:  # the labels written are counted, not the scores under 0.5
+        assert (
+            im.info["Title"]
+            == f"Test scores: {(labels == 0).sum()} of 300 predicted 0 (majority vote)"
+        )
     votes = (rng.random((5, 300)) > 0.2).astype(int)
     assert panels(plots.model_agreement(votes, tmp_path / "a.png")) == 1

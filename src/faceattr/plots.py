@@ -26,10 +26,10 @@ LABEL_NAMES = {0: "label 0", 1: "label 1"}
 def _save(fig: plt.Figure, path: str | Path) -> Path:
     path = Path(path)
     panels = sum(ax.get_visible() and ax.has_data() for ax in fig.axes) or len(fig.axes)
+    titles = " | ".join(t for ax in fig.axes if (t := ax.get_title()))  # what the picture says
+    meta = {"Panels": str(panels), "Title": titles}
     with atomic_path(path) as tmp:
-        fig.savefig(
-            tmp, format="png", dpi=100, bbox_inches="tight", metadata={"Panels": str(panels)}
-        )
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight", metadata=meta)
     plt.close(fig)
     return path
 
@@ -294,16 +294,19 @@ def worst_errors(
 # --- prediction on unlabelled images -------------------------------------------------------------
 
 
-def prediction_scores(scores: np.ndarray, threshold: float, path: str | Path) -> Path:
-    """Histogram of the ensemble's scores on the test images, threshold marked."""
+def prediction_scores(
+    scores: np.ndarray, threshold: float, labels: np.ndarray, vote: str, path: str | Path
+) -> Path:
+    """Histogram of the ensemble's (soft) scores on the test images, threshold marked; the title
+    counts the `labels` written, by the `vote` that wrote them."""
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.hist(scores, bins=np.linspace(0, 1, 51), color="C0")
     ax.axvline(threshold, color="C3", ls="--", label=f"threshold {threshold:.3f}")
     ax.set_yscale("log")
-    ax.set_xlabel("ensemble score (probability of label 1)")
+    ax.set_xlabel("ensemble score (mean probability of label 1)")
     ax.set_ylabel("images (log)")
-    predicted0 = int((scores < threshold).sum())
-    ax.set_title(f"Test scores: {predicted0:,} of {len(scores):,} predicted 0")
+    predicted0 = int((np.asarray(labels) == 0).sum())
+    ax.set_title(f"Test scores: {predicted0:,} of {len(scores):,} predicted 0 ({vote} vote)")
     ax.legend()
     return _save(fig, path)
 

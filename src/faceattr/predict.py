@@ -124,7 +124,8 @@ def predict(
     log.info("scored %d images with %d models in %.1fs", len(labels), len(folds), score_s)
     run = Path(models_dir).parent
     if not onnx and (run / "run.json").exists():  # a run folder: its report gains a section
-        plots.prediction_scores(soft_score, threshold, run / "prediction" / "scores.png")
+        scores_png = run / "prediction" / "scores.png"
+        plots.prediction_scores(soft_score, threshold, labels, rule, scores_png)
         plots.model_agreement(votes, run / "prediction" / "agreement.png")
         write_json(run / "prediction" / "prediction.json", summary)
         try:
