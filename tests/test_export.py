@@ -95,3 +95,29 @@ def test_an_export_missing_a_fold_or_edited_by_hand_is_refused(trained_run, tmp_
     (tmp_path / "onnx" / "fold_3.onnx").write_bytes(b"")  # another export's
     with pytest.raises(FaceAttrError, match=r"holds fold_3\.onnx from another export"):
         export_onnx(trained_run / "models", tmp_path / "onnx")
+
+
+def test_an_interrupted_export_leaves_no_folder_that_mixes_two_runs(
+    trained_run, tmp_path, monkeypatch
+):
+    from faceattr.errors import FaceAttrError
+    from faceattr.export import OnnxEnsemble, export_onnx
+
+    export_onnx(trained_run / "models", tmp_path / "onnx")  # an earlier export of the same folds
+    calls = []
+
+    def interrupted(*args, **kwargs):  # Ctrl-C while the second fold exports
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    real = torch.onnx.export
+    monkeypatch.setattr(torch.onnx, "export", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(trained_run / "models", tmp_path / "onnx")
+    with pytest.raises(FaceAttrError, match="not a faceattr ONNX export"):
+        OnnxEnsemble(tmp_path / "onnx")  # fold 1 new, fold 2 old: not used as one ensemble
+    with pytest.raises(FaceAttrError, match="is the run's models folder"):
+        export_onnx(trained_run / "models", trained_run / "models")
+    assert (trained_run / "models" / "ensemble.json").exists()

@@ -23,7 +23,7 @@ from faceattr.checkpoints import (
 )
 from faceattr.ensemble import inference_batch_size
 from faceattr.errors import FaceAttrError, first_line
-from faceattr.outputs import atomic_path, ensure_writable_dir, write_json
+from faceattr.outputs import atomic_path, ensure_writable_dir, within, write_json
 
 PREPROCESSING = {
     "input": "images",
@@ -43,11 +43,16 @@ def export_onnx(models_dir: str | Path, out: str | Path, opset: int = 17) -> lis
     """Write one ONNX model per fold and ensemble.json (preprocessing and decision) into `out`."""
     models = load_fold_models(models_dir)
     settings = load_ensemble_settings(models_dir, models)
+    if within(Path(out), Path(models_dir)):  # its ensemble.json would replace the run's own
+        raise FaceAttrError(f"--onnx {out} is the run's models folder; choose another")
     out = ensure_writable_dir(out)
     folds = {m.fold for m in models}
     stale = [p.name for fold, p in fold_files(out, ".onnx") if fold not in folds]
     if stale:  # another export's: predict --onnx would refuse the mixture
         raise FaceAttrError(f"{out} holds {stale[0]} from another export; choose an empty folder")
+    # An earlier export's settings go first and these come last: an export interrupted midway
+    # leaves a folder predict --onnx refuses, not one mixing two runs' models.
+    (out / "ensemble.json").unlink(missing_ok=True)
     paths = []
     example = torch.rand(2, 3, 64, 64)
     for m in models:
