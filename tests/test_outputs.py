@@ -60,6 +60,11 @@ def test_check_writable(tmp_path):
         check_writable(tmp_path / "file" / "run")
     with pytest.raises(FaceAttrError, match="file: it is not a folder"):
         ensure_writable_dir(tmp_path / "file")  # not "File exists"
+    with (
+        pytest.raises(FaceAttrError, match="file: it is not a folder"),
+        atomic_path(tmp_path / "file" / "roc.png"),
+    ):
+        pass
 
 
 def test_outputs_get_the_usual_permissions(tmp_path):

@@ -30,6 +30,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         raise FaceAttrError(f"cannot write {target}: it exists and is not a regular file")
     # Part of the name only: a name near the file system's 255 bytes must still have its own.
     tmp_path = target.parent / f".{target.name[:40]}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    check_writable(target.parent)  # a file where a folder should be is named as such
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         # os.open with 0o666 lets the umask decide, as for any file the user writes (mkstemp
