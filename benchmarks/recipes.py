@@ -33,6 +33,10 @@ from holdout import TRUTH, holdout_metrics, split_off
 # The throughput benchmark's own timed `train` + `predict`, with the images decoded beforehand.
 from throughput import end_to_end, warm_cache
 
+from faceattr.cli import run_script
+from faceattr.errors import FaceAttrError
+from faceattr.outputs import write_text
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # --pretrained alone: the ImageNet weights an installed package ships (or a copy in torch's hub
@@ -78,7 +82,9 @@ def chosen(only: list[str], extra: list[str]) -> dict[str, str]:
     """The listed recipes named in `only`, then those given as 'NAME: train options'."""
     recipes = {name: RECIPES[name] for name in only}
     for given in extra:
-        name, _, options = given.partition(":")
+        name, colon, options = given.partition(":")
+        if not (colon and name.strip()):  # else the whole text named the default recipe
+            raise FaceAttrError(f"--recipe {given!r}: give it as 'NAME: train options'")
         recipes[name.strip()] = options.strip()
     return recipes
 
@@ -214,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--holdout-seed", type=int, default=12345, help="seed of the hold-out's draw")
     args = p.parse_args(argv)
+    if args.holdout is not None and not 0 < args.holdout < 1:
+        p.error(f"--holdout is a share of the training images, in (0, 1); got {args.holdout}")
 
     started = time.monotonic()
     recipes = chosen(args.only or ([] if args.recipe else list(RECIPES)), args.recipe)
@@ -223,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         failed = search(args, recipes, jsonl, started)
     finally:  # the table holds every finished row, whatever stopped the rest
         if jsonl.exists():
-            (args.results / f"{args.name}.md").write_text(markdown(table_rows(jsonl), args.name))
+            write_text(args.results / f"{args.name}.md", markdown(table_rows(jsonl), args.name))
     return 1 if failed else 0
 
 
@@ -263,4 +271,4 @@ def search(
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_script(main))

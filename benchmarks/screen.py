@@ -26,7 +26,7 @@ from throughput import device_name
 
 from faceattr.batches import DeviceImages
 from faceattr.cache import default_cache_dir, load_images
-from faceattr.cli import build_parser, train_config
+from faceattr.cli import build_parser, run_script, train_config
 from faceattr.data import load_dataset
 from faceattr.errors import FaceAttrError
 from faceattr.folds import make_folds
@@ -113,4 +113,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(run_script(main))

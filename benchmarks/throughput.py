@@ -40,10 +40,11 @@ from torchvision import transforms as T
 from faceattr.batches import DeviceImages
 from faceattr.cache import load_images
 from faceattr.checkpoints import save_fold_model
+from faceattr.cli import run_script
 from faceattr.data import ImageSet, ZipSource, load_dataset
 from faceattr.ensemble import ensemble_scores, inference_batch_size
 from faceattr.export import OnnxEnsemble, export_onnx
-from faceattr.models import create_model, for_inference
+from faceattr.models import MODELS, create_model, for_inference
 from faceattr.runtime import cpu_cores, resolve_device
 from faceattr.train import (
     TrainConfig,
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="dataset folder or .zip (e.g. celeba64.zip)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--arch", nargs="+", default=["simple", "resnet18"])
+    p.add_argument("--arch", nargs="+", default=["simple", "resnet18"], choices=sorted(MODELS))
     p.add_argument("--measures", nargs="+", default=list(MEASURES), choices=MEASURES)
     p.add_argument("--batch-size", type=int, default=None, help="default 512 on a GPU, 128 on CPU")
     p.add_argument("--steps", type=int, default=50, help="timed train steps (ceiling, baseline)")
@@ -330,6 +331,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", type=Path, default=None, help="results file (default: per device)")
     p.add_argument("--deadline", type=float, help="seconds: start no measurement after this many")
     args = p.parse_args(argv)
+    for option in ("steps", "epochs", "limit", "batch_size"):
+        value = getattr(args, option)
+        if value is not None and value < 1:  # --steps 0 timed nothing, for ever
+            p.error(f"--{option.replace('_', '-')} must be at least 1, got {value}")
     started = time.monotonic()  # the deadline counts from here, not from the first measurement
 
     device = resolve_device(args.device)
@@ -433,4 +438,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_script(main))

@@ -399,3 +399,43 @@ def test_device_script_reports_the_default_recipe_as_end_to_end(tmp_path):
     assert (line["train_seconds"], line["predict_seconds"], line["seconds"]) == (90.5, 4.5, 95.0)
     assert line["train_args"] == "defaults"
     assert (line["arch"], line["epochs"], line["batch_size"]) == ("resnet18", 15, 128)
+
+
+def test_a_terminated_recipe_search_keeps_its_table_and_leaves_no_training(dataset_dir, tmp_path):
+    results = tmp_path / "results"
+    command = [sys.executable, str(ROOT / "benchmarks" / "recipes.py"), "--data", str(dataset_dir),
+               "--device", "cpu", "--results", str(results),
+               "--recipe", "quick: --arch simple --folds 2 --epochs 1 --batch-size 32",
+               "--recipe", "long: --arch simple --folds 2 --epochs 500 --batch-size 32"]  # fmt: skip
+    search = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (results / "celeba64.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(2)  # the long recipe's train is running
+    search.terminate()
+    _, err = search.communicate(timeout=60)
+    assert search.returncode == 143 and "faceattr: terminated" in err and "Traceback" not in err
+    assert "| quick |" in (results / "celeba64.md").read_text()  # the finished row, tabulated
+    time.sleep(0.5)
+    alive = subprocess.run(["pgrep", "-f", "epochs 500"], capture_output=True, text=True).stdout
+    assert not alive.strip(), alive  # its faceattr train went with it
+
+
+def test_benchmark_scripts_refuse_bad_options_in_one_line(tmp_path, capsys):
+    import recipes
+    import throughput
+
+    from faceattr.cli import run_script
+
+    for module, argv, message in (
+        (recipes, ["--holdout", "1.5"], "--holdout is a share"),
+        (throughput, ["--steps", "0"], "--steps must be at least 1"),  # it timed nothing, for ever
+    ):
+        with pytest.raises(SystemExit) as stopped:
+            module.main(["--data", str(tmp_path / "nope"), *argv])
+        assert stopped.value.code == 2 and message in capsys.readouterr().err
+    for argv, message in ((["--recipe", "mine --arch simple"], "give it as 'NAME: train options'"),
+                          (["--results", str(tmp_path)], "nope does not exist")):  # fmt: skip
+        code = run_script(lambda argv=argv: recipes.main(["--data", str(tmp_path / "nope"), *argv]))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and message in err[0], err

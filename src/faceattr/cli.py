@@ -526,6 +526,13 @@ def run_command(func, args: argparse.Namespace) -> int:
             signal.signal(signal.SIGTERM, before)
 
 
+def run_script(main: Callable[[], int]) -> int:
+    """A benchmark script's `main` as a command: SIGTERM unwinds it (its child processes and
+    temporary folders go, its tables are written), a user's error is one line. Warnings only:
+    its results are the lines it prints."""
+    return run_command(lambda args: main(), argparse.Namespace(quiet=True, verbose=False))
+
+
 def parse(parser: Callable[[], argparse.ArgumentParser], argv: list[str] | None):
     """The parsed command line, or exit 130 if Ctrl-C comes while the parser imports torch."""
     try:
