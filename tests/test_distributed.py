@@ -54,3 +54,32 @@ def test_data_parallel_torchrun_trains_and_predicts(dataset_dir, tmp_path):
     out = tmp_path / "label_val.txt"
     assert cli("predict", str(dataset_dir), "--run", str(run), "--output", str(out)).returncode == 0
     assert len(out.read_text().splitlines()) == 40
+
+
+def test_a_process_whose_peer_stopped_says_so_in_one_line(dataset_dir, tmp_path, monkeypatch):
+    """Under torchrun, the others' next collective fails when one process stops on an error."""
+    import torch
+
+    from conftest import here
+    from faceattr import distributed, run
+    from faceattr.distributed import Ranks
+
+    def peer_gone(*args, **kwargs):
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer\nmore")
+
+    monkeypatch.setattr(distributed, "from_environment", lambda device: (Ranks(0, 2), device))
+    monkeypatch.setattr(distributed, "finish", lambda: None)
+    monkeypatch.setattr(run, "train_run", peer_gone)
+    result = here("train", str(dataset_dir), "--out", str(tmp_path / "run"), "-q")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "faceattr: error: another process of this torchrun job stopped, see its error "
+        "([gloo/transport/tcp/pair.cc:534] Connection closed by peer)"
+    ]
+
+    def out_of_memory(*args, **kwargs):  # its own error, not a peer's
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(run, "train_run", out_of_memory)
+    result = here("train", str(dataset_dir), "--out", str(tmp_path / "run"), "-q")
+    assert "out of GPU memory" in result.stderr

@@ -269,6 +269,14 @@ def test_resume_refuses_data_that_changed_and_trains_its_own_settings(tmp_path):
     assert "training simple, 2 folds x 1 epochs" in result.stderr
 
 
+def test_a_file_where_a_run_folder_goes_is_refused_before_training(tmp_path):
+    data = small_layout(tmp_path / "data")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "fold_2").write_text("mine")  # found only after training, it cost the run
+    assert_user_error(train(data, tmp_path / "out"), "out/fold_2 is not a folder")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["fold_2"]
+
+
 def test_a_run_json_that_is_not_a_runs_is_one_line(tmp_path):
     data = small_layout(tmp_path / "data")
     out = tmp_path / "out"

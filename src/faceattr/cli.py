@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import faceattr
-from faceattr.errors import FaceAttrError
+from faceattr.errors import FaceAttrError, first_line
 
 # torch (and what imports it) loads inside `main`, where Ctrl-C during its second of loading is
 # caught like any other: "interrupted", not a traceback.
@@ -107,6 +107,8 @@ def train_config(args: argparse.Namespace, device: torch.device) -> TrainConfig:
 
 def run_train(dataset, args: argparse.Namespace) -> int:
     """Shared by `faceattr train` and the seed's `--mode=train`."""
+    import torch
+
     from faceattr import distributed
     from faceattr.run import train_run
     from faceattr.runtime import resolve_device
@@ -118,6 +120,12 @@ def run_train(dataset, args: argparse.Namespace) -> int:
             dataset, cfg, args.out, device, args.resume, args.overwrite, ranks,
             given=given_options(args).keys(),
         )  # fmt: skip
+    except RuntimeError as e:  # under torchrun: a collective failed, as another process stopped
+        if ranks.world == 1 or isinstance(e, torch.cuda.OutOfMemoryError):  # its own error
+            raise
+        raise FaceAttrError(
+            f"another process of this torchrun job stopped, see its error ({first_line(e)})"
+        ) from None
     finally:
         distributed.finish()
     if summary is None:  # a torchrun process other than rank 0: its folds are written

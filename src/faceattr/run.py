@@ -91,6 +91,16 @@ def train_run(
         )
     cfg.check()
     check_writable(out)
+    folders = [
+        "models",
+        "data",
+        "evaluation",
+        "prediction",
+        *(f"fold_{k}" for k in range(1, cfg.folds + 1)),
+    ]
+    for name in folders:  # found after the training, a file there would cost the run
+        if (out / name).exists() and not (out / name).is_dir():
+            raise FaceAttrError(f"cannot write the run into {out}: {out / name} is not a folder")
     _check_apart(out, dataset)
     create_model(cfg.arch, cfg.pretrained)  # a missing or wrong weights file fails here, not later
     weights = "" if cfg.pretrained is None else f" from {cfg.pretrained} weights"
