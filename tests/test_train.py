@@ -305,6 +305,7 @@ def test_images_per_epoch_trims_as_the_loop_does():
     assert images_per_epoch(100, 32, compiled=False) == 100
     assert images_per_epoch(97, 32, compiled=False) == 96  # no batch of one for BatchNorm
     assert images_per_epoch(100, 32, compiled=True) == 96  # compiled: whole batches only
+    assert images_per_epoch(75, 128, compiled=True) == 75  # or the one batch there is
     assert images_per_epoch(101, 32, compiled=False, world=2) == 50
 
 

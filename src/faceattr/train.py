@@ -568,11 +568,12 @@ def compile_model(net: nn.Module) -> nn.Module:
 def images_per_epoch(n: int, batch: int, compiled: bool, world: int = 1) -> int:
     """Images one of `world` processes trains on per epoch of `n`.
 
-    Compiled, the step sees one batch shape only, so a remainder batch is dropped; and BatchNorm
+    Compiled, the step sees one batch shape only, so a remainder batch is dropped (fewer images
+    than a batch are one smaller batch: dropped, the epoch trained nothing); and BatchNorm
     cannot train on a batch of one image, so such a remainder loses its image.
     """
     n = n // world
-    if compiled:
+    if compiled and n >= batch:
         n = n // batch * batch
     return n - 1 if n % batch == 1 else n
 
