@@ -30,6 +30,7 @@ nvidia-smi.txt; the device tool brings them back.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -186,16 +187,24 @@ def run(budget: float, out: Path, carry: Path = CARRY, steps: tuple[str, ...] = 
 
 
 def run_step(command: list[str], env: dict[str, str], timeout: float) -> bool:
-    """Run `command`; past `timeout`, kill it with everything it started (its own session: a
-    `faceattr train` left running would share the GPU with the next step). False if killed."""
+    """Run `command` in a session of its own; False if it ran past `timeout`. However it ends
+    (done, timed out, Ctrl-C here), what it started goes with it: a `faceattr train` left
+    running would share the GPU with the next step. Timed out, it is told first (SIGTERM: its
+    tables are written), then killed."""
     child = subprocess.Popen(command, env=env, start_new_session=True)
     try:
         child.wait(timeout=timeout)
+        return True
     except subprocess.TimeoutExpired:
-        os.killpg(child.pid, signal.SIGKILL)
-        child.wait()
         return False
-    return True
+    finally:
+        for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, None)):
+            try:
+                os.killpg(child.pid, sig)
+            except ProcessLookupError:  # none of them left
+                break
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=grace)
 
 
 def tabulated(table: Path) -> set[str]:

@@ -365,7 +365,16 @@ def test_a_step_past_its_time_goes_with_what_it_started(tmp_path):
     stat = Path(f"/proc/{pid_file.read_text()}/stat")
     time.sleep(0.5)  # gone, or a zombie ("Z") whose dead parent left it to init
     assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    assert run_step([sys.executable, "-c", "pass"], dict(os.environ), 30) is True
+    # Done in time, it still takes along what it left running.
+    pid_file.unlink()
+    leaver = (  # starts the long one and leaves once it runs
+        f"import os, subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {script!r}])\n"
+        f"while not os.path.exists({str(pid_file)!r}): time.sleep(0.05)"
+    )
+    assert run_step([sys.executable, "-c", leaver], dict(os.environ), 30) is True
+    stat = Path(f"/proc/{pid_file.read_text()}/stat")
+    time.sleep(0.5)
+    assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
 
 
 def test_device_script_knows_the_recipes_tabulated(tmp_path):

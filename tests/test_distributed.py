@@ -3,6 +3,8 @@
 import json
 import os
 
+import pytest
+
 from conftest import cli, torchrun, train_args
 from faceattr.distributed import Ranks
 
@@ -83,3 +85,10 @@ def test_a_process_whose_peer_stopped_says_so_in_one_line(dataset_dir, tmp_path,
     monkeypatch.setattr(run, "train_run", out_of_memory)
     result = here("train", str(dataset_dir), "--out", str(tmp_path / "run"), "-q")
     assert "out of GPU memory" in result.stderr
+
+    def a_bug(*args, **kwargs):  # this process's own: not blamed on another
+        return torch.zeros(3) @ torch.zeros(4)
+
+    monkeypatch.setattr(run, "train_run", a_bug)
+    with pytest.raises(RuntimeError, match="inconsistent tensor size"):
+        here("train", str(dataset_dir), "--out", str(tmp_path / "run"), "-q")

@@ -105,9 +105,19 @@ def train_config(args: argparse.Namespace, device: torch.device) -> TrainConfig:
     return config_for(device, {**given_options(args), "cache": cache_dir(args)})
 
 
+def _peer_stopped(e: RuntimeError) -> bool:
+    """Whether `e` is a collective that failed on a lost process: gloo raises a plain
+    RuntimeError naming itself, NCCL a torch.distributed.DistError."""
+    import torch.distributed
+
+    lost = ("gloo", "NCCL", "Connection closed by peer", "Connection reset by peer")
+    return isinstance(e, getattr(torch.distributed, "DistError", ())) or any(
+        text in str(e) for text in lost
+    )
+
+
 def run_train(dataset, args: argparse.Namespace) -> int:
     """Shared by `faceattr train` and the seed's `--mode=train`."""
-    import torch
 
     from faceattr import distributed
     from faceattr.run import train_run
@@ -121,7 +131,7 @@ def run_train(dataset, args: argparse.Namespace) -> int:
             given=given_options(args).keys(),
         )  # fmt: skip
     except RuntimeError as e:  # under torchrun: a collective failed, as another process stopped
-        if ranks.world == 1 or isinstance(e, torch.cuda.OutOfMemoryError):  # its own error
+        if ranks.world == 1 or not _peer_stopped(e):  # its own error, a bug's traceback and all
             raise
         raise FaceAttrError(
             f"another process of this torchrun job stopped, see its error ({first_line(e)})"
