@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -97,13 +98,12 @@ def test_an_export_missing_a_fold_or_edited_by_hand_is_refused(trained_run, tmp_
         export_onnx(trained_run / "models", tmp_path / "onnx")
 
 
-def test_an_interrupted_export_leaves_no_folder_that_mixes_two_runs(
-    trained_run, tmp_path, monkeypatch
-):
+def test_an_interrupted_export_leaves_the_earlier_one_whole(trained_run, tmp_path, monkeypatch):
     from faceattr.errors import FaceAttrError
     from faceattr.export import OnnxEnsemble, export_onnx
 
     export_onnx(trained_run / "models", tmp_path / "onnx")  # an earlier export of the same folds
+    before = {p.name: p.read_bytes() for p in (tmp_path / "onnx").iterdir()}
     calls = []
 
     def interrupted(*args, **kwargs):  # Ctrl-C while the second fold exports
@@ -116,8 +116,16 @@ def test_an_interrupted_export_leaves_no_folder_that_mixes_two_runs(
     monkeypatch.setattr(torch.onnx, "export", interrupted)
     with pytest.raises(KeyboardInterrupt):
         export_onnx(trained_run / "models", tmp_path / "onnx")
-    with pytest.raises(FaceAttrError, match="not a faceattr ONNX export"):
-        OnnxEnsemble(tmp_path / "onnx")  # fold 1 new, fold 2 old: not used as one ensemble
+    # Every model is written before any replaces the earlier one: that export is left whole.
+    assert {p.name: p.read_bytes() for p in (tmp_path / "onnx").iterdir()} == before
+    assert OnnxEnsemble(tmp_path / "onnx").folds == [1, 2]
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
     with pytest.raises(FaceAttrError, match="is the run's models folder"):
-        export_onnx(trained_run / "models", trained_run / "models")
+        export_onnx(run / "models", run / "models")
+    export_onnx(run / "models", run / "models" / "onnx")  # inside it: its files are apart
+    assert (
+        json.loads((run / "models" / "ensemble.json").read_text())["threshold"]
+        == json.loads((trained_run / "models" / "ensemble.json").read_text())["threshold"]
+    )
     assert (trained_run / "models" / "ensemble.json").exists()

@@ -8,6 +8,7 @@ in [0, 1]; output `logits`: (N,), the log-odds of label 1; normalisation is insi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from pathlib import Path
@@ -23,7 +24,7 @@ from faceattr.checkpoints import (
 )
 from faceattr.ensemble import inference_batch_size
 from faceattr.errors import FaceAttrError, first_line
-from faceattr.outputs import atomic_path, ensure_writable_dir, within, write_json
+from faceattr.outputs import atomic_path, ensure_writable_dir, write_json
 
 PREPROCESSING = {
     "input": "images",
@@ -43,27 +44,27 @@ def export_onnx(models_dir: str | Path, out: str | Path, opset: int = 17) -> lis
     """Write one ONNX model per fold and ensemble.json (preprocessing and decision) into `out`."""
     models = load_fold_models(models_dir)
     settings = load_ensemble_settings(models_dir, models)
-    if within(Path(out), Path(models_dir)):  # its ensemble.json would replace the run's own
+    if Path(out).resolve() == Path(models_dir).resolve():  # its ensemble.json is the run's own
         raise FaceAttrError(f"--onnx {out} is the run's models folder; choose another")
     out = ensure_writable_dir(out)
     folds = {m.fold for m in models}
     stale = [p.name for fold, p in fold_files(out, ".onnx") if fold not in folds]
     if stale:  # another export's: predict --onnx would refuse the mixture
         raise FaceAttrError(f"{out} holds {stale[0]} from another export; choose an empty folder")
-    # An earlier export's settings go first and these come last: an export interrupted midway
-    # leaves a folder predict --onnx refuses, not one mixing two runs' models.
-    (out / "ensemble.json").unlink(missing_ok=True)
-    paths = []
+    paths = [out / f"fold_{m.fold}.onnx" for m in models]
     example = torch.rand(2, 3, 64, 64)
-    for m in models:
-        path = out / f"fold_{m.fold}.onnx"
-        with atomic_path(path) as tmp, warnings.catch_warnings():
-            # The TorchScript-based exporter works from torch 2.4 on and needs no onnxscript.
-            warnings.simplefilter("ignore")
-            torch.onnx.export(m.model.eval(), (example,), str(tmp), input_names=["images"],
-                              output_names=["logits"], opset_version=opset, dynamo=False,
-                              dynamic_axes={"images": {0: "n"}, "logits": {0: "n"}})  # fmt: skip
-        paths.append(path)
+    with contextlib.ExitStack() as stack:  # every model is written before any replaces a file
+        for m, path in zip(models, paths, strict=True):
+            tmp = stack.enter_context(atomic_path(path))
+            with warnings.catch_warnings():
+                # The TorchScript-based exporter works from torch 2.4 on and needs no onnxscript.
+                warnings.simplefilter("ignore")
+                torch.onnx.export(m.model.eval(), (example,), str(tmp), input_names=["images"],
+                                  output_names=["logits"], opset_version=opset, dynamo=False,
+                                  dynamic_axes={"images": {0: "n"}, "logits": {0: "n"}})  # fmt: skip
+        # An earlier export's settings go before its models are replaced, these come after: an
+        # export stopped between leaves a folder predict --onnx refuses, not one mixing two runs.
+        (out / "ensemble.json").unlink(missing_ok=True)
     write_json(out / "ensemble.json", {
         "folds": [m.fold for m in models], "arch": models[0].config.get("arch"),
         "threshold": settings["threshold"], "tta": settings["tta"], "vote": "soft",
