@@ -43,6 +43,8 @@ def test_image_audit(tmp_path):
         "test": {"sizes": {"64x64": 20}, "modes": {"RGB": 20}, "resized": 0, "converted": 0},
     }
     assert panels(plots.image_audit(audits, tmp_path / "audit.png")) == 2
+    with Image.open(tmp_path / "audit.png") as im:  # its heading is recorded with the panels'
+        assert im.info["Title"].startswith("Image audit")
 
 
 def test_training_curves(tmp_path):

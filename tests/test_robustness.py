@@ -577,6 +577,13 @@ def test_demo_sizes_it_cannot_split_are_refused_before_writing(tmp_path):
     assert code == 2 and len(err) == 1 and "already holds files the demo did not make" in err[0]
     assert sorted(p.relative_to(mine) for p in mine.rglob("*")) == before
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["data"]
+    (tmp_path / "notes.txt").write_text("mine")
+    code, err = in_process("demo", "--out", str(tmp_path / "notes.txt"), "--n-train", "60")
+    assert (
+        code == 2
+        and "notes.txt is a file" in err[0]
+        and (tmp_path / "notes.txt").read_text() == "mine"
+    )
 
 
 def test_a_small_synthetic_part_holds_both_classes(tmp_path):

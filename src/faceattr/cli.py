@@ -223,8 +223,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if differ:  # --vote majority, or another --threshold: the plots are the soft vote's
             log.warning(
                 "%s differs from the soft vote of %s on %d image(s): the plots show the soft "
-                "vote at threshold %.4f; the metrics printed and the confusion matrix are %s's",
-                *(args.pred, args.scores, differ, threshold, args.pred),
+                "vote; the metrics printed and the confusion matrix are %s's",
+                *(args.pred, args.scores, differ, args.pred),
             )
         result.update(auc=auc(truth, scores), eer=equal_error_rate(truth, scores))
         images = None

@@ -60,10 +60,16 @@ MARK = ".faceattr-demo"  # in a folder the demo made: it may replace what it wro
 def _claim(out: Path) -> None:
     """Make `out` the demo's, or refuse it: an existing folder it did not make may hold a
     dataset or a run of the user's, which the demo's data/ and run/ would write over."""
-    if out.exists() and not (out / MARK).exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise FaceAttrError(f"--out {out} is a file; choose a new or empty folder")
+    if out.exists() and not (out / MARK).exists() and any(out.iterdir()):
         raise FaceAttrError(
             f"--out {out} already holds files the demo did not make; choose a new or empty folder"
         )
     ensure_writable_dir(out)
     write_text(out / MARK, "made by faceattr demo: it replaces data/, run/ and the rest here\n")
-    shutil.rmtree(out / "data", ignore_errors=True)  # a smaller dataset than last time's
+    data = out / "data"  # made afresh: a smaller dataset than last time's
+    if data.is_symlink() or data.is_file():  # not into a link's target
+        data.unlink()
+    elif data.exists():
+        shutil.rmtree(data)

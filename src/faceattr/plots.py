@@ -26,7 +26,10 @@ LABEL_NAMES = {0: "label 0", 1: "label 1"}
 def _save(fig: plt.Figure, path: str | Path) -> Path:
     path = Path(path)
     panels = sum(ax.get_visible() and ax.has_data() for ax in fig.axes) or len(fig.axes)
-    titles = " | ".join(t for ax in fig.axes if (t := ax.get_title()))  # what the picture says
+    heading = getattr(fig, "_suptitle", None)  # fig.get_suptitle() from matplotlib 3.8 on
+    suptitle = heading.get_text() if heading is not None else ""
+    texts = [suptitle, *(ax.get_title(loc) for ax in fig.axes for loc in ("left", "center"))]
+    titles = " | ".join(t for t in texts if t)  # what the picture says
     meta = {"Panels": str(panels), "Title": titles}
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight", metadata=meta)
