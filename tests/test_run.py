@@ -54,7 +54,7 @@ def test_train_run_writes_the_whole_run(trained_run, dataset_dir):
         "folds": [1, 2],
     }
     folds = list(csv.DictReader((run / "folds.csv").open()))
-    assert [int(r["fold"]) for r in folds] == [int(r["fold"]) - 1 for r in oof]
+    assert [int(r["fold"]) for r in folds] == [int(r["fold"]) for r in oof]  # both from 1
 
 
 def test_same_seed_same_weights_and_labels_on_cpu(dataset_dir, tmp_path):
