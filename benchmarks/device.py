@@ -136,9 +136,8 @@ def run(budget: float, out: Path, carry: Path = CARRY, steps: tuple[str, ...] = 
     env["TORCH_HOME"] = str(hub)
     results = out / "results"
     results.mkdir(parents=True, exist_ok=True)
-    if shutil.which(
-        "nvidia-smi"
-    ):  # with /dev/shm's size: the baseline's workers pass batches there
+    # With /dev/shm's size: the baseline's DataLoader workers pass their batches there.
+    if shutil.which("nvidia-smi"):
         smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, check=False)
         shm = subprocess.run(["df", "-h", "/dev/shm"], capture_output=True, text=True, check=False)
         (out / "nvidia-smi.txt").write_text(smi.stdout + smi.stderr + shm.stdout + shm.stderr)

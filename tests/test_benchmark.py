@@ -359,12 +359,17 @@ def test_a_step_past_its_time_goes_with_what_it_started(tmp_path):
         "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
         f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(60)"
     )
+
+    def gone() -> bool:
+        """The long child: gone, or a zombie ("Z") whose dead parent left it to init."""
+        stat = Path(f"/proc/{pid_file.read_text()}/stat")
+        time.sleep(0.5)
+        return not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
     start = time.monotonic()
     assert run_step([sys.executable, "-c", script], dict(os.environ), 3) is False
     assert time.monotonic() - start < 30
-    stat = Path(f"/proc/{pid_file.read_text()}/stat")
-    time.sleep(0.5)  # gone, or a zombie ("Z") whose dead parent left it to init
-    assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    assert gone()
     # Done in time, it still takes along what it left running.
     pid_file.unlink()
     leaver = (  # starts the long one and leaves once it runs
@@ -372,9 +377,7 @@ def test_a_step_past_its_time_goes_with_what_it_started(tmp_path):
         f"while not os.path.exists({str(pid_file)!r}): time.sleep(0.05)"
     )
     assert run_step([sys.executable, "-c", leaver], dict(os.environ), 30) is True
-    stat = Path(f"/proc/{pid_file.read_text()}/stat")
-    time.sleep(0.5)
-    assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    assert gone()
 
 
 def test_device_script_knows_the_recipes_tabulated(tmp_path):

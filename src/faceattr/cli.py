@@ -118,7 +118,6 @@ def _peer_stopped(e: RuntimeError) -> bool:
 
 def run_train(dataset, args: argparse.Namespace) -> int:
     """Shared by `faceattr train` and the seed's `--mode=train`."""
-
     from faceattr import distributed
     from faceattr.run import train_run
     from faceattr.runtime import resolve_device
@@ -205,7 +204,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from faceattr import plots
     from faceattr.data import read_labels
     from faceattr.ensemble import with_interval
-    from faceattr.metrics import auc, equal_error_rate
+    from faceattr.metrics import auc, equal_error_rate, scores_to_labels
 
     pred, truth = read_labels(args.pred), read_labels(args.truth)
     if len(set(truth.tolist())) < 2:
@@ -219,7 +218,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result = with_interval(truth, pred)
     if args.scores:
         scores, threshold = read_scores(args.scores, len(truth))
-        differ = int((pred != (scores >= threshold)).sum())
+        differ = int((pred != scores_to_labels(scores, threshold)).sum())
         if differ:  # --vote majority, or another --threshold: the plots are the soft vote's
             log.warning(
                 "%s differs from the soft vote of %s on %d image(s): the plots show the soft "

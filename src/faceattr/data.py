@@ -242,10 +242,10 @@ def numbered_images(source: Source, folder: str) -> ImageSet:
         raise FaceAttrError(f"image folder {where} does not exist")
     numbered: dict[int, str] = {}
     for name in source.list_files(folder):
-        stem, suffix = os.path.splitext(name)
-        if suffix.lower() not in IMAGE_SUFFIXES:
+        if not _is_image(name):
             log.warning("ignoring %s: not an image", source.describe(_join(folder, name)))
             continue
+        stem = os.path.splitext(name)[0]
         if not stem.isdecimal():  # not isdigit(): it takes "²", which int() refuses
             raise FaceAttrError(
                 f"{source.describe(_join(folder, name))}: image name is not a number"
@@ -353,8 +353,12 @@ def load_dataset(path: str | Path, need: str = "train") -> Dataset:
     return dataset
 
 
+def _is_image(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+
+
 def _holds_images(source: Source, folder: str) -> bool:
-    return any(os.path.splitext(n)[1].lower() in IMAGE_SUFFIXES for n in source.list_files(folder))
+    return any(_is_image(n) for n in source.list_files(folder))
 
 
 def _train_part(source: Source, folder: str, label_rel: str) -> tuple[ImageSet, np.ndarray]:

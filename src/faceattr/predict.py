@@ -99,7 +99,7 @@ def predict(
         for i, name in enumerate(images.names)
     ]
     labels_text = "".join(f"{v}\n" for v in labels)
-    write_together({output: labels_text, csv_path: csv_text(header, rows)})  # both, or neither
+    write_together({output: labels_text, csv_path: csv_text(header, rows)})  # both, then renamed
     summary = {
         "images": len(labels),
         "models": len(folds),

@@ -72,8 +72,8 @@ def train_run(
 
     `resume` continues the unfinished run in `out` with its own settings: finished folds are
     kept, the running one continues from its last epoch. The options the user `given` must
-    agree with them, but for how the work runs (workers, cache, saves). A folder that already holds a run is
-    otherwise left alone unless `overwrite` is given. Under torchrun (`ranks`), each process
+    agree with them, but for how the work runs (workers, cache, saves). A folder that already
+    holds a run is otherwise left alone unless `overwrite` is given. Under torchrun (`ranks`), each process
     trains its share of the folds and rank 0 writes everything else; the others return None.
     """
     out = Path(out)
@@ -91,16 +91,7 @@ def train_run(
         )
     cfg.check()
     check_writable(out)
-    folders = [
-        "models",
-        "data",
-        "evaluation",
-        "prediction",
-        *(f"fold_{k}" for k in range(1, cfg.folds + 1)),
-    ]
-    for name in folders:  # found after the training, a file there would cost the run
-        if (out / name).exists() and not (out / name).is_dir():
-            raise FaceAttrError(f"cannot write the run into {out}: {out / name} is not a folder")
+    _check_folders(out, cfg.folds)
     _check_apart(out, dataset)
     create_model(cfg.arch, cfg.pretrained)  # a missing or wrong weights file fails here, not later
     weights = "" if cfg.pretrained is None else f" from {cfg.pretrained} weights"
@@ -208,16 +199,8 @@ def train_run(
         )
 
 
-RUN_CONTENTS = (
-    "run.json",
-    "folds.csv",
-    "oof.csv",
-    "report.html",
-    "models",
-    "data",
-    "evaluation",
-    "prediction",
-)
+RUN_FOLDERS = ("models", "data", "evaluation", "prediction")  # and fold_K/
+RUN_CONTENTS = ("run.json", "folds.csv", "oof.csv", "report.html", *RUN_FOLDERS)
 
 
 def _save_fold(
@@ -419,6 +402,13 @@ def run_paths(out: Path) -> list[Path]:
     return [*(out / name for name in RUN_CONTENTS), *folds]
 
 
+def _check_folders(out: Path, folds: int) -> None:
+    """Refuse a file where the run writes a folder: found after the training, it cost the run."""
+    for name in (*RUN_FOLDERS, *(f"fold_{k}" for k in range(1, folds + 1))):
+        if (out / name).exists() and not (out / name).is_dir():
+            raise FaceAttrError(f"cannot write the run into {out}: {out / name} is not a folder")
+
+
 def _check_apart(out: Path, dataset: Dataset) -> None:
     """Refuse an `out` whose run folders would hold the data itself: the run writes pictures into
     `data/`, and --overwrite clears `data/`, `models/`, `fold_K/`... before it starts again;
@@ -452,11 +442,7 @@ def _resumed_config(
     differs is refused rather than dropped: `--resume --epochs 30` does not train longer."""
 
     def shown(value: object) -> str:
-        return (
-            {True: "on", False: "off"}.get(value, str(value))
-            if isinstance(value, bool)
-            else str(value)
-        )
+        return ("on" if value else "off") if isinstance(value, bool) else str(value)
 
     changed = [
         f"--{k.replace('_', '-')} {shown(getattr(asked, k))} (the run's: {shown(saved.get(k))})"
