@@ -86,6 +86,9 @@ def test_an_export_missing_a_fold_or_edited_by_hand_is_refused(trained_run, tmp_
     (tmp_path / "onnx" / "ensemble.json").write_text('{"folds": [1], "threshold": -1, "tta": true}')
     with pytest.raises(FaceAttrError, match=r"threshold must be in \[0, 1\], got -1"):
         OnnxEnsemble(tmp_path / "onnx")
+    (tmp_path / "onnx" / "ensemble.json").write_bytes(b'{"folds": [1], "\xff": 1}')
+    with pytest.raises(FaceAttrError, match=r"is not a faceattr ONNX export .*utf-8"):
+        OnnxEnsemble(tmp_path / "onnx")
     (tmp_path / "onnx" / "ensemble.json").write_text(
         '{"folds": [1], "threshold": 0.5, "tta": true}'
     )

@@ -464,12 +464,14 @@ DAMAGED_RUNS = {
         ('{"threshold": "abc"}', "threshold must be a number, got 'abc'"),
         ('{"threshold": null}', "threshold must be a number, got None"),
         ("[1, 2]", "does not hold the ensemble's settings"),
+        (b"\xff\xfe{", "ensemble.json: 'utf-8' codec can't decode"),  # not UTF-8
         ('{"tta": "no"}', "tta must be true or false, got 'no'"),
         ('{"threshold": 1.5}', "threshold must be in [0, 1], got 1.5"),
     ],
     "fold_1.json": [
         ("[1]", "fold_1.json does not hold a fold's settings"),
         ('{"arch": ["simple"]}', "unknown model ['simple']"),
+        (b'{"arch": "\xe9"}', "cannot read"),  # Latin-1, not UTF-8
     ],
 }
 
@@ -477,13 +479,13 @@ DAMAGED_RUNS = {
 def test_a_damaged_run_is_one_line_and_writes_nothing(tmp_path, dataset_dir, trained_run):
     labels, run = tmp_path / "labels.txt", tmp_path / "run"
 
-    def damaged(name: str, text: str | None) -> Path:
+    def damaged(name: str, text: str | bytes | None) -> Path:
         shutil.rmtree(run, ignore_errors=True)
         shutil.copytree(trained_run, run)
         if text is None:
             (run / "models" / name).unlink()
         else:
-            (run / "models" / name).write_text(text)
+            (run / "models" / name).write_bytes(text if isinstance(text, bytes) else text.encode())
         return run
 
     for name, cases in DAMAGED_RUNS.items():
@@ -537,6 +539,11 @@ def test_a_damaged_run_json_costs_the_report_not_the_labels(tmp_path, dataset_di
         (run / "run.json").write_text(text)
         code, err = in_process("report", str(run))
         assert code == 2 and len(err) == 1 and "lacks what a report needs" in err[0], err
+    (run / "run.json").write_bytes(b'{"status": "compl\xe9te"}')  # Latin-1, not UTF-8
+    code, err = in_process("report", str(run))
+    assert code == 2 and len(err) == 1 and "is not a faceattr run folder" in err[0], err
+    code, err = in_process("predict", str(dataset_dir), "--run", str(run), "--output", str(labels))
+    assert code == 0 and any("report was not updated" in line for line in err), err
 
 
 def test_a_weights_file_torch_cannot_read_is_one_line(tmp_path, dataset_dir):

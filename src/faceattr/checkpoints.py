@@ -70,7 +70,7 @@ def load_fold_models(models_dir: str | Path) -> list[FoldModel]:
         config_path = weights.with_suffix(".json")
         try:
             config = json.loads(config_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
             raise FaceAttrError(f"cannot read {config_path}: {e}") from None
         if not isinstance(config, dict):
             raise FaceAttrError(f"{config_path} does not hold a fold's settings")
@@ -98,7 +98,7 @@ def load_ensemble_settings(models_dir: str | Path, models: list[FoldModel]) -> d
     if path.exists():
         try:
             saved = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError) as e:
             raise FaceAttrError(f"cannot read {path}: {e}") from None
         if not isinstance(saved, dict):
             raise FaceAttrError(f"{path} does not hold the ensemble's settings")
@@ -185,7 +185,7 @@ def load_training_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict
             if f.metadata().get("epoch") != str(info["epoch"]):
                 return None
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
-    except (OSError, ValueError, KeyError, json.JSONDecodeError, SafetensorError):
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError):
         return None
     return tensors, info
 

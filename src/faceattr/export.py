@@ -84,7 +84,7 @@ class OnnxEnsemble:
         folder = Path(folder)
         try:
             settings = json.loads((folder / "ensemble.json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
             raise FaceAttrError(f"{folder} is not a faceattr ONNX export ({e})") from None
         files = fold_files(folder, ".onnx")
         if not files:

@@ -78,7 +78,7 @@ def build_report(run: str | Path) -> Path:
     run = Path(run)
     try:
         summary = json.loads((run / "run.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
         raise FaceAttrError(f"{run} is not a faceattr run folder (run.json: {e})") from None
     try:
         cfg = summary.get("config", {})

@@ -479,7 +479,7 @@ def _finished_fold(out: Path, fold: int) -> dict | None:
     try:
         done = json.loads(result.read_text())
         return {"summary": done["summary"], "val_scores": np.asarray(done["val_scores"])}
-    except (OSError, KeyError, json.JSONDecodeError):
+    except (OSError, ValueError, KeyError, TypeError):  # damaged: the fold trains again
         return None
 
 
