@@ -399,6 +399,11 @@ def test_seed_train_continues_an_interrupted_save_dir(dataset_dir, tmp_path, mon
     result = here("--mode=train", *seed_args, seed=True)  # finished: trained afresh
     assert result.returncode == 0 and "finished before" not in result.stderr
     assert len(read_lines(tmp_path / "RUN" / "folds.csv")) == 161
+    # --resume given is faceattr's: a finished run is kept, never trained again.
+    result = here("--mode=train", *seed_args, "--resume", seed=True)
+    assert result.returncode == 0 and result.stderr.count("finished before, kept") == 2
+    result = here("--mode=train", *seed_args, "--resume", "--overwrite", seed=True)
+    assert result.returncode == 2 and "give one" in result.stderr.strip().splitlines()[-1]
 
 
 def in_process(*args: str) -> tuple[int, list[str]]:

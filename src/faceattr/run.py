@@ -77,6 +77,10 @@ def train_run(
     trains its share of the folds and rank 0 writes everything else; the others return None.
     """
     out = Path(out)
+    if resume and overwrite:
+        raise FaceAttrError(
+            "--resume continues the run in --out, --overwrite starts it again: give one"
+        )
     _check_unlocked(out)
     previous = existing_run(out)
     if resume:

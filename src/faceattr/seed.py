@@ -63,12 +63,14 @@ def run(args: argparse.Namespace) -> int:
                 "--out is --mode=explore's folder: the run goes to --save_dir=%s", args.save_dir
             )
         # As the seed did, training into an existing --save_dir replaces it, unless the run
-        # there was interrupted: then it continues (--overwrite: it starts again).
+        # there was interrupted: then it continues (--overwrite: it starts again). A --resume
+        # given is faceattr's: it never replaces a run.
         args.out = args.save_dir
-        previous = existing_run(Path(args.save_dir))
-        unfinished = previous is not None and previous.get("status") != "complete"
-        args.resume = unfinished and not args.overwrite
-        args.overwrite = not args.resume
+        if not args.resume:
+            previous = existing_run(Path(args.save_dir))
+            unfinished = previous is not None and previous.get("status") != "complete"
+            args.resume = unfinished and not args.overwrite
+            args.overwrite = not args.resume
         return run_train(dataset_from_paths(args.img_train_dir, args.labels_txt, None), args)
     if not args.img_test_dir:
         raise FaceAttrError("--mode=test needs --img_test_dir")
