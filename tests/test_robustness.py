@@ -269,6 +269,23 @@ def test_resume_refuses_data_that_changed_and_trains_its_own_settings(tmp_path):
     assert "training simple, 2 folds x 1 epochs" in result.stderr
 
 
+def test_an_empty_path_is_refused_not_taken_for_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where `--out ""` had put a run's files among the user's
+    for args in (
+        ["train", "data", "--out", ""],
+        ["train", "data", "--cache", ""],
+        ["explore", ""],
+        ["predict", "data", "--model-dir", ""],  # had been a TypeError's traceback
+        ["export", "run", "--onnx", ""],
+        ["evaluate", "--pred", "p.txt", "--truth", "t.txt", "--scores", ""],
+    ):
+        result = here(*args)
+        assert result.returncode == 2 and "an empty path" in result.stderr, (args, result.stderr)
+    result = here("--mode=train", "--img_train_dir=x", "--labels_txt=y", "--save_dir=", seed=True)
+    assert result.returncode == 2 and "argument --save_dir: an empty path" in result.stderr
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_file_where_a_run_folder_goes_is_refused_before_training(tmp_path):
     data = small_layout(tmp_path / "data")
     (tmp_path / "out").mkdir()

@@ -58,6 +58,14 @@ def cache_dir(args: argparse.Namespace) -> str | None:
     return None if args.no_cache else str(args.cache or default_cache_dir())
 
 
+def path(text: str) -> str:
+    """A file or folder option's value: an empty one (`--out ""`) would be the current folder,
+    where a run or an export would then land among whatever else is there."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path names no file or folder")
+    return text
+
+
 def percent(x: float) -> str:
     return f"{100 * x:.2f} %"
 
@@ -385,6 +393,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--pretrained",
         nargs="?",
+        type=path,
         const=IMAGENET,
         default=None,
         metavar="FILE",
@@ -419,7 +428,7 @@ def add_common(p: argparse.ArgumentParser, device: bool = True, images: bool = T
         p.add_argument("--workers", type=int, default=None, help="image-decoding processes")
         p.add_argument(
             "--cache",
-            type=Path,
+            type=path,
             default=None,
             help="folder for decoded-image caches (default $FACEATTR_CACHE, else "
             "$XDG_CACHE_HOME/faceattr, else ~/.cache/faceattr)",
@@ -438,24 +447,32 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("explore", help="counts, class balance, image audit, pictures")
-    p.add_argument("data", help="dataset folder or .zip")
-    p.add_argument("--out", default="explore", help="output folder (default explore/)")
+    p.add_argument("data", type=path, help="dataset folder or .zip")
+    p.add_argument("--out", type=path, default="explore", help="output folder (default explore/)")
     add_common(p, device=False)
     p.set_defaults(func=cmd_explore)
 
     p = sub.add_parser("train", help="train one model per stratified fold")
-    p.add_argument("data", help="dataset folder or .zip")
-    p.add_argument("--out", default="run", help="run folder (default run/)")
+    p.add_argument("data", type=path, help="dataset folder or .zip")
+    p.add_argument("--out", type=path, default="run", help="run folder (default run/)")
     add_train_options(p)
     add_common(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("predict", help="score test images with every fold model and vote")
-    p.add_argument("data", help="dataset folder or .zip with val_img/, or a folder of images")
-    p.add_argument("--run", help="run folder written by train")
-    p.add_argument("--model-dir", "--model_dir", dest="model_dir", help="a run's models/ folder")
-    p.add_argument("--onnx", help="a folder written by `faceattr export --onnx` (onnxruntime)")
-    p.add_argument("--output", default="label_val.txt", help="label file (default ./label_val.txt)")
+    p.add_argument(
+        "data", type=path, help="dataset folder or .zip with val_img/, or a folder of images"
+    )
+    p.add_argument("--run", type=path, help="run folder written by train")
+    p.add_argument(
+        "--model-dir", "--model_dir", dest="model_dir", type=path, help="a run's models/ folder"
+    )
+    p.add_argument(
+        "--onnx", type=path, help="a folder written by `faceattr export --onnx` (onnxruntime)"
+    )
+    p.add_argument(
+        "--output", type=path, default="label_val.txt", help="label file (default ./label_val.txt)"
+    )
     add_predict_options(p)
     p.add_argument(
         "--batch-size",
@@ -469,27 +486,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", help="HTER of a label file against the truth")
-    p.add_argument("--pred", required=True, help="predicted label file")
-    p.add_argument("--truth", required=True, help="true label file")
-    p.add_argument("--scores", help="the predictions.csv beside --pred: adds AUC, EER and plots")
-    p.add_argument("--plots", default="evaluation", help="folder for the plots (with --scores)")
-    p.add_argument("--images", help="the test images (dataset or folder): adds the worst errors")
+    p.add_argument("--pred", type=path, required=True, help="predicted label file")
+    p.add_argument("--truth", type=path, required=True, help="true label file")
+    p.add_argument(
+        "--scores", type=path, help="the predictions.csv beside --pred: adds AUC, EER and plots"
+    )
+    p.add_argument(
+        "--plots", type=path, default="evaluation", help="folder for the plots (with --scores)"
+    )
+    p.add_argument(
+        "--images", type=path, help="the test images (dataset or folder): adds the worst errors"
+    )
     add_common(p, device=False)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export", help="write the fold models as ONNX files")
-    p.add_argument("run", help="run folder written by train")
-    p.add_argument("--onnx", required=True, help="output folder")
+    p.add_argument("run", type=path, help="run folder written by train")
+    p.add_argument("--onnx", type=path, required=True, help="output folder")
     add_common(p, device=False, images=False)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("report", help="(re)build RUN/report.html")
-    p.add_argument("run", help="run folder written by train")
+    p.add_argument("run", type=path, help="run folder written by train")
     add_common(p, device=False, images=False)
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="synthetic data -> explore -> train -> predict -> evaluate")
-    p.add_argument("--out", default="faceattr-demo", help="output folder (default faceattr-demo/)")
+    p.add_argument(
+        "--out", type=path, default="faceattr-demo", help="output folder (default faceattr-demo/)"
+    )
     p.add_argument("--n-train", type=int, default=2000)
     p.add_argument("--n-test", type=int, default=500)
     p.add_argument("--epochs", type=int, default=6)

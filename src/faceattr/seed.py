@@ -16,6 +16,7 @@ from faceattr.cli import (
     add_train_options,
     cache_dir,
     parse,
+    path,
     run_command,
     run_predict,
     run_train,
@@ -31,13 +32,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="main.py", description="The seed's commands: explore, train or test (predict)."
     )
     p.add_argument("--mode", choices=["explore", "train", "test"], required=True)
-    p.add_argument("--img_train_dir", help="folder of numbered training images")
-    p.add_argument("--labels_txt", help="label file: line N is the label of image N")
-    p.add_argument("--img_test_dir", help="folder of numbered test images")
-    p.add_argument("--save_dir", default="run", help="train: run folder (default run/)")
-    p.add_argument("--model_dir", default="run/models", help="test: folder of fold models")
-    p.add_argument("--output", default="label_val.txt", help="test: label file to write")
-    p.add_argument("--out", default=EXPLORE_OUT, help="explore: output folder (default explore/)")
+    p.add_argument("--img_train_dir", type=path, help="folder of numbered training images")
+    p.add_argument("--labels_txt", type=path, help="label file: line N is the label of image N")
+    p.add_argument("--img_test_dir", type=path, help="folder of numbered test images")
+    p.add_argument("--save_dir", type=path, default="run", help="train: run folder (default run/)")
+    p.add_argument(
+        "--model_dir", type=path, default="run/models", help="test: folder of fold models"
+    )
+    p.add_argument("--output", type=path, default="label_val.txt", help="test: label file to write")
+    p.add_argument(
+        "--out", type=path, default=EXPLORE_OUT, help="explore: output folder (default explore/)"
+    )
     add_predict_options(p)
     add_train_options(p)
     add_common(p)
