@@ -307,6 +307,18 @@ def test_images_per_epoch_trims_as_the_loop_does():
     assert images_per_epoch(100, 32, compiled=True) == 96  # compiled: whole batches only
     assert images_per_epoch(75, 128, compiled=True) == 75  # or the one batch there is
     assert images_per_epoch(101, 32, compiled=False, world=2) == 50
+    assert images_per_epoch(7, 32, compiled=False, world=4) == 0  # one each: none to train on
+
+
+def test_a_fold_too_small_to_share_among_the_processes_is_refused():
+    from faceattr.distributed import Ranks
+
+    images, labels = easy_data()
+    cfg = TrainConfig(epochs=1, batch_size=16, ddp=True)
+    with pytest.raises(FaceAttrError, match="its 7 training images are too few to share among 4"):
+        # Refused before any process group is needed: all four ranks stop alike.
+        train_fold(create_model("simple"), images, labels, np.arange(7), np.arange(64, 70), cfg,
+                   fold=1, ranks=Ranks(rank=1, world=4))  # fmt: skip
 
 
 def test_weight_average_warms_up_then_decays_slowly():

@@ -424,6 +424,11 @@ def train_fold(
     device = labels.device
     parallel = cfg.ddp and ranks.world > 1
     batch = max(2, cfg.batch_size // ranks.world) if parallel else cfg.batch_size
+    if images_per_epoch(len(train_idx), batch, cfg.compile, ranks.world if parallel else 1) == 0:
+        raise FaceAttrError(
+            f"fold {fold}: its {len(train_idx)} training images are too few to share among "
+            f"{ranks.world} processes (each needs 2); use fewer processes, or no --ddp"
+        )
     augment_seed = cfg.seed * 1000 + fold + (7919 * ranks.rank if parallel else 0)
     gen = torch.Generator(device=device).manual_seed(augment_seed)
     order_gen = torch.Generator().manual_seed(cfg.seed * 1000 + fold)
