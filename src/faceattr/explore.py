@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from faceattr import plots
 from faceattr.cache import load_images
 from faceattr.data import Dataset
 from faceattr.outputs import ensure_writable_dir, refuse_inside, write_json
-
-log = logging.getLogger("faceattr")
 
 
 def imbalance_verdict(counts: dict[int, int]) -> str:

@@ -76,7 +76,7 @@ def export_onnx(models_dir: str | Path, out: str | Path, opset: int = 17) -> lis
 class OnnxEnsemble:
     """The exported fold models, run by onnxruntime on the CPU."""
 
-    def __init__(self, folder: str | Path, threads: int | None = None):
+    def __init__(self, folder: str | Path):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -94,8 +94,6 @@ class OnnxEnsemble:
         self.folds = [fold for fold, _ in files]
         self.settings = checked_settings(settings, folder / "ensemble.json", self.folds, ".onnx")
         options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
         self.sessions = []
         for _, path in files:
             try:

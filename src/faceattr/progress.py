@@ -19,12 +19,12 @@ def configure(bars: bool) -> None:
     _ENABLED["bars"] = bars
 
 
-def bar(total: int, desc: str, unit: str = "img") -> tqdm:
-    """A progress bar over `total` units; a silent no-op when bars are off."""
+def bar(total: int, desc: str) -> tqdm:
+    """A progress bar over `total` images; a silent no-op when bars are off."""
     return tqdm(
         total=total,
         desc=desc,
-        unit=unit,
+        unit="img",
         unit_scale=True,
         leave=False,
         file=sys.stderr,
