@@ -128,7 +128,11 @@ def test_cutmix_pastes_one_box_of_the_partner_covering_one_minus_lam():
             assert pasted[i][0].sum() == box
             assert (mixed[i][:, rows, cols] == 63 - i).all()
     assert (lam < 1).float().mean() > 0.9  # nearly every image got a box
-    assert lam.min() < 0.6  # and some boxes cover nearly half of it
+    assert lam.min() < 0.65  # and some boxes cover nearly half of it
+    # Never more than half: of 4,096 boxes rounded to the nearest pixel, 13 had been.
+    x, y = torch.rand(4096, 1, 16, 16), torch.zeros(4096, dtype=torch.long)
+    lam = mix(x, y, torch.Generator().manual_seed(0), "cutmix", 1.0)[2]
+    assert lam.min() >= 0.5 and lam.min() < 0.55
 
 
 def test_mixing_shares_are_reproducible_from_the_seeds():

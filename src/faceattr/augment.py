@@ -147,11 +147,12 @@ def mix(
     if kind != "cutmix":
         raise ValueError(f"unknown mix {kind!r}")
     # A box of sides sqrt(1 - lam) times the image's, centred anywhere, cut at the border; whole
-    # pixels, so that `lam` is then exactly the share of the image's own pixels.
+    # pixels inside it, so that `lam` is then exactly the share of the image's own pixels, and
+    # never below the one drawn (rounded outwards, a box could take over half the image).
     side = (1 - lam).sqrt()
     cy, cx = _uniform(n, generator, x.device, 0, h), _uniform(n, generator, x.device, 0, w)
-    top, bottom = (cy - side * h / 2).clamp(0, h).round(), (cy + side * h / 2).clamp(0, h).round()
-    left, right = (cx - side * w / 2).clamp(0, w).round(), (cx + side * w / 2).clamp(0, w).round()
+    top, bottom = (cy - side * h / 2).clamp(0, h).ceil(), (cy + side * h / 2).clamp(0, h).floor()
+    left, right = (cx - side * w / 2).clamp(0, w).ceil(), (cx + side * w / 2).clamp(0, w).floor()
     rows = torch.arange(h, device=x.device).view(1, h, 1)
     cols = torch.arange(w, device=x.device).view(1, 1, w)
     inside = (
