@@ -2,7 +2,8 @@
 
 On a GPU the whole uint8 array normally lives in device memory (20,000 faces are 245 MB), so a
 batch is one indexing kernel. A set too large for that stays in host memory, pinned when it fits
-in RAM so the copy to the GPU is asynchronous, memory-mapped from the cache file otherwise.
+in RAM so the copy to the GPU is asynchronous, otherwise as it came (memory-mapped from the cache
+file, or in RAM without one).
 """
 
 from __future__ import annotations

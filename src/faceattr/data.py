@@ -95,7 +95,7 @@ class ZipSource:
             self.zip = zipfile.ZipFile(path)
         except (zipfile.BadZipFile, OSError) as e:
             raise FaceAttrError(f"{path} is not a readable zip file ({e})") from None
-        self._lock = threading.Lock()  # one file handle, shared by the decoding threads
+        self._lock = threading.Lock()  # one file handle: reads from two threads must not interleave
         self._files: dict[str, list[str]] = {}
         self._dirs: set[str] = {""}
         # Each file's member name, by its normalised path: archivers write "./train_img/1.jpg",

@@ -488,7 +488,8 @@ def _finished_fold(out: Path, fold: int) -> dict | None:
 
 
 def data_pictures(images: np.ndarray, labels: np.ndarray, audits: dict, out: Path) -> None:
-    """Class balance, sample images and the image audit, as explore draws them."""
+    """The run's data/ pictures: class balance, sample images and the image audit of the
+    training set (what explore draws of it too, for the report to show)."""
     plots.class_balance({c: int((labels == c).sum()) for c in (0, 1)}, out / "class_balance.png")
     plots.sample_grid(images, labels, out / "samples.png")
     plots.image_audit(audits, out / "audit.png")

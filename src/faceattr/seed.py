@@ -56,7 +56,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.mode == "explore":
         if not (args.img_train_dir or args.img_test_dir):
-            raise FaceAttrError("--mode=explore needs --img_train_dir and --labels_txt")
+            raise FaceAttrError(
+                "--mode=explore needs --img_train_dir and --labels_txt, or --img_test_dir"
+            )
         data = dataset_from_paths(args.img_train_dir, args.labels_txt, args.img_test_dir)
         print(format_summary(explore(data, args.out, args.workers, cache_dir(args))))
         return 0

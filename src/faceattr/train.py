@@ -1,9 +1,9 @@
 """Training one fold: loss, optimiser, schedule, the step, and the epoch loop with its checkpoints.
 
 The fold's model (or, with `ema`, the moving average of its weights) is kept at its epoch with the
-lowest validation HTER. The whole training set sits in one uint8 tensor on the training device;
-batches are index lookups into it, augmented on the device (see `augment`): no DataLoader and no
-per-image Python work. `run` trains all the folds.
+lowest validation HTER. The whole training set is one uint8 array, on the training device where it
+fits (see `batches`); batches are index lookups into it, augmented on the device (see `augment`):
+no DataLoader and no per-image Python work. `run` trains all the folds.
 """
 
 from __future__ import annotations
