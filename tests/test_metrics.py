@@ -10,6 +10,7 @@ from faceattr.metrics import (
     equal_error_rate,
     error_rates,
     hter,
+    rates_at,
     scores_to_labels,
 )
 
@@ -57,6 +58,18 @@ def brute_force_min_hter(labels, scores):
     values = sorted(set(scores))
     candidates = [values[0] - 1, *values, values[-1] + 1]
     return min(hter(labels, scores_to_labels(np.array(scores), t)) for t in candidates)
+
+
+def test_rates_at_every_cut_are_those_of_the_labels_it_gives():
+    rng = np.random.default_rng(3)
+    labels, scores = rng.integers(0, 2, 200), rng.random(200).round(2)  # ties: 100 values
+    cuts = np.array([0.0, 0.25, scores[7], 0.5, 1.0, 1.1])
+    far, frr = rates_at(labels, scores, cuts)
+    for t, a, r in zip(cuts, far, frr, strict=True):
+        rates = error_rates(labels, scores_to_labels(scores, t))
+        assert (a, r) == pytest.approx((rates["far"], rates["frr"]))
+    far, frr = rates_at(np.ones(3), np.array([0.2, 0.5, 0.9]), np.array([0, 0.2, 0.3, 0.5, 0.95]))
+    assert np.isnan(far).all() and frr.tolist() == pytest.approx([0, 0, 1 / 3, 1 / 3, 1])
 
 
 def test_best_threshold_finds_the_exact_minimum():

@@ -56,6 +56,20 @@ def scores_to_labels(scores: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     return (np.asarray(scores) >= threshold).astype(np.int64)
 
 
+def rates_at(
+    labels: np.ndarray, scores: np.ndarray, cuts: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """FAR and FRR at every threshold of `cuts` at once, by `scores_to_labels`' rule: FAR(t) is
+    the share of class 0 with a score >= t, FRR(t) that of class 1 below it (NaN for a class
+    absent, as in `error_rates`)."""
+    labels, scores = np.asarray(labels).ravel(), np.asarray(scores, dtype=np.float64).ravel()
+    below = [  # of each class, the share scored below each cut
+        np.searchsorted(s, cuts, side="left") / len(s) if len(s) else np.full(len(cuts), np.nan)
+        for s in (np.sort(scores[labels == 0]), np.sort(scores[labels == 1]))
+    ]
+    return 1 - below[0], below[1]
+
+
 def best_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, dict]:
     """The decision threshold with the lowest HTER on (out-of-fold) scores, and its error rates.
 
@@ -74,9 +88,7 @@ def best_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, dict]
     values = np.unique(scores)
     cuts = np.concatenate([[values[0] - 1e-6], (values[:-1] + values[1:]) / 2, [values[-1] + 1e-6]])
     cuts = np.clip(cuts, 0.0, 1.0)
-    # FAR(t) = share of class 0 with score >= t; FRR(t) = share of class 1 with score < t.
-    far = 1 - np.searchsorted(np.sort(scores[labels == 0]), cuts, side="left") / n0
-    frr = np.searchsorted(np.sort(scores[labels == 1]), cuts, side="left") / n1
+    far, frr = rates_at(labels, scores, cuts)
     hter_ = (far + frr) / 2
     order = np.lexsort((cuts, np.abs(far - frr), np.round(hter_, 12)))
     best = order[0]

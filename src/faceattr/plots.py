@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from faceattr.metrics import error_rates, scores_to_labels
+from faceattr.metrics import error_rates, rates_at, scores_to_labels
 from faceattr.outputs import atomic_path
 
 CLASS_COLOURS = {0: "#d95f02", 1: "#1b9e77"}
@@ -185,10 +185,7 @@ def threshold_sweep(
 ) -> Path:
     """FAR, FRR and HTER as the threshold moves, the chosen one marked."""
     cuts = np.linspace(0, 1, 201)
-    labels = np.asarray(labels)
-    s0, s1 = np.sort(scores[labels == 0]), np.sort(scores[labels == 1])
-    far = 1 - np.searchsorted(s0, cuts, side="left") / max(len(s0), 1)
-    frr = np.searchsorted(s1, cuts, side="left") / max(len(s1), 1)
+    far, frr = rates_at(labels, scores, cuts)
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(cuts, 100 * far, label="FAR")
     ax.plot(cuts, 100 * frr, label="FRR")
