@@ -304,6 +304,24 @@ def test_pretrained_alone_means_the_installed_imagenet_weights():
     assert (args.mix, args.mix_alpha) == ("cutmix", 1.0)
 
 
+def test_the_options_lists_match_what_they_list():
+    """cli lists them by name, not importing torch to read them: kept in step here."""
+    from dataclasses import fields
+
+    from faceattr.cli import TRAIN_OPTIONS, build_parser
+    from faceattr.ensemble import VOTES
+    from faceattr.train import TrainConfig
+
+    decided_after_training = {"threshold", "tta"}  # predict's --threshold and --no-tta
+    names = {f.name for f in fields(TrainConfig)} - decided_after_training - {"cache"}
+    assert set(TRAIN_OPTIONS) == names  # --cache/--no-cache: see cli.cache_dir
+    args = build_parser().parse_args(["train", "d"])
+    assert all(hasattr(args, name) for name in TRAIN_OPTIONS)
+    predict = build_parser()._subparsers._group_actions[0].choices["predict"]
+    (vote,) = [a for a in predict._actions if a.dest == "vote"]
+    assert set(vote.choices) == set(VOTES)
+
+
 def test_train_options_given_override_the_devices_recipe_and_only_they():
     from faceattr.cli import build_parser, train_config
 

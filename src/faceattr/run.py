@@ -48,7 +48,7 @@ from faceattr.outputs import (
 )
 from faceattr.report import build_report
 from faceattr.runtime import cpu_cores, describe, seed_everything
-from faceattr.train import HISTORY_COLUMNS, FoldResult, TrainConfig, train_fold
+from faceattr.train import HISTORY_COLUMNS, FoldResult, TrainConfig, fold_seed, train_fold
 
 log = logging.getLogger("faceattr")
 
@@ -308,13 +308,9 @@ def _finish_run(
 
 
 def fold_model(cfg: TrainConfig, fold: int, device: torch.device) -> torch.nn.Module:
-    """Fold `fold`'s freshly initialised model, every generator seeded for that fold.
-
-    Seeded per fold, not once per run, so that a fold trains alike whether the run trains it
-    after the others, resumes with it, or another process (or `benchmarks/screen.py`) trains it
-    alone.
-    """
-    seed_everything(cfg.seed * 1000 + fold)
+    """Fold `fold`'s freshly initialised model, every generator seeded for that fold (see
+    `fold_seed`)."""
+    seed_everything(fold_seed(cfg.seed, fold))
     model = create_model(cfg.arch, cfg.pretrained).to(device)
     return model.to(memory_format=torch.channels_last)
 

@@ -160,6 +160,12 @@ DEFAULT_RECIPES: dict[str, dict] = {
 }
 
 
+def fold_seed(seed: int, fold: int) -> int:
+    """Where every generator of fold `fold` starts: seeded per fold, so that the fold trains
+    alike after the others, resumed, or alone (torchrun, `benchmarks/screen.py`)."""
+    return seed * 1000 + fold
+
+
 def config_for(device: torch.device, given: dict) -> TrainConfig:
     """The device's default recipe with the `given` options over it (`pretrained="none"`: none)."""
     recipe = DEFAULT_RECIPES["cuda" if device.type == "cuda" else "cpu"]
@@ -429,9 +435,9 @@ def train_fold(
             f"fold {fold}: its {len(train_idx)} training images are too few to share among "
             f"{ranks.world} processes (each needs 2); use fewer processes, or no --ddp"
         )
-    augment_seed = cfg.seed * 1000 + fold + (7919 * ranks.rank if parallel else 0)
+    augment_seed = fold_seed(cfg.seed, fold) + (7919 * ranks.rank if parallel else 0)
     gen = torch.Generator(device=device).manual_seed(augment_seed)
-    order_gen = torch.Generator().manual_seed(cfg.seed * 1000 + fold)
+    order_gen = torch.Generator().manual_seed(fold_seed(cfg.seed, fold))
     train_t = torch.as_tensor(train_idx, device=device)
     val_t = torch.as_tensor(val_idx, device=device)
     y_val = labels[val_t]
