@@ -184,12 +184,12 @@ def run_predict(images, models_dir: str | Path, args: argparse.Namespace) -> int
         models_dir,
         args.output,
         resolve_device(args.device),
-        args.vote,
-        args.threshold,
-        False if args.no_tta else None,
-        args.batch_size,
-        args.workers,
-        cache_dir(args),
+        rule=args.vote,
+        threshold=args.threshold,
+        tta=False if args.no_tta else None,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        cache=cache_dir(args),
         onnx=getattr(args, "onnx", None) is not None,
     )
     print(

@@ -1,8 +1,9 @@
 """A training run: every fold trained (or resumed, or left to another process), then the run folder.
 
 The run folder holds `folds.csv`, `models/fold_K.safetensors` (+ `.json`, + `ensemble.json`),
-`fold_K/` (history, curves, the fold's result, while it trains its epoch checkpoint), `oof.csv`,
-`run.json`, the pictures and `report.html`. Everything is checked and decoded before the folder is
+`fold_K/` (history, curves, the fold's result, while it trains its epoch checkpoint), `oof.csv`
+(every training image scored by the model that did not see it), `run.json` (options, versions,
+data identity, folds, metrics, timings), the pictures and `report.html`. Everything is checked and decoded before the folder is
 touched, so bad input leaves nothing behind; a fold counts as finished once its result is written.
 """
 
@@ -63,18 +64,15 @@ def train_run(
     ranks: Ranks = SINGLE,
     given: Iterable[str] = (),
 ) -> dict | None:
-    """Train one model per fold and write the whole run folder; returns the run summary.
-
-    The run folder holds `folds.csv`, `models/fold_K.safetensors` (+ `.json`), `fold_K/` (history,
-    curves, the fold's result), `oof.csv` (every training image scored by the model that did not
-    see it), `run.json` (options, versions, folds, metrics, timings) and the report. Everything is
-    checked and decoded before the folder is touched, so bad input leaves nothing behind.
+    """Train one model per fold and write the whole run folder (see the module's docstring);
+    returns the run summary.
 
     `resume` continues the unfinished run in `out` with its own settings: finished folds are
     kept, the running one continues from its last epoch. The options the user `given` must
     agree with them, but for how the work runs (workers, cache, saves). A folder that already
-    holds a run is otherwise left alone unless `overwrite` is given. Under torchrun (`ranks`), each process
-    trains its share of the folds and rank 0 writes everything else; the others return None.
+    holds a run is otherwise left alone unless `overwrite` is given. Under torchrun (`ranks`),
+    each process trains its share of the folds and rank 0 writes everything else; the others
+    return None.
     """
     out = Path(out)
     if resume and overwrite:
