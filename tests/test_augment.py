@@ -133,6 +133,10 @@ def test_cutmix_pastes_one_box_of_the_partner_covering_one_minus_lam():
     x, y = torch.rand(4096, 1, 16, 16), torch.zeros(4096, dtype=torch.long)
     lam = mix(x, y, torch.Generator().manual_seed(0), "cutmix", 1.0)[2]
     assert lam.min() >= 0.5 and lam.min() < 0.55
+    # Boxes under a pixel paste nothing, and say so: lam 1, not 1 - 1/256.
+    mixed, _, lam = mix(x, y, torch.Generator().manual_seed(0), "cutmix", 0.05)
+    own = (mixed == x).all(1).flatten(1).float().mean(1)
+    assert torch.equal(own, lam) and (lam == 1).sum() > 1000
 
 
 def test_mixing_shares_are_reproducible_from_the_seeds():

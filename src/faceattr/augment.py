@@ -161,5 +161,6 @@ def mix(
         & (cols >= left.view(n, 1, 1))
         & (cols < right.view(n, 1, 1))
     )
-    lam = 1 - (bottom - top) * (right - left) / (h * w)
+    # Under a pixel, a box cut inwards ends before it starts: nothing pasted.
+    lam = 1 - (bottom - top).clamp(min=0) * (right - left).clamp(min=0) / (h * w)
     return torch.where(inside.unsqueeze(1), partner, x), y_partner, lam
