@@ -4,7 +4,7 @@ import time
 
 import numpy as np
 
-from conftest import cli, here
+from conftest import cli, here, write_image
 from faceattr import cache, decode
 from faceattr.cache import fingerprint, load_images
 from faceattr.data import load_dataset
@@ -55,7 +55,23 @@ def test_a_changed_file_or_label_file_misses(dataset_dir, tmp_path):
         assert load_images(images, tmp_path).cache == "miss"
     finally:
         os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert fingerprint(images) == key
+
+
+def test_two_images_swapped_by_name_miss(tmp_path):
+    # Same size and time stamp (as unpacked from one zip): only the inodes and change times tell.
+    for name, colour in (("1.bmp", (255, 0, 0)), ("2.bmp", (0, 0, 255))):
+        write_image(tmp_path / "d" / "train_img" / name, colour)
+    (tmp_path / "d" / "label_train.txt").write_text("0\n1\n")
+    first, second = tmp_path / "d" / "train_img" / "1.bmp", tmp_path / "d" / "train_img" / "2.bmp"
+    for f in (first, second):
+        os.utime(f, ns=(1_600_000_000 * 10**9, 1_600_000_000 * 10**9))
+    images = load_dataset(tmp_path / "d").train
+    assert load_images(images, tmp_path / "cache").array[0, 0, 0].tolist() == [255, 0, 0]
+    first.rename(tmp_path / "swap")
+    second.rename(first)
+    (tmp_path / "swap").rename(second)
+    again = load_images(images, tmp_path / "cache")
+    assert again.cache == "miss" and again.array[0, 0, 0].tolist() == [0, 0, 255]
 
 
 def test_another_decoder_release_misses(dataset_dir, tmp_path, monkeypatch):

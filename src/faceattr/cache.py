@@ -1,7 +1,7 @@
 """Decode once: every image set is cached as a memory-mapped .npy, keyed by a fingerprint.
 
-The fingerprint covers the source, every file's name, size and modification time (size, CRC and
-time stamp inside a zip), the decoders' releases and any extra bytes the caller adds (a training
+The fingerprint covers the source, every file's name, size, modification time, inode and change
+time (size, CRC and time stamp inside a zip), the decoders' releases and any extra bytes the caller adds (a training
 set's labels, as parsed: a label file rewritten with other line endings keeps its key). A changed, added or removed file gives a new key, so a stale cache is
 never read. The array is memory-mapped, so a dataset larger than RAM still works.
 """

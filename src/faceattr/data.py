@@ -66,9 +66,11 @@ class FolderSource:
         return self.root / rel
 
     def stat(self, rel: str) -> tuple:
-        """What identifies a file's version: size and modification time."""
+        """What identifies a file's version: size and modification time, and the inode and its
+        change time, which a rename or `cp -p` also changes: two images of one size and time
+        stamp (unpacked from one zip, say) swapped by name would otherwise keep their key."""
         st = (self.root / rel).stat()
-        return st.st_size, st.st_mtime_ns
+        return st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
 
     def describe(self, rel: str) -> str:
         return str(self.root / rel)
