@@ -47,6 +47,9 @@ def test_unpadded_names_are_ordered_by_number(tmp_path):
     assert array[:, 0, 0, 0].tolist() == list(range(1, 13))  # png keeps the exact grey level
     assert data.labels.tolist() == labels
     assert load_test_images(tmp_path).names[-1] == "11.png"
+    # The test images alone, as a folder or zipped bare: numbered images either way.
+    bare = zip_folder(tmp_path / "val_img", tmp_path / "val.zip", None)
+    assert load_test_images(bare).names == load_test_images(tmp_path / "val_img").names
 
 
 def zip_as_named(folder: Path, target: Path, name) -> Path:
@@ -79,6 +82,7 @@ def test_zip_is_read_directly_with_or_without_top_folder(tmp_path, top):
         lambda rel: f"./{rel}",  # as some archivers write them
         lambda rel: f"exercise//{rel}",
         lambda rel: rel.replace("/", "\\"),  # Windows PowerShell 5's Compress-Archive
+        lambda rel: f"/{rel}",  # absolute, as a few tools write them
     ],
 )
 def test_zip_member_names_are_normalised(tmp_path, name):

@@ -461,7 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="score test images with every fold model and vote")
     p.add_argument(
-        "data", type=path, help="dataset folder or .zip with val_img/, or a folder of images"
+        "data",
+        type=path,
+        help="dataset folder or .zip with val_img/, or numbered images (folder or .zip)",
     )
     p.add_argument("--run", type=path, help="run folder written by train")
     p.add_argument(

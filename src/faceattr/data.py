@@ -101,10 +101,11 @@ class ZipSource:
         self._files: dict[str, list[str]] = {}
         self._dirs: set[str] = {""}
         # Each file's member name, by its normalised path: archivers write "./train_img/1.jpg",
-        # "data//train_img/1.jpg" or (Windows PowerShell 5) "train_img\\1.jpg" for the same.
+        # "data//train_img/1.jpg", "/train_img/1.jpg" or (Windows PowerShell 5) "train_img\\1.jpg"
+        # for the same.
         self._members: dict[str, str] = {}
         for name in self.zip.namelist():
-            p = PurePosixPath(name.replace("\\", "/"))
+            p = PurePosixPath(name.replace("\\", "/").lstrip("/"))
             parents = [str(q) for q in p.parents if str(q) != "."]
             self._dirs.update(parents)
             if name.endswith(("/", "\\")):
@@ -418,11 +419,12 @@ def image_folder(path: str | Path) -> ImageSet:
 
 
 def load_test_images(path: str | Path) -> ImageSet:
-    """Test images: a dataset (folder or zip) with `val_img/`, or a folder of numbered images."""
+    """Test images: a dataset (folder or zip) with `val_img/`, or a folder (or zip) of numbered
+    images."""
     source = open_source(path)
     root = _find_root(source)
     if root is not None and source.is_dir(_join(root, TEST_DIR)):
         return numbered_images(source, _join(root, TEST_DIR))
-    if root is None and isinstance(source, FolderSource):
+    if root is None:
         return numbered_images(source, "")
     raise FaceAttrError(f"{path}: no {TEST_DIR}/ folder and no numbered images found")
