@@ -61,11 +61,17 @@ MEASURES = ("ceiling", "faceattr", "baseline", "decode", "end_to_end", "inferenc
 
 
 def device_name(device: torch.device) -> str:
-    """A short name for the results file: 'cpu', or the GPU model ('h200', 'a100', ...)."""
-    if device.type != "cuda":
-        return "cpu"
-    words = torch.cuda.get_device_name(device).lower().replace("nvidia", "").split()
-    return words[0] if words else "cuda"
+    """A short name for the results file: 'cpu', or the GPU model (see `gpu_model`)."""
+    return gpu_model(torch.cuda.get_device_name(device)) if device.type == "cuda" else "cpu"
+
+
+def gpu_model(name: str) -> str:
+    """'NVIDIA H200' -> 'h200', 'NVIDIA A100-SXM4-80GB' -> 'a100', 'NVIDIA GeForce RTX 4090' ->
+    'rtx4090', 'Tesla T4' -> 't4': the model, without its vendor, brand or memory."""
+    words = [w for w in name.lower().split() if w not in ("nvidia", "geforce", "tesla", "quadro")]
+    if len(words) > 1 and words[0] in ("rtx", "gtx"):  # a family: the number names the model
+        words = [words[0] + words[1], *words[2:]]
+    return words[0].split("-")[0] if words else "cuda"
 
 
 def sync(device: torch.device) -> None:
@@ -317,7 +323,12 @@ def main(argv: list[str] | None = None) -> int:
         "--min-seconds", type=float, default=2.0, help="repeat the steps until this long (2)"
     )
     p.add_argument("--epochs", type=int, default=3, help="epochs of the faceattr loop")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N training images")
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="use only the first N training images (but end_to_end, which trains on --data whole)",
+    )
     compiling = p.add_mutually_exclusive_group()
     compiling.add_argument(
         "--no-compile", action="store_true", help="skip the compiled measurements"

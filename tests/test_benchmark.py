@@ -28,6 +28,14 @@ def carry(dataset_dir, tmp_path) -> Path:
     return tmp_path / "carry"
 
 
+def test_results_files_are_named_by_the_gpu_model():
+    from throughput import gpu_model
+
+    names = {"NVIDIA H200": "h200", "NVIDIA A100-SXM4-80GB": "a100", "Tesla T4": "t4",
+             "NVIDIA GeForce RTX 4090": "rtx4090", "NVIDIA H100 80GB HBM3": "h100"}  # fmt: skip
+    assert {name: gpu_model(name) for name in names} == names
+
+
 def test_benchmark_writes_every_measure(dataset_dir, tmp_path):
     results = tmp_path / "throughput-cpu.jsonl"
     command = [

@@ -177,9 +177,10 @@ def _join(*parts: str) -> str:
 
 
 def parse_labels(text: str, where: str) -> np.ndarray:
-    """0/1 labels, one per line; CRLF and trailing blank lines are accepted, anything else is not."""
+    """0/1 labels, one per line, blanks around each ignored; CRLF or CR line endings and trailing
+    blank lines are accepted with a warning, anything else is refused."""
     if "\r" in text:
-        log.warning("%s has Windows (CRLF) line endings; reading it anyway", where)
+        log.warning("%s has Windows (CRLF) or old Mac (CR) line endings; reading it anyway", where)
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     blank = 0
     while lines and not lines[-1].strip():
@@ -301,8 +302,9 @@ class Dataset:
         return found + ([self.empty_test] if self.empty_test else [])
 
     def locations(self) -> list[Path]:
-        """Where on disk the data lives: its image folders (or zip), the folder it was named by
-        and the one holding the label file."""
+        """Where on disk the data lives: its image folders (or zip), the folder they were found
+        in (for the seed's paths, the one the image folders and label file share) and the one
+        holding the label file."""
         parts = [p for p in (self.train, self.test) if p is not None]
         found = [where for p in parts for where in (p.source.local(p.folder), p.source.local(""))]
         return found + [f for f in (self.empty_test, self.label_folder) if f is not None]
