@@ -99,6 +99,11 @@ def test_best_threshold_ties_go_to_balanced_errors_then_lower_threshold():
     labels = np.array([0, 0, 1, 1])
     threshold, rates = best_threshold(labels, np.array([0.1, 0.3, 0.7, 0.9]))
     assert rates["hter"] == 0 and threshold == pytest.approx(0.5)
+    # Two cuts of HTER 0.25, equally unbalanced: 0.15 (FAR 0.5, FRR 0) and 0.35 (FAR 0, FRR 0.5):
+    # the lower wins.
+    labels = np.array([0, 1, 0, 1])
+    threshold, rates = best_threshold(labels, np.array([0.1, 0.2, 0.3, 0.4]))
+    assert (rates["far"], rates["frr"]) == (0.5, 0) and threshold == pytest.approx(0.15)
     # Two cuts with HTER 0.25: (FAR 0.5, FRR 0) and (FAR 0.25, FRR 0.25): the balanced one wins.
     labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
     scores = np.array([0.1, 0.2, 0.6, 0.8, 0.5, 0.7, 0.9, 0.95])
@@ -114,6 +119,9 @@ def test_a_model_that_separates_nothing_accepts_everything_at_a_threshold_in_0_1
         threshold, rates = best_threshold(labels, scores)
         assert 0 <= threshold <= 1 and rates["hter"] == 0.5
         assert hter(labels, scores_to_labels(scores, threshold)) == 0.5
+    # One score for all: everything is accepted (FAR 1, FRR 0), at 0 for a score of 0.
+    threshold, rates = best_threshold(labels, np.full(12, score))
+    assert (rates["far"], rates["frr"]) == (1, 0) and threshold <= score
 
 
 def test_equal_error_rate_and_auc():
@@ -135,4 +143,10 @@ def test_bootstrap_interval_brackets_the_estimate_and_narrows_with_data():
     small_low, small_high = bootstrap_hter(labels[::10], predictions[::10])
     assert small_high - small_low > high - low
     assert bootstrap_hter(labels, predictions) == (low, high)  # seeded: repeatable
+    # Its width is the binomial one: 2 x 1.96 standard errors at 95 %, 2 x 0.674 at 50 %.
+    far, frr = predictions[:200].mean(), 1 - predictions[200:].mean()
+    se = np.sqrt(far * (1 - far) / 200 + frr * (1 - frr) / 1800) / 2
+    assert high - low == pytest.approx(2 * 1.96 * se, rel=0.15)
+    half_low, half_high = bootstrap_hter(labels, predictions, level=0.5)
+    assert half_high - half_low == pytest.approx(2 * 0.674 * se, rel=0.15)
     assert bootstrap_hter(labels, labels) == (0.0, 0.0)
