@@ -158,6 +158,38 @@ def easy_data(n: int = 96) -> tuple[torch.Tensor, torch.Tensor]:
     return (level + torch.randint(0, 40, (n, 64, 64, 3), generator=g)).to(torch.uint8), labels
 
 
+def test_the_recipe_reaches_every_step_of_the_loop(monkeypatch):
+    """Each option is used where it acts: policy, mixing, smoothing, class weights, mirroring."""
+    from faceattr.augment import POLICIES
+
+    seen: dict[str, list] = {"policy": [], "mix": [], "step": [], "tta": []}
+
+    def spy(name, real, record):
+        def wrapped(*args, **kwargs):
+            seen[name].append(record(*args, **kwargs))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(train_module, real.__name__, wrapped)
+
+    spy("policy", train_module.augment, lambda x, gen, policy: policy)
+    spy("mix", train_module.mix, lambda x, y, gen, kind, alpha: (kind, alpha))
+    spy("step", train_module.train_step, lambda m, o, x, y, w, smoothing, mixed: (w, smoothing))
+    spy("tta", train_module.model_scores, lambda model, images, tta: tta)
+    images, labels = easy_data()
+    cfg = TrainConfig(epochs=2, batch_size=32, augment="strong", mix="cutmix", mix_alpha=0.7,
+                      label_smoothing=0.1, tta=False)  # fmt: skip
+    train_fold(create_model("simple"), images, labels, np.arange(64), np.arange(64, 96), cfg, 1)
+    assert seen["policy"] == [POLICIES["strong"]] * 4  # 2 epochs x 2 batches
+    assert seen["mix"] == [("cutmix", 0.7)] * 4
+    weights = class_weights(labels[:64])
+    assert all(torch.equal(w, weights) and smoothing == 0.1 for w, smoothing in seen["step"])
+    assert not torch.equal(weights, torch.ones(2))  # imbalanced: the weights differ
+    assert seen["tta"] == [False, False]  # validation, once an epoch
+    cfg = TrainConfig(epochs=1, batch_size=32)  # mirrored validation, the default
+    train_fold(create_model("simple"), images, labels, np.arange(64), np.arange(64, 96), cfg, 1)
+    assert seen["tta"][-1] is True and seen["policy"][-1] == POLICIES["light"]
+
+
 def test_ema_keeps_and_judges_the_averaged_weights():
     images, labels = easy_data()
     torch.manual_seed(0)
