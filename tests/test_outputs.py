@@ -97,3 +97,31 @@ def test_files_written_together_land_together(tmp_path, monkeypatch):
         write_together({labels: "0\n", table: "y\n"})
     assert labels.read_text() == "1\n" and table.read_text() == "x\n"  # neither
     assert sorted(p.name for p in tmp_path.iterdir()) == ["label_val.txt", "predictions.csv"]
+    monkeypatch.setattr(os, "replace", replace)
+    # The disk full while the second is written: the first, written already, is not renamed.
+    write = Path.write_text
+
+    def full_on_the_table(self, text, **kwargs):
+        if "predictions.csv" in self.name:
+            raise OSError(28, "No space left on device")
+        return write(self, text, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_on_the_table)
+    with pytest.raises(OSError, match="No space left"):
+        write_together({labels: "0\n", table: "y\n"})
+    assert labels.read_text() == "1\n" and table.read_text() == "x\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["label_val.txt", "predictions.csv"]
+
+
+def test_a_write_that_fails_leaves_the_old_file(tmp_path, monkeypatch):
+    target = tmp_path / "run.json"
+    write_json(target, {"status": "complete"})
+
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_json(target, {"status": "running"})
+    assert target.read_text() == '{\n  "status": "complete"\n}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["run.json"]
