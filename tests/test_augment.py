@@ -25,10 +25,13 @@ def test_rotation_never_exceeds_five_degrees_and_shift_four_pixels():
     linear = theta[:, :, :2]
     # Each matrix is a rotation times an optional flip: |det| = 1, angle from the second row.
     assert torch.allclose(linear.det().abs(), torch.ones(10_000), atol=1e-5)
-    angles = torch.atan2(linear[:, 1, 0] * linear[:, 0, 0].sign(), linear[:, 1, 1]).abs()
-    assert angles.max() <= math.radians(5) + 1e-6
-    assert angles.max() > math.radians(4.5)  # the whole range is used
-    assert theta[:, :, 2].abs().max() <= 2 * 4 / 64 + 1e-6
+    angles = torch.atan2(linear[:, 1, 0] * linear[:, 0, 0].sign(), linear[:, 1, 1])
+    assert angles.abs().max() <= math.radians(5) + 1e-6
+    assert angles.min() < -math.radians(4.5) and angles.max() > math.radians(4.5)  # both ways
+    limit = 2 * 4 / 64  # 4 pixels, in affine_grid's [-1, 1]
+    assert theta[:, :, 2].abs().max() <= limit + 1e-6
+    for shift in (theta[:, 0, 2], theta[:, 1, 2]):  # across and down, each way, all of it
+        assert shift.min() < -0.95 * limit and shift.max() > 0.95 * limit
     flips = (linear.det() < 0).float().mean()
     assert 0.45 < flips < 0.55
 
@@ -73,6 +76,36 @@ def test_colour_jitter_is_per_image_bounded_and_off_at_zero():
     out = color_jitter(gray, torch.Generator().manual_seed(1), 0.2)
     assert torch.allclose(out, out[:, :1, :1, :1].expand_as(out))
     assert out.min() >= 0.4 - 1e-6 and out.max() <= 0.6 + 1e-6
+
+
+def test_colour_jitter_moves_contrast_and_saturation_too():
+    g = torch.Generator().manual_seed(0)
+    # Grey, half 0.25 and half 0.75: brightness b and contrast c give levels b/2 (1 -+ c/2).
+    two = torch.full((256, 3, 8, 8), 0.25)
+    two[..., 4:] = 0.75
+    out = color_jitter(two, g, 0.2)
+    low, high = out[:, 0, 0, 0], out[:, 0, 0, 7]
+    contrast = 2 * (high - low) / (high + low)
+    assert contrast.min() < 0.82 and contrast.max() > 1.18 and contrast.max() <= 1.2 + 1e-5
+    # One colour: contrast and saturation both scale its distance from its grey, by c times s.
+    colour = torch.tensor([0.6, 0.4, 0.2]).view(1, 3, 1, 1).expand(256, 3, 4, 4)
+    out = color_jitter(colour, g, 0.2)
+    spread = (out[:, 0] - out[:, 2]).flatten(1)[:, 0] / (out[:, :, 0, 0] @ torch.tensor(
+        [0.299, 0.587, 0.114])) / (0.4 / 0.4316)  # fmt: skip
+    assert spread.min() < 0.75 and spread.max() > 1.25  # beyond either factor's [0.8, 1.2]
+
+
+def test_policies_apply_their_jitter_and_erasing_and_repeat_the_border():
+    still = {"max_shift": 0.0, "max_degrees": 0.0, "max_zoom": 0.0, "flip": False}
+    x = torch.full((8, 3, 64, 64), 0.5)
+    g = torch.Generator().manual_seed(0)
+    jittered = augment(x, g, POLICIES["strong"], **still, erase=0.0)
+    assert (jittered - x).abs().flatten(1).amax(1).min() > 1e-3  # every image
+    erased = augment(x, g, POLICIES["strong"], **still, jitter=0.0, erase=1.0)
+    assert ((erased != x).flatten(1).float().mean(1) > 0.015).all()  # a rectangle of noise each
+    # Shifted, rotated and zoomed, a white image stays white: the border is repeated, not black.
+    white = augment(torch.ones(64, 3, 64, 64), g, POLICIES["strong"], jitter=0.0, erase=0.0)
+    assert torch.allclose(white, torch.ones_like(white), atol=1e-5)
 
 
 def test_random_erase_blanks_one_small_rectangle_per_chosen_image():
