@@ -41,10 +41,12 @@ def dataset_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_run(dataset_dir, tmp_path_factory) -> Path:
-    """A 2-fold, 2-epoch run of the simple CNN on the synthetic dataset."""
+    """A 2-fold, 2-epoch run of the simple CNN on the synthetic dataset; what train printed is
+    in train.out beside it."""
     run = tmp_path_factory.mktemp("run") / "run"
     result = cli(*train_args(dataset_dir, run))
     assert result.returncode == 0, result.stderr
+    (run.parent / "train.out").write_text(result.stdout)
     return run
 
 

@@ -90,6 +90,11 @@ def test_damaged_entry_is_rebuilt(dataset_dir, tmp_path):
     npy.write_bytes(b"garbage")
     again = load_images(images, tmp_path)
     assert again.cache == "miss" and np.array_equal(again.array, good)
+    for wrong in (good[:-1], good.astype(np.int16)):  # a valid .npy, of another shape or type
+        npy.unlink()
+        np.save(npy, wrong)
+        again = load_images(images, tmp_path)
+        assert again.cache == "miss" and np.array_equal(again.array, good)
 
 
 def test_unwritable_cache_folder_falls_back_to_memory(dataset_dir, tmp_path):

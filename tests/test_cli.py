@@ -27,6 +27,14 @@ def test_explore(dataset_dir, tmp_path):
 def test_train_prints_the_oof_hter(trained_run):
     summary = json.loads((trained_run / "run.json").read_text())
     assert summary["status"] == "complete" and summary["environment"]["device"] == "cpu"
+    printed = (trained_run.parent / "train.out").read_text()
+    oof, (low, high) = summary["oof"], summary["oof"]["hter_ci"]
+    assert (
+        f"out-of-fold HTER {100 * oof['hter']:.2f} % (95 % CI {100 * low:.2f} % to "
+        f"{100 * high:.2f} %" in printed
+    ), printed
+    assert f"at threshold {summary['threshold']:.4f} over 160 images" in printed
+    assert f"{100 * summary['oof_nested']['hter']:.2f} % with each fold's threshold" in printed
 
 
 def test_predict_writes_one_label_per_test_image_and_the_table(trained_run, dataset_dir, tmp_path):

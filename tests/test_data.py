@@ -122,7 +122,9 @@ def test_bad_label_files(text, message):
 
 
 def test_a_utf16_label_file_is_read(tmp_path):
-    """Windows Notepad's "Unicode": UTF-16 with a byte-order mark."""
+    """Windows Notepad's "Unicode": UTF-16 with a byte-order mark; its UTF-8 has one too."""
+    (tmp_path / "utf-8-bom.txt").write_bytes(b"\xef\xbb\xbf0\n1\n")
+    assert read_labels(tmp_path / "utf-8-bom.txt").tolist() == [0, 1]
     for encoding in ("utf-16", "utf-16-be"):
         path = tmp_path / f"{encoding}.txt"
         bom = "\ufeff" if encoding == "utf-16-be" else ""  # utf-16 writes its own
@@ -153,6 +155,7 @@ def test_numbering_gaps_duplicates_and_names(tmp_path):
         numbered_images(source, "imgs")
     (folder / "0003.png").unlink()
     (folder / "notes.txt").write_text("ignored")
+    (folder / "._1.jpg").write_bytes(b"\x00\x05\x16\x07")  # macOS's metadata twin: hidden
     assert len(numbered_images(source, "imgs")) == 4
     # A date-like number is one gap, found at once (counting up to it took all the memory).
     write_image(folder / "20230101120000.jpg", (0, 0, 0))
