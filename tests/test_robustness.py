@@ -277,6 +277,7 @@ def test_an_empty_path_is_refused_not_taken_for_the_current_folder(tmp_path, mon
         ["explore", ""],
         ["predict", "data", "--model-dir", ""],  # had been a TypeError's traceback
         ["export", "run", "--onnx", ""],
+        ["predict", "data", "--run", "run", "--output", ""],
         ["evaluate", "--pred", "p.txt", "--truth", "t.txt", "--scores", ""],
     ):
         result = here(*args)
@@ -438,7 +439,7 @@ def test_predict_refuses_impossible_options_before_writing(tmp_path, dataset_dir
     labels = str(tmp_path / "labels.txt")
     cases = {
         "is a folder; name the label file": ["--output", str(tmp_path / "folder")],
-        "--output does not name a file": ["--output", ""],
+        "--output does not name a file": ["--output", str(tmp_path / "..")],
         "predictions.csv is the table written": ["--output", str(tmp_path / "predictions.csv")],
         "--threshold must be in [0, 1], got nan": ["--output", labels, "--threshold", "nan"],
         "--threshold must be in [0, 1], got 2.0": ["--output", labels, "--threshold", "2"],
