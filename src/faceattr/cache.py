@@ -1,9 +1,11 @@
 """Decode once: every image set is cached as a memory-mapped .npy, keyed by a fingerprint.
 
 The fingerprint covers the source, every file's name, size, modification time, inode and change
-time (size, CRC and time stamp inside a zip), the decoders' releases and any extra bytes the caller adds (a training
-set's labels, as parsed: a label file rewritten with other line endings keeps its key). A changed, added or removed file gives a new key, so a stale cache is
-never read. The array is memory-mapped, so a dataset larger than RAM still works.
+time (size, CRC and time stamp inside a zip), the decoders' releases and any extra bytes the
+caller adds (a training set's labels, as parsed: a label file rewritten with other line endings
+keeps its key). A changed, added or removed file gives a new key, so a stale cache is never
+read; a new entry for the same files replaces their earlier one, so the folder does not pile up.
+The array is memory-mapped, so a dataset larger than RAM still works.
 """
 
 from __future__ import annotations
@@ -88,6 +90,30 @@ class Loaded:
         }
 
 
+def _image_set(images: ImageSet) -> str:
+    """Which image set an entry holds, whatever version of its files: their place and names."""
+    h = hashlib.sha256(f"{Path(images.source.path).resolve()} {images.folder}\n".encode())
+    h.update("\n".join(images.paths()).encode())
+    return h.hexdigest()[:32]
+
+
+def _drop_superseded(cache_dir: Path, key: str, image_set: str) -> None:
+    """Delete the entries of the same image set's earlier versions: a file edited, touched or
+    relabelled makes a new entry (245 MB for celeba64), and the old one would never be read
+    again. A process still reading one keeps its mapping; the file goes once it is done."""
+    for meta in cache_dir.glob("*.json"):
+        if meta.stem == key:
+            continue
+        try:
+            if json.loads(meta.read_text()).get("set") != image_set:
+                continue
+            meta.with_suffix(".npy").unlink(missing_ok=True)
+            meta.unlink(missing_ok=True)
+        except (OSError, ValueError, AttributeError):  # another's, damaged, or gone meanwhile
+            continue
+        log.debug("dropped %s, an earlier version of these images", meta.with_suffix(".npy"))
+
+
 def import_decoder() -> float:
     """Import the JPEG decoder now, and say how many seconds that took: torchvision's import (a
     second or two, once per process) is no part of decoding, so the decode rate leaves it out."""
@@ -147,15 +173,18 @@ def load_images(
         out.flush()
         del out
     seconds = time.perf_counter() - start
+    image_set = _image_set(images)
     write_json(
         meta,
         {
             "source": images.describe(),
             "images": len(images),
+            "set": image_set,
             "audit": audit.to_dict(),
             "decode_s": seconds,
         },
     )
+    _drop_superseded(cache_dir, key, image_set)
     audit.check(skip_bad, hint)
     log.info(
         "decoded %d images of %s in %.1fs (%.0f images/s)",
