@@ -3,8 +3,9 @@
 On a GPU the whole uint8 array normally lives in device memory (20,000 faces are 245 MB), so a
 batch is one indexing kernel. A set too large for that stays in host memory as it came (in RAM,
 or memory-mapped from the cache file: the OS keeps what fits in its page cache); each batch is
-gathered from it straight into pinned memory, so that its copy to the GPU is asynchronous.
-Pinning the whole array instead would not help: indexing it gives a new, unpinned tensor.
+gathered from it straight into pinned memory, which the GPU copies from at full speed without a
+staging copy. Pinning the whole array instead would not help: indexing it gives a new, unpinned
+tensor.
 """
 
 from __future__ import annotations
@@ -51,13 +52,10 @@ class DeviceImages:
     def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
         if self.where == "device":
             return self.data[idx.to(self.device)]
-        idx = idx.cpu()
-        if self.device.type != "cuda":
-            return self.data[idx]
-        # Gathered straight into pinned memory (torch's caching host allocator keeps it until the
-        # copy is done), so that the copy to the GPU is asynchronous.
-        batch = torch.empty(
-            (len(idx), *self.data.shape[1:]), dtype=self.data.dtype, pin_memory=True
-        )
-        torch.index_select(self.data, 0, idx, out=batch)
+        # Gathered straight into pinned memory on a GPU's host (torch's caching host allocator
+        # keeps it until the copy is done). The index comes from the GPU, so this waits for it:
+        # the way for sets too large for the GPU, not the fast one.
+        shape, pinned = (len(idx), *self.data.shape[1:]), self.device.type == "cuda"
+        batch = torch.empty(shape, dtype=self.data.dtype, pin_memory=pinned)
+        torch.index_select(self.data, 0, idx.cpu(), out=batch)
         return batch.to(self.device, non_blocking=True)
