@@ -2,10 +2,29 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
-from faceattr.checkpoints import load_fold_models, save_fold_model
+from faceattr.checkpoints import (
+    load_fold_models,
+    load_training_state,
+    save_fold_model,
+    save_training_state,
+)
 from faceattr.errors import FaceAttrError
 from faceattr.models import create_model
+
+
+def test_a_damaged_training_state_is_no_state(tmp_path):
+    """An interrupted fold whose state cannot be read trains afresh (None), never a traceback."""
+    state = tmp_path / "checkpoint"
+    save_training_state(state, {"w": torch.ones(2)}, {"epoch": 3})
+    assert load_training_state(state)[1] == {"epoch": 3}
+    for info in ("[]", '{"epoch": 4}', "\xff"):  # a list, another epoch's, not UTF-8 JSON
+        state.with_suffix(".json").write_bytes(info.encode("latin-1"))
+        assert load_training_state(state) is None
+    save_file({"w": torch.ones(2)}, str(state.with_suffix(".safetensors")))  # no metadata
+    state.with_suffix(".json").write_text('{"epoch": 3}')
+    assert load_training_state(state) is None
 
 
 def test_roundtrip_gives_the_same_scores(tmp_path):

@@ -166,3 +166,17 @@ def test_two_trains_never_write_one_folder_at_once(dataset_dir, tmp_path):
         pass
     with _writing(run, True, {"status": "running", "config": {}}):  # what the checks saw: fine
         pass
+
+
+def test_a_fold_whose_result_cannot_be_read_trains_again(tmp_path):
+    from faceattr.run import _finished_fold
+
+    (tmp_path / "fold_1").mkdir()
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "fold_1.safetensors").touch()
+    result = tmp_path / "fold_1" / "result.json"
+    result.write_text(json.dumps({"summary": {"best_epoch": 2}, "val_scores": [0.5, 0.25]}))
+    assert _finished_fold(tmp_path, 1)["val_scores"].tolist() == [0.5, 0.25]
+    for text in (b"[]", b'{"summary": {}}', b"{", b'{"\xff": 1}'):  # a list, cut short, Latin-1
+        result.write_bytes(text)
+        assert _finished_fold(tmp_path, 1) is None, text

@@ -182,7 +182,7 @@ def load_training_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict
     try:
         info = json.loads(meta.read_text())
         with safe_open(str(weights), framework="pt") as f:
-            if f.metadata().get("epoch") != str(info["epoch"]):
+            if (f.metadata() or {}).get("epoch") != str(info["epoch"]):  # none: not ours
                 return None
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
     except (OSError, ValueError, KeyError, TypeError, SafetensorError):
