@@ -66,11 +66,14 @@ def device_name(device: torch.device) -> str:
 
 
 def gpu_model(name: str) -> str:
-    """'NVIDIA H200' -> 'h200', 'NVIDIA A100-SXM4-80GB' -> 'a100', 'NVIDIA GeForce RTX 4090' ->
-    'rtx4090', 'Tesla T4' -> 't4': the model, without its vendor, brand or memory."""
-    words = [w for w in name.lower().split() if w not in ("nvidia", "geforce", "tesla", "quadro")]
-    if len(words) > 1 and words[0] in ("rtx", "gtx"):  # a family: the number names the model
+    """'NVIDIA H200' -> 'h200', 'NVIDIA A100-SXM4-80GB' -> 'a100', 'NVIDIA GeForce RTX 3090 Ti' ->
+    'rtx3090ti', 'AMD Instinct MI300X' -> 'mi300x': the model, without vendor, brand or memory."""
+    brands = ("nvidia", "geforce", "tesla", "quadro", "amd", "instinct", "radeon")
+    words = [w for w in name.lower().split() if w not in brands]
+    if len(words) > 1 and words[0] in ("rtx", "gtx", "titan"):  # a family: and its number
         words = [words[0] + words[1], *words[2:]]
+        if len(words) > 1 and words[1] in ("ti", "super"):
+            words = [words[0] + words[1], *words[2:]]
     return words[0].split("-")[0] if words else "cuda"
 
 

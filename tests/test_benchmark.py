@@ -32,7 +32,9 @@ def test_results_files_are_named_by_the_gpu_model():
     from throughput import gpu_model
 
     names = {"NVIDIA H200": "h200", "NVIDIA A100-SXM4-80GB": "a100", "Tesla T4": "t4",
-             "NVIDIA GeForce RTX 4090": "rtx4090", "NVIDIA H100 80GB HBM3": "h100"}  # fmt: skip
+             "NVIDIA GeForce RTX 4090": "rtx4090", "NVIDIA H100 80GB HBM3": "h100",
+             "NVIDIA GeForce RTX 3090 Ti": "rtx3090ti", "NVIDIA TITAN V": "titanv",
+             "AMD Instinct MI300X": "mi300x"}  # fmt: skip
     assert {name: gpu_model(name) for name in names} == names
 
 
