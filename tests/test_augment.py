@@ -90,8 +90,9 @@ def test_colour_jitter_moves_contrast_and_saturation_too():
     # One colour: contrast and saturation both scale its distance from its grey, by c times s.
     colour = torch.tensor([0.6, 0.4, 0.2]).view(1, 3, 1, 1).expand(256, 3, 4, 4)
     out = color_jitter(colour, g, 0.2)
-    spread = (out[:, 0] - out[:, 2]).flatten(1)[:, 0] / (out[:, :, 0, 0] @ torch.tensor(
-        [0.299, 0.587, 0.114])) / (0.4 / 0.4316)  # fmt: skip
+    luma = torch.tensor([0.299, 0.587, 0.114])
+    spread = (out[:, 0, 0, 0] - out[:, 2, 0, 0]) / (out[:, :, 0, 0] @ luma)
+    spread /= 0.4 / (torch.tensor([0.6, 0.4, 0.2]) @ luma)  # its share before jitter
     assert spread.min() < 0.75 and spread.max() > 1.25  # beyond either factor's [0.8, 1.2]
 
 

@@ -98,7 +98,8 @@ def test_files_written_together_land_together(tmp_path, monkeypatch):
     assert labels.read_text() == "1\n" and table.read_text() == "x\n"  # neither
     assert sorted(p.name for p in tmp_path.iterdir()) == ["label_val.txt", "predictions.csv"]
     monkeypatch.setattr(os, "replace", replace)
-    # The disk full while the second is written: the first, written already, is not renamed.
+    # The disk full while the table is written (the first of the two, as it happens), or any
+    # other: nothing is renamed before both are written.
     write = Path.write_text
 
     def full_on_the_table(self, text, **kwargs):

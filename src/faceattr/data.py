@@ -303,8 +303,8 @@ class Dataset:
 
     def locations(self) -> list[Path]:
         """Where on disk the data lives: its image folders (or zip), the folder they were found
-        in (for the seed's paths, the one the image folders and label file share) and the one
-        holding the label file."""
+        in (for the seed's paths, the one the image folders and label file share), and for the
+        seed's paths the one holding the label file."""
         parts = [p for p in (self.train, self.test) if p is not None]
         found = [where for p in parts for where in (p.source.local(p.folder), p.source.local(""))]
         return found + [f for f in (self.empty_test, self.label_folder) if f is not None]
