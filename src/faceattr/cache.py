@@ -90,17 +90,19 @@ class Loaded:
         }
 
 
-def _image_set(images: ImageSet) -> str:
-    """Which image set an entry holds, whatever version of its files: their place and names."""
+def _image_set(images: ImageSet, extra: bytes) -> str:
+    """Which image set an entry holds, whatever version of its files: their place and names, and
+    the caller's extra bytes (two label files for one folder, two attributes, keep an entry each
+    rather than replace each other's at every switch)."""
     h = hashlib.sha256(f"{Path(images.source.path).resolve()} {images.folder}\n".encode())
     h.update("\n".join(images.paths()).encode())
+    h.update(extra)
     return h.hexdigest()[:32]
 
 
 def _drop_superseded(cache_dir: Path, key: str, image_set: str) -> None:
-    """Delete the entries of the same image set's earlier versions: a file edited, touched or
-    relabelled makes a new entry (245 MB for celeba64), and the old one would never be read
-    again. A process still reading one keeps its mapping; the file goes once it is done."""
+    """Delete the entries of the same image set's earlier versions: a file edited or touched
+    makes a new entry (245 MB for celeba64), and the old one would never be read again. A process still reading one keeps its mapping; the file goes once it is done."""
     for meta in cache_dir.glob("*.json"):
         if meta.stem == key:
             continue
@@ -173,7 +175,7 @@ def load_images(
         out.flush()
         del out
     seconds = time.perf_counter() - start
-    image_set = _image_set(images)
+    image_set = _image_set(images, extra)
     write_json(
         meta,
         {
