@@ -541,20 +541,8 @@ def train_fold(
         improved = row["val_hter"] < state.best_hter
         if improved:
             state.keep_best(epoch, row["val_hter"], val_scores, judged)
-        log.info(
-            "fold %d epoch %2d/%d  loss %.4f  val loss %.4f  val HTER %5.2f%% (FAR %.2f%% FRR %.2f%%)"
-            "  %.1fs%s",
-            fold,
-            epoch,
-            cfg.epochs,
-            row["train_loss"],
-            row["val_loss"],
-            100 * row["val_hter"],
-            100 * row["val_far"],
-            100 * row["val_frr"],
-            row["seconds"],
-            "  *" if improved else "",
-        )
+        log.info("fold %d epoch %2d/%d  %s%s", fold, epoch, cfg.epochs, _epoch_line(row),
+                 "  *" if improved else "")  # fmt: skip
         state.epoch = epoch
         due = time.perf_counter() - saved_at >= cfg.save_every
         if checkpoint is not None and epoch < cfg.epochs and due and (ranks.main or not parallel):
@@ -564,6 +552,15 @@ def train_fold(
     seconds = time.perf_counter() - start
     return FoldResult(
         fold, state.best_epoch, state.best_state, state.best_scores, state.history, seconds
+    )
+
+
+def _epoch_line(row: dict) -> str:
+    """An epoch's history row as the log shows it."""
+    return (
+        f"loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  val HTER "
+        f"{100 * row['val_hter']:5.2f}% (FAR {100 * row['val_far']:.2f}% "
+        f"FRR {100 * row['val_frr']:.2f}%)  {row['seconds']:.1f}s"
     )
 
 
