@@ -489,6 +489,7 @@ DAMAGED_RUNS = {
         ("[1, 2]", "does not hold the ensemble's settings"),
         (b"\xff\xfe{", "ensemble.json: 'utf-8' codec can't decode"),  # not UTF-8
         ('{"tta": "no"}', "tta must be true or false, got 'no'"),
+        ('{"vote": "sofft"}', "vote must be one of majority, soft, got 'sofft'"),
         ('{"threshold": 1.5}', "threshold must be in [0, 1], got 1.5"),
     ],
     "fold_1.json": [

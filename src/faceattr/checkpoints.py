@@ -15,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from faceattr.ensemble import VOTES
 from faceattr.errors import FaceAttrError, first_line
 from faceattr.models import create_model
 from faceattr.outputs import atomic_path, write_json
@@ -154,6 +155,9 @@ def checked_settings(settings: dict, path: Path, folds: list[int], suffix: str) 
         raise FaceAttrError(f"{path}: threshold must be in [0, 1], got {threshold}")
     if not isinstance(tta, bool):
         raise FaceAttrError(f"{path}: tta must be true or false, got {tta!r}")
+    vote = settings.get("vote", "soft")  # the rule the threshold was chosen for
+    if vote not in VOTES:
+        raise FaceAttrError(f"{path}: vote must be one of {', '.join(VOTES)}, got {vote!r}")
     return {**settings, "threshold": float(threshold)}
 
 
