@@ -102,7 +102,8 @@ def _image_set(images: ImageSet, extra: bytes) -> str:
 
 def _drop_superseded(cache_dir: Path, key: str, image_set: str) -> None:
     """Delete the entries of the same image set's earlier versions: a file edited or touched
-    makes a new entry (245 MB for celeba64), and the old one would never be read again. A process still reading one keeps its mapping; the file goes once it is done."""
+    makes a new entry (245 MB for celeba64), and the old one would never be read again. A
+    process still reading one keeps its mapping; the file goes once it is done."""
     for meta in cache_dir.glob("*.json"):
         if meta.stem == key:
             continue

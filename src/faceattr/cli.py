@@ -193,8 +193,9 @@ def run_predict(images, models_dir: str | Path, args: argparse.Namespace) -> int
         onnx=getattr(args, "onnx", None) is not None,
     )
     print(
-        f"{summary['images']:,} images, {plural(summary['models'], 'model')}, {summary['vote']} vote at "
-        f"threshold {summary['threshold']:.4f}{' with mirrored copies' if summary['tta'] else ''}:"
+        f"{summary['images']:,} images, {plural(summary['models'], 'model')}, "
+        f"{summary['vote']} vote at threshold {summary['threshold']:.4f}"
+        f"{' with mirrored copies' if summary['tta'] else ''}:"
         f" {summary['predicted_0']:,} x 0, {summary['predicted_1']:,} x 1"
     )
     print(

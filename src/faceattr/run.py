@@ -3,8 +3,9 @@
 The run folder holds `folds.csv`, `models/fold_K.safetensors` (+ `.json`, + `ensemble.json`),
 `fold_K/` (history, curves, the fold's result, while it trains its epoch checkpoint), `oof.csv`
 (every training image scored by the model that did not see it), `run.json` (options, versions,
-data identity, folds, metrics, timings), the pictures and `report.html`. Everything is checked and decoded before the folder is
-touched, so bad input leaves nothing behind; a fold counts as finished once its result is written.
+data identity, folds, metrics, timings), the pictures and `report.html`. Everything is checked
+and decoded before the folder is touched, so bad input leaves nothing behind; a fold counts as
+finished once its result is written.
 """
 
 from __future__ import annotations
