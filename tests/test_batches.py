@@ -27,3 +27,10 @@ def test_batches_are_the_indexed_images(where):
     batch = images[idx]
     assert len(images) == 50 and batch.dtype == torch.uint8
     assert np.array_equal(batch.numpy(), array[[3, 1, 49, 3]])
+
+
+def test_host_kept_images_take_their_index_on_the_host():
+    array = np.zeros((4, 64, 64, 3), dtype=np.uint8)
+    cuda = torch.device("cuda")  # placement is given: nothing is moved to a GPU here
+    assert DeviceImages(array, cuda, where="host").index_device == torch.device("cpu")
+    assert DeviceImages(array, torch.device("cpu"), where="device").index_device.type == "cpu"

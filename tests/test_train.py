@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from faceattr import train as train_module
+from faceattr.batches import DeviceImages
 from faceattr.checkpoints import load_training_state
 from faceattr.ensemble import model_scores
 from faceattr.errors import FaceAttrError
@@ -201,6 +202,24 @@ def test_ema_keeps_and_judges_the_averaged_weights():
     kept = create_model("simple")
     kept.load_state_dict(result.state)
     np.testing.assert_allclose(model_scores(kept, images[64:]), result.val_scores, atol=1e-6)
+
+
+@pytest.mark.parametrize("where", ["device", "host"])
+def test_a_fold_trains_alike_wherever_its_images_are_kept(where):
+    """Host-kept images are gathered by a host copy of the order: the same batches, in turn."""
+    images, labels = easy_data()
+    cfg = TrainConfig(epochs=1, batch_size=16, tta=False)
+    kept = DeviceImages(images.numpy(), torch.device("cpu"), where=where)
+    results = []
+    for data in (images, kept):
+        torch.manual_seed(0)
+        results.append(
+            train_fold(
+                create_model("simple"), data, labels, np.arange(64), np.arange(64, 96), cfg, 1
+            )
+        )
+    np.testing.assert_array_equal(results[0].val_scores, results[1].val_scores)
+    assert results[0].history[0]["train_loss"] == results[1].history[0]["train_loss"]
 
 
 def kill_after_epoch_2(monkeypatch, run, saved_as=lambda tensors: tensors) -> None:

@@ -46,6 +46,12 @@ class DeviceImages:
                 "images kept in host memory: %.1f GB do not fit on %s", array.nbytes / 1e9, device
             )
 
+    @property
+    def index_device(self) -> torch.device:
+        """Where `idx` should be for `images[idx]` not to wait for the GPU: the host gathers
+        host-kept images, and would first have to copy an index back from the device."""
+        return self.device if self.where == "device" else torch.device("cpu")
+
     def __len__(self) -> int:
         return len(self.data)
 
@@ -53,8 +59,8 @@ class DeviceImages:
         if self.where == "device":
             return self.data[idx.to(self.device)]
         # Gathered straight into pinned memory on a GPU's host (torch's caching host allocator
-        # keeps it until the copy is done). The index comes from the GPU, so this waits for it:
-        # the way for sets too large for the GPU, not the fast one.
+        # keeps it until the copy is done). An index on the GPU would make this wait for it:
+        # give one on the host (see `index_device`).
         shape, pinned = (len(idx), *self.data.shape[1:]), self.device.type == "cuda"
         batch = torch.empty(shape, dtype=self.data.dtype, pin_memory=pinned)
         torch.index_select(self.data, 0, idx.cpu(), out=batch)

@@ -478,13 +478,16 @@ def train_fold(
         if parallel:  # the same order on every rank; each takes every world-th image
             order = order[: len(order) // ranks.world * ranks.world][ranks.rank :: ranks.world]
         order = order[: images_per_epoch(len(order), batch, cfg.compile)]
+        # Host-kept images gather from a host copy of the order, made once an epoch.
+        gather = order.to(getattr(images, "index_device", device))
         loss_sum = torch.zeros((), device=device)
         first_bad = torch.full((), -1, device=device)  # first step whose loss was not finite
         predicted = torch.empty(len(order), dtype=torch.bool, device=device)
         shown = progress.bar(len(order), f"fold {fold} epoch {epoch}/{cfg.epochs}")
         for step, s in enumerate(range(0, len(order), batch), start=1):
             idx = order[s : s + batch]
-            x, y = augment(to_model_input(images[idx]), gen, POLICIES[cfg.augment]), labels[idx]
+            batch_images = images[gather[s : s + batch]]
+            x, y = augment(to_model_input(batch_images), gen, POLICIES[cfg.augment]), labels[idx]
             mixed = None
             if cfg.mix != "none":  # train error rates stay against each image's own label
                 x, y_partner, lam = mix(x, y, gen, cfg.mix, cfg.mix_alpha)
