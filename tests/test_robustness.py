@@ -250,6 +250,16 @@ def test_resume_refuses_data_that_changed_and_trains_its_own_settings(tmp_path):
     result = here("train", str(data), "--out", str(tmp_path / "run"), "--resume")
     assert_user_error(result, "--resume: the images decode to other pixels than", "--overwrite")
     first.write_bytes(a), second.write_bytes(b)
+    # One file grown by a byte its decoder ignores: told by its size alone, before decoding.
+    first.write_bytes(a + b"\0")
+    result = here("train", str(data), "--out", str(tmp_path / "run"), "--resume")
+    assert_user_error(result, "--resume: the labels or images changed since", "--overwrite")
+    first.write_bytes(a)
+    # A run.json that counts other images than the data has (hand-edited, or another run's):
+    run_json.write_text(json.dumps({**summary, "status": "running", "n_train": 9}))
+    result = here("train", str(data), "--out", str(tmp_path / "run"), "--resume")
+    assert_user_error(result, "--resume: ", "was trained on 9 images, this data has 10")
+    run_json.write_text(json.dumps({**summary, "status": "running"}))
     # Same data, but a split that is not the run's (as another scikit-learn might shuffle):
     folds_csv = tmp_path / "run" / "folds.csv"
     saved = folds_csv.read_text()
