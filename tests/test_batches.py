@@ -34,3 +34,14 @@ def test_host_kept_images_take_their_index_on_the_host():
     cuda = torch.device("cuda")  # placement is given: nothing is moved to a GPU here
     assert DeviceImages(array, cuda, where="host").index_device == torch.device("cpu")
     assert DeviceImages(array, torch.device("cpu"), where="device").index_device.type == "cpu"
+
+
+def test_a_set_too_large_for_the_gpus_free_memory_stays_on_the_host(monkeypatch):
+    def mem_get_info(device=None):  # as torch 2.4's: an index or None, not torch.device("cuda")
+        assert device is None or isinstance(device, int), device
+        return 1000, 80 * GB
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    array = np.zeros((4, 64, 64, 3), dtype=np.uint8)  # 49 kB, over half of 1000 free bytes
+    images = DeviceImages(array, torch.device("cuda"))
+    assert images.where == "host" and images.data.device.type == "cpu"

@@ -34,7 +34,8 @@ class DeviceImages:
         self.device = device
         host = torch.from_numpy(array)
         if where is None:
-            free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
+            # By index: torch 2.4 refuses a device without one (None: the current device).
+            free = torch.cuda.mem_get_info(device.index)[0] if device.type == "cuda" else 0
             where = placement(array.nbytes, device, free)
         self.where = where
         log.debug("%d images (%.0f MB) kept in %s memory", len(array), array.nbytes / 1e6, where)
