@@ -39,7 +39,7 @@ def test_train_and_predict_on_real_faces(celeba_slice, tmp_path):
         "--folds",
         "2",
         "--epochs",
-        "4",
+        "3",
         "--batch-size",
         "64",
         "--device",
@@ -49,7 +49,7 @@ def test_train_and_predict_on_real_faces(celeba_slice, tmp_path):
     summary = json.loads((run / "run.json").read_text())
     assert summary["n_train"] == N_TRAIN
     assert 150 < summary["class_counts"]["0"] < 350  # about 8.4 % wear glasses or a hat
-    # Chance is 50 %; even this short training on 1,500 faces per fold does clearly better.
+    # Chance is 50 %; even 3 epochs on 1,500 faces per fold do clearly better (29 % when written).
     assert summary["oof"]["hter"] < 0.40, summary["oof"]
     out = tmp_path / "label_val.txt"
     result = cli("predict", str(celeba_slice), "--run", str(run), "--output", str(out))

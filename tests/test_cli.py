@@ -289,7 +289,7 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     assert (tmp_path / "demo" / "run" / "run.json").exists()
     assert (tmp_path / "demo" / "explore" / "samples.png").exists()
     # Again in its own folder, smaller: its data is made afresh, not mixed with the last one's.
-    result = cli("demo", "--out", str(tmp_path / "demo"), "--n-train", "60", "--n-test", "20",
+    result = here("demo", "--out", str(tmp_path / "demo"), "--n-train", "60", "--n-test", "20",
                  "--epochs", "1", "--device", "cpu")  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert len(list((tmp_path / "demo" / "data" / "train_img").iterdir())) == 60

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from conftest import cli, torchrun, train_args
+from conftest import cli, here, torchrun, train_args
 from faceattr.distributed import Ranks
 
 
@@ -36,10 +36,8 @@ def test_fold_parallel_torchrun_equals_one_process(dataset_dir, tmp_path):
     labels = []
     for run in (one, two):
         out = run / "label_val.txt"
-        assert (
-            cli("predict", str(dataset_dir), "--run", str(run), "--output", str(out)).returncode
-            == 0
-        )
+        result = here("predict", str(dataset_dir), "--run", str(run), "--output", str(out))
+        assert result.returncode == 0, result.stderr
         labels.append(out.read_text())
     assert labels[0] == labels[1]
 
@@ -54,7 +52,9 @@ def test_data_parallel_torchrun_trains_and_predicts(dataset_dir, tmp_path):
     # Both processes trained fold 1 together, each on its half of every epoch.
     assert result.stderr.count("fold 1 epoch  1/2") == 2
     out = tmp_path / "label_val.txt"
-    assert cli("predict", str(dataset_dir), "--run", str(run), "--output", str(out)).returncode == 0
+    assert (
+        here("predict", str(dataset_dir), "--run", str(run), "--output", str(out)).returncode == 0
+    )
     assert len(out.read_text().splitlines()) == 40
 
 
@@ -62,7 +62,6 @@ def test_a_process_whose_peer_stopped_says_so_in_one_line(dataset_dir, tmp_path,
     """Under torchrun, the others' next collective fails when one process stops on an error."""
     import torch
 
-    from conftest import here
     from faceattr import distributed, run
     from faceattr.distributed import Ranks
 
