@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -200,6 +201,24 @@ def extract(images: ImageSet, folder: Path) -> list[Path]:
     return [Path(images.source.path) / rel for rel in images.paths()]
 
 
+SHM_MARGIN = 1.5  # over the queued batches: those being handed over and pinned
+
+
+def loader_settings(workers: int, batch_bytes: int, shm_free: int | None) -> tuple[int, int]:
+    """(workers, batches queued per worker) whose batches fit in `shm_free` bytes of shared
+    memory, through which each worker hands its batches over (None: no /dev/shm to go by).
+
+    A container's /dev/shm is often 64 MB, and 16 workers queueing 2 batches of 512 float images
+    each need 0.8 GB: their first batches would end in a bus error. The fewest changes first:
+    one batch queued per worker, then fewer workers (one at least)."""
+    if shm_free is None or workers == 0:
+        return workers, 2
+    for queued in (2, 1):
+        if workers * queued * batch_bytes * SHM_MARGIN <= shm_free:
+            return workers, queued
+    return max(1, int(shm_free // (batch_bytes * SHM_MARGIN))), 1
+
+
 def baseline(
     files: list[Path],
     labels: np.ndarray,
@@ -210,8 +229,16 @@ def baseline(
     workers: int,
     min_seconds: float,
 ) -> dict:
-    """Train-step images/s of the same model fed by a PIL DataLoader."""
+    """Train-step images/s of the same model fed by a PIL DataLoader, and the loader's settings
+    (fewer workers than asked where shared memory is short, see `loader_settings`)."""
     torch.manual_seed(0)
+    shm = Path("/dev/shm")
+    shm_free = shutil.disk_usage(shm).free if shm.is_dir() else None
+    asked = workers
+    workers, queued = loader_settings(workers, batch * 3 * 64 * 64 * 4, shm_free)  # float32
+    if (workers, queued) != (asked, 2):
+        held = f"{workers} workers queueing {queued}, not {asked} queueing 2"
+        print(f"baseline: {shm_free / 2**20:.0f} MB of /dev/shm holds {held}", file=sys.stderr)
     loader = DataLoader(
         PILFaces(files, labels),
         batch_size=batch,
@@ -220,6 +247,7 @@ def baseline(
         num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
+        prefetch_factor=queued if workers else None,
     )
     model = create_model(arch).to(device).to(memory_format=torch.channels_last).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -236,11 +264,12 @@ def baseline(
         x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         train_step(model, optimizer, x, y.to(device, non_blocking=True), weights)
 
-    # The workers start together and queue up to 2 batches each: the clock starts once those
-    # are used up, at the pace the workers keep, not the one their head start gave.
-    for _ in range(max(3, 2 * workers)):
+    # The workers start together and queue up to `queued` batches each: the clock starts once
+    # those are used up, at the pace the workers keep, not the one their head start gave.
+    for _ in range(max(3, queued * workers)):
         step()
-    return timed_steps(step, batch, steps, min_seconds, device)
+    settings = {"num_workers": workers, "prefetch_factor": queued}
+    return {**timed_steps(step, batch, steps, min_seconds, device), **settings}
 
 
 # --- 5. end to end: the commands ----------------------------------------------------------------

@@ -461,3 +461,16 @@ def test_benchmark_scripts_refuse_bad_options_in_one_line(tmp_path, capsys):
         code = run_script(lambda argv=argv: recipes.main(["--data", str(tmp_path / "nope"), *argv]))
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_the_baseline_loader_fits_its_batches_in_shared_memory():
+    from throughput import loader_settings
+
+    mb = 2**20
+    batch = 24 * mb  # 512 float images of 64x64x3
+    assert loader_settings(16, batch, 64 * 1024 * mb) == (16, 2)  # a VM's: half its RAM
+    assert loader_settings(16, batch, 700 * mb) == (16, 1)  # 16 x 2 x 24 x 1.5 = 1152 MB
+    assert loader_settings(16, batch, 64 * mb) == (1, 1)  # a container's default
+    assert loader_settings(16, batch, 10 * mb) == (1, 1)  # one worker at least
+    assert loader_settings(16, batch, 200 * mb) == (5, 1)
+    assert loader_settings(16, batch, None) == (16, 2) and loader_settings(0, batch, 1) == (0, 2)
