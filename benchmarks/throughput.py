@@ -201,6 +201,7 @@ def extract(images: ImageSet, folder: Path) -> list[Path]:
     return [Path(images.source.path) / rel for rel in images.paths()]
 
 
+QUEUED = 2  # batches each DataLoader worker queues by default (its prefetch_factor)
 SHM_MARGIN = 1.5  # over the queued batches: those being handed over and pinned
 
 
@@ -212,8 +213,8 @@ def loader_settings(workers: int, batch_bytes: int, shm_free: int | None) -> tup
     each need 0.8 GB: their first batches would end in a bus error. The fewest changes first:
     one batch queued per worker, then fewer workers (one at least)."""
     if shm_free is None or workers == 0:
-        return workers, 2
-    for queued in (2, 1):
+        return workers, QUEUED
+    for queued in (QUEUED, 1):
         if workers * queued * batch_bytes * SHM_MARGIN <= shm_free:
             return workers, queued
     return max(1, int(shm_free // (batch_bytes * SHM_MARGIN))), 1
@@ -236,8 +237,8 @@ def baseline(
     shm_free = shutil.disk_usage(shm).free if shm.is_dir() else None
     asked = workers
     workers, queued = loader_settings(workers, batch * 3 * 64 * 64 * 4, shm_free)  # float32
-    if (workers, queued) != (asked, 2):
-        held = f"{workers} workers queueing {queued}, not {asked} queueing 2"
+    if (workers, queued) != (asked, QUEUED):
+        held = f"{workers} workers queueing {queued}, not {asked} queueing {QUEUED}"
         print(f"baseline: {shm_free / 2**20:.0f} MB of /dev/shm holds {held}", file=sys.stderr)
     loader = DataLoader(
         PILFaces(files, labels),
