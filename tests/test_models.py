@@ -173,3 +173,27 @@ def test_under_bf16_the_inference_model_scores_as_validation_did(monkeypatch):
         kept = for_inference(model, torch.device("cpu"))
         assert torch.equal(torch.sigmoid(kept(x).float()), expected)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in kept.modules())
+
+
+def test_the_simple_cnn_pooling_before_relu_is_the_seeds_order_exactly():
+    """ReLU commutes with a max: the same values and the same gradients as ReLU, then pool."""
+    torch.manual_seed(0)
+    ours = create_model("simple")
+    layers = list(ours.net.features)
+    seeds = list(layers)
+    for i, layer in enumerate(layers[:-1]):
+        if isinstance(layer, torch.nn.MaxPool2d):
+            assert isinstance(layers[i + 1], torch.nn.ReLU)
+            seeds[i], seeds[i + 1] = layers[i + 1], layer
+    x = torch.randn(16, 3, 64, 64)  # BatchNorm in training mode: many elements below zero
+    outputs, grads = [], []
+    for features in (layers, seeds):
+        ours.net.features = torch.nn.Sequential(*features)
+        ours.zero_grad()
+        torch.manual_seed(1)  # the same dropout masks
+        out = ours.train()(x)
+        out.sum().backward()
+        outputs.append(out)
+        grads.append([p.grad.clone() for p in ours.parameters()])
+    assert torch.equal(outputs[0], outputs[1])
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
