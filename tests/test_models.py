@@ -13,6 +13,7 @@ from faceattr.models import (
     count_parameters,
     create_model,
     for_inference,
+    normalise,
     weights_file,
 )
 
@@ -197,3 +198,12 @@ def test_the_simple_cnn_pooling_before_relu_is_the_seeds_order_exactly():
         grads.append([p.grad.clone() for p in ours.parameters()])
     assert torch.equal(outputs[0], outputs[1])
     assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+
+
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_normalise_gives_per_channel_broadcasting_exactly(layout):
+    x = torch.rand(4, 3, 64, 64).contiguous(memory_format=layout)
+    mean, std = torch.rand(1, 3, 1, 1), torch.rand(1, 3, 1, 1) + 0.1
+    out = normalise(x, mean, std)
+    assert torch.equal(out, (x - mean) / std)
+    assert out.is_contiguous(memory_format=torch.channels_last)
