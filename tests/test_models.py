@@ -10,6 +10,7 @@ from faceattr.errors import FaceAttrError
 from faceattr.models import (
     MODELS,
     Logit,
+    MaxPool2x2,
     count_parameters,
     create_model,
     for_inference,
@@ -159,6 +160,8 @@ def test_inference_model_folds_batchnorm_and_keeps_the_scores(name):
         fast = for_inference(model, torch.device("cpu"))
         assert torch.allclose(fast(x), expected, atol=1e-4)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in fast.modules())
+    assert sum(isinstance(m, MaxPool2x2) for m in fast.modules()) == (2 if name == "simple" else 0)
 
 
 def test_under_bf16_the_inference_model_scores_as_validation_did(monkeypatch):
@@ -198,6 +201,31 @@ def test_the_simple_cnn_pooling_before_relu_is_the_seeds_order_exactly():
         grads.append([p.grad.clone() for p in ours.parameters()])
     assert torch.equal(outputs[0], outputs[1])
     assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+
+
+@pytest.mark.parametrize("size", [(64, 64), (7, 9)])
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_maxpool2x2_gives_max_pool2d_exactly(size, layout):
+    x = torch.randn(5, 16, *size).contiguous(memory_format=layout)
+    x[0, 0, :2, :2] = float("nan")  # propagated, as max_pool2d does
+    expected = torch.nn.MaxPool2d(2)(x)
+    out = MaxPool2x2()(x)
+    assert out.shape == expected.shape
+    assert torch.equal(out.nan_to_num(), expected.nan_to_num())
+    assert out[0, 0, 0, 0].isnan() and expected[0, 0, 0, 0].isnan()
+
+
+def test_only_2x2_max_pools_are_swapped():
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.MaxPool2d(3), torch.nn.MaxPool2d(2, ceil_mode=True),
+        torch.nn.MaxPool2d((2, 2), stride=1), torch.nn.MaxPool2d((2, 2)),
+    )  # fmt: skip
+    fast = for_inference(net, torch.device("cpu"))
+    kinds = [type(m).__name__ for m in fast.children()]
+    assert kinds == ["Conv2d", "MaxPool2d", "MaxPool2d", "MaxPool2d", "MaxPool2x2"]
+    x = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        assert torch.equal(fast(x), net(x))
 
 
 @pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])

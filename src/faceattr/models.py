@@ -340,8 +340,8 @@ def load_imagenet_weights(net: nn.Module, path: Path, blocks: str, name: str) ->
 
 
 def for_inference(model: nn.Module, device: torch.device) -> nn.Module:
-    """The model in eval mode on `device`, channels-last, BatchNorm folded into the convolutions
-    where scores are float32.
+    """The model in eval mode on `device`, channels-last; where scores are float32, BatchNorm
+    folded into the convolutions and 2x2 max-pools swapped for `MaxPool2x2`.
 
     There folding (torch.fx) changes scores by about 1e-7 and makes the simple CNN 1.5x faster on
     a CPU. Under bf16 (CUDA) it would move where the rounding happens: scores then differ from the
@@ -354,6 +354,37 @@ def for_inference(model: nn.Module, device: torch.device) -> nn.Module:
     try:
         from torch.fx.experimental.optimization import fuse
 
-        return fuse(model)
+        model = fuse(model)  # a copy: the model given keeps its BatchNorm and pools
     except Exception:  # tracing is best effort: an untraceable model still predicts
         return model
+    for name, module in list(model.named_modules()):
+        if is_2x2_pool(module):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, MaxPool2x2())
+    return model
+
+
+def is_2x2_pool(module: nn.Module) -> bool:
+    """Whether `module` is nn.MaxPool2d(2): what MaxPool2x2 computes."""
+    if not isinstance(module, nn.MaxPool2d) or module.ceil_mode or module.return_indices:
+        return False
+    settings = (module.kernel_size, module.stride, module.padding, module.dilation)
+    pairs = [(v, v) if isinstance(v, int) else tuple(v) for v in settings]
+    return pairs == [(2, 2), (2, 2), (0, 0), (1, 1)]
+
+
+class MaxPool2x2(nn.Module):
+    """nn.MaxPool2d(2) for inference: the same maxima, about 2x faster on a CPU.
+
+    torch's CPU max-pool also finds the argmax that a backward pass would need; here two
+    elementwise maxima of strided views, of row pairs then of column pairs, do only the max
+    (the simple CNN's first pool of 64 images, channels-last, on two cores: 1.2 ms against
+    2.6-3.1). Inference only: torch.maximum's gradient splits ties.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        h, w = h // 2, w // 2  # an odd last row or column is dropped, as max_pool2d does
+        pairs = x[:, :, : 2 * h, : 2 * w].permute(0, 2, 3, 1).reshape(n, h, 2, w, 2, c)
+        rows = torch.maximum(pairs[:, :, 0], pairs[:, :, 1])
+        return torch.maximum(rows[:, :, :, 0], rows[:, :, :, 1]).permute(0, 3, 1, 2)
