@@ -44,7 +44,7 @@ def test_benchmark_writes_every_measure(dataset_dir, tmp_path):
         sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--data", str(dataset_dir),
         "--device", "cpu", "--arch", "simple", "--steps", "2", "--epochs", "2", "--batch-size",
         "32", "--min-seconds", "0.3", "--no-compile", "--e2e-args",
-        "--folds 2 --epochs 1 --batch-size 16", "--results", str(results),
+        "--arch simple --folds 2 --epochs 1 --batch-size 16", "--results", str(results),
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
@@ -75,8 +75,8 @@ def test_benchmark_writes_every_measure(dataset_dir, tmp_path):
     assert loop["timed_epochs"] == 1 and 0 < loop["img_per_s_with_validation"] < loop["img_per_s"]
     e2e = by_measure["end_to_end"]
     assert e2e["seconds"] == e2e["train_seconds"] + e2e["predict_seconds"] > 0
-    assert e2e["train_args"] == "--folds 2 --epochs 1 --batch-size 16"
-    assert (e2e["arch"], e2e["epochs"]) == ("efficientnet_lite0", 1)  # the CPU's default recipe
+    assert e2e["train_args"] == "--arch simple --folds 2 --epochs 1 --batch-size 16"
+    assert (e2e["arch"], e2e["epochs"]) == ("simple", 1)  # as the run's run.json has them
 
 
 def test_timed_steps_repeat_the_steps_until_the_minimum_time_has_passed(monkeypatch):

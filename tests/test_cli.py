@@ -109,13 +109,13 @@ def test_predict_soft_vote_from_a_zip_and_from_a_bare_folder(trained_run, datase
         assert abs(float(r["soft_score"]) - mean) < 1e-5
         assert r["label"] == r["soft_label"]
     bare = tmp_path / "bare.txt"
-    result = cli(
+    result = here(
         "predict", str(dataset_dir / "val_img"), "--run", str(trained_run), "--output", str(bare)
     )
     assert result.returncode == 0, result.stderr
     assert read_lines(bare) == read_lines(soft)
     plain = tmp_path / "plain" / "label_val.txt"
-    result = cli(
+    result = here(
         "predict",
         str(dataset_dir),
         "--run",
@@ -154,10 +154,8 @@ def test_evaluate(dataset_dir, tmp_path):
 
 def test_evaluate_a_labelled_test_set_with_pictures(trained_run, dataset_dir, tmp_path):
     out = tmp_path / "label_val.txt"
-    assert (
-        cli("predict", str(dataset_dir), "--run", str(trained_run), "--output", str(out)).returncode
-        == 0
-    )
+    result = here("predict", str(dataset_dir), "--run", str(trained_run), "--output", str(out))
+    assert result.returncode == 0, result.stderr
     truth = dataset_dir.parent / "truth_val.txt"
     evaluate = ["evaluate", "--pred", str(out), "--truth", str(truth)]
     evaluate += ["--scores", str(tmp_path / "predictions.csv"), "--images", str(dataset_dir)]
@@ -225,15 +223,17 @@ def test_asking_for_cuda_without_a_gpu(dataset_dir, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def test_seed_commands_end_to_end(dataset_dir, tmp_path):
+def test_seed_commands_end_to_end(dataset_dir, tmp_path, monkeypatch):
     train_dir, labels = dataset_dir / "train_img", dataset_dir / "label_train.txt"
     test_dir = dataset_dir / "val_img"
-    result = seed_main(
+    # Run where the seed's relative folders land; `python main.py` itself runs for train.
+    monkeypatch.chdir(tmp_path)
+    result = here(
         "--mode=explore",
         f"--img_train_dir={train_dir}",
         f"--labels_txt={labels}",
         f"--img_test_dir={test_dir}",
-        cwd=tmp_path,
+        seed=True,
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "explore" / "explore.json").exists() and "label 0:" in result.stdout
@@ -260,9 +260,7 @@ def test_seed_commands_end_to_end(dataset_dir, tmp_path):
     run = json.loads((tmp_path / "RUN" / "run.json").read_text())  # the CPU's default recipe
     assert (run["config"]["arch"], run["config"]["lr"]) == ("efficientnet_lite0", 0.001)
     assert run["pretrained_file"] == str(weights_file("efficientnet_lite0", "imagenet"))
-    result = seed_main(
-        "--mode=test", f"--img_test_dir={test_dir}", "--model_dir=RUN/models", cwd=tmp_path
-    )
+    result = here("--mode=test", f"--img_test_dir={test_dir}", "--model_dir=RUN/models", seed=True)
     assert result.returncode == 0, result.stderr
     assert len(read_lines(tmp_path / "label_val.txt")) == 40
     assert (tmp_path / "predictions.csv").exists()
