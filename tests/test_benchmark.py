@@ -121,25 +121,25 @@ def test_benchmark_records_a_failed_measurement_and_goes_on_until_its_deadline(
     assert [json.loads(line)["measure"] for line in results.read_text().splitlines()] == ["decode"]
 
 
-def test_recipe_search_tabulates_each_recipe(dataset_dir, tmp_path):
+def test_recipe_search_tabulates_each_recipe(dataset_dir, tmp_path, capfd):
+    from recipes import main  # here; each recipe's train and predict are processes of their own
+
     command = [
-        sys.executable, str(ROOT / "benchmarks" / "recipes.py"), "--data", str(dataset_dir),
+        "--data", str(dataset_dir),
         "--recipe", "tiny: --arch simple --folds 2 --epochs 1 --batch-size 32",
         "--recipe", "never: --arch simple --folds 2 --epochs 1",
         "--device", "cpu", "--name", "synthetic", "--results", str(tmp_path),
         "--keep", str(tmp_path / "runs"), "--deadline", "2",
     ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
+    assert main(command) == 0
     # The first recipe overran the deadline: stopped, and the second never started.
-    assert "deadline reached while tiny ran" in result.stderr
+    assert "deadline reached while tiny ran" in capfd.readouterr().err
     assert not (tmp_path / "synthetic.jsonl").exists()
 
     command[command.index("--deadline") : command.index("--deadline") + 2] = []
     never = command.index("never: --arch simple --folds 2 --epochs 1")
     command[never - 1 : never + 1] = []
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
+    assert main(command) == 0, capfd.readouterr().err
     (row,) = [json.loads(line) for line in (tmp_path / "synthetic.jsonl").read_text().splitlines()]
     assert row["recipe"] == "tiny"
     assert row["epochs"] == 1 and row["folds"] == 2 and row["batch_size"] == 32
@@ -301,15 +301,17 @@ def test_device_script_lends_the_carried_weights_to_the_default_recipe(tmp_path,
     assert found.resolve() == carried.resolve()
 
 
-def test_device_script_stops_at_its_budget(carry, tmp_path):
-    command = [sys.executable, str(ROOT / "benchmarks" / "device.py"), "run", "--budget", "3"]
-    command += ["--out", str(tmp_path / "out"), "--carry", str(carry)]
+def test_device_script_stops_at_its_budget(carry, tmp_path, capfd):
+    from device import main  # here; what it runs are processes of their own
+
     start = time.monotonic()
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
+    assert (
+        main(["run", "--budget", "3", "--out", str(tmp_path / "out"), "--carry", str(carry)]) == 0
+    )
     assert time.monotonic() - start < 60
-    assert "deadline reached while default ran" in result.stderr
-    assert "the default recipe did not finish" in result.stdout
+    out, err = capfd.readouterr()
+    assert "deadline reached while default ran" in err
+    assert "the default recipe did not finish" in out
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["results"]  # no data, no runs
 
 
@@ -425,22 +427,33 @@ def test_device_script_reports_the_default_recipe_as_end_to_end(tmp_path):
 
 def test_a_terminated_recipe_search_keeps_its_table_and_leaves_no_training(dataset_dir, tmp_path):
     results = tmp_path / "results"
+    results.mkdir()
+    quick = {"recipe": "quick", "args": "--epochs 1", "oof_hter": 0.2, "oof_hter_ci": [0.1, 0.3],
+             "nested_hter": 0.25, "eer": 0.2, "auc": 0.9, "arch": "simple", "epochs": 1,
+             "train_seconds": 9.0, "predict_seconds": 4.0, "device": "cpu",
+             "command": "faceattr train DATA --epochs 1"}  # fmt: skip
+    (results / "celeba64.jsonl").write_text(json.dumps(quick) + "\n")  # an earlier search's row
     command = [sys.executable, str(ROOT / "benchmarks" / "recipes.py"), "--data", str(dataset_dir),
                "--device", "cpu", "--results", str(results),
-               "--recipe", "quick: --arch simple --folds 2 --epochs 1 --batch-size 32",
                "--recipe", "long: --arch simple --folds 2 --epochs 500 --batch-size 32"]  # fmt: skip
     search = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not (results / "celeba64.jsonl").exists() and time.monotonic() < deadline:
+    while not training("epochs 500") and time.monotonic() < deadline:
         time.sleep(0.2)
-    time.sleep(2)  # the long recipe's train is running
+    assert training("epochs 500"), "the long recipe's train did not start"
+    time.sleep(2)  # the long recipe's train is past its start
     search.terminate()
     _, err = search.communicate(timeout=60)
     assert search.returncode == 143 and "faceattr: terminated" in err and "Traceback" not in err
     assert "| quick |" in (results / "celeba64.md").read_text()  # the finished row, tabulated
     time.sleep(0.5)
-    alive = subprocess.run(["pgrep", "-f", "epochs 500"], capture_output=True, text=True).stdout
-    assert not alive.strip(), alive  # its faceattr train went with it
+    assert not training("epochs 500")  # its faceattr train went with it
+
+
+def training(marker: str) -> str:
+    """The command lines of the `faceattr train` processes running with `marker` in them."""
+    found = subprocess.run(["pgrep", "-af", marker], capture_output=True, text=True).stdout
+    return "\n".join(line for line in found.splitlines() if "faceattr train" in line)
 
 
 def test_benchmark_scripts_refuse_bad_options_in_one_line(tmp_path, capsys):
