@@ -6,7 +6,7 @@ import zipfile
 
 import pytest
 
-from conftest import CELEBA_ZIP, cli, read_lines
+from conftest import CELEBA_ZIP, cli, here, read_lines
 
 pytestmark = pytest.mark.skipif(not CELEBA_ZIP.exists(), reason=f"{CELEBA_ZIP} not found")
 
@@ -29,7 +29,7 @@ def celeba_slice(tmp_path_factory):
 
 def test_train_and_predict_on_real_faces(celeba_slice, tmp_path):
     run = tmp_path / "run"
-    result = cli(
+    result = cli(  # a real process for train; the commands after it run here
         "train",
         str(celeba_slice),
         "--out",
@@ -52,14 +52,14 @@ def test_train_and_predict_on_real_faces(celeba_slice, tmp_path):
     # Chance is 50 %; even 3 epochs on 1,500 faces per fold do clearly better (29 % when written).
     assert summary["oof"]["hter"] < 0.40, summary["oof"]
     out = tmp_path / "label_val.txt"
-    result = cli("predict", str(celeba_slice), "--run", str(run), "--output", str(out))
+    result = here("predict", str(celeba_slice), "--run", str(run), "--output", str(out))
     assert result.returncode == 0, result.stderr
     lines = read_lines(out)
     assert len(lines) == N_TEST and set(lines) == {"0", "1"}
     # The same ensemble exported to ONNX scores these real faces as PyTorch does.
-    assert cli("export", str(run), "--onnx", str(tmp_path / "onnx")).returncode == 0
+    assert here("export", str(run), "--onnx", str(tmp_path / "onnx")).returncode == 0
     onnx_out = tmp_path / "ort" / "label_val.txt"
-    result = cli(
+    result = here(
         "predict", str(celeba_slice), "--onnx", str(tmp_path / "onnx"), "--output", str(onnx_out)
     )
     assert result.returncode == 0, result.stderr
