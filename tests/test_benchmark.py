@@ -304,10 +304,9 @@ def test_device_script_lends_the_carried_weights_to_the_default_recipe(tmp_path,
 def test_device_script_stops_at_its_budget(carry, tmp_path, capfd):
     from device import main  # here; what it runs are processes of their own
 
+    args = ["run", "--budget", "3", "--out", str(tmp_path / "out"), "--carry", str(carry)]
     start = time.monotonic()
-    assert (
-        main(["run", "--budget", "3", "--out", str(tmp_path / "out"), "--carry", str(carry)]) == 0
-    )
+    assert main(args) == 0
     assert time.monotonic() - start < 60
     out, err = capfd.readouterr()
     assert "deadline reached while default ran" in err
@@ -438,22 +437,29 @@ def test_a_terminated_recipe_search_keeps_its_table_and_leaves_no_training(datas
                "--recipe", "long: --arch simple --folds 2 --epochs 500 --batch-size 32"]  # fmt: skip
     search = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not training("epochs 500") and time.monotonic() < deadline:
+    while not training(processes("epochs 500")) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert training("epochs 500"), "the long recipe's train did not start"
+    assert training(processes("epochs 500")), "the long recipe's train did not start"
     time.sleep(2)  # the long recipe's train is past its start
     search.terminate()
     _, err = search.communicate(timeout=60)
     assert search.returncode == 143 and "faceattr: terminated" in err and "Traceback" not in err
     assert "| quick |" in (results / "celeba64.md").read_text()  # the finished row, tabulated
     time.sleep(0.5)
-    assert not training("epochs 500")  # its faceattr train went with it
+    alive = processes("epochs 500")
+    assert not alive, alive  # its faceattr train went with it, and nothing else is left
 
 
-def training(marker: str) -> str:
-    """The command lines of the `faceattr train` processes running with `marker` in them."""
+def processes(marker: str) -> list[str]:
+    """The command lines of the running processes with `marker` in them."""
     found = subprocess.run(["pgrep", "-af", marker], capture_output=True, text=True).stdout
-    return "\n".join(line for line in found.splitlines() if "faceattr train" in line)
+    return found.splitlines()
+
+
+def training(lines: list[str]) -> bool:
+    """Whether a `faceattr train` is among these command lines (the search's own has the
+    recipe's options too)."""
+    return any("faceattr train" in line for line in lines)
 
 
 def test_benchmark_scripts_refuse_bad_options_in_one_line(tmp_path, capsys):

@@ -99,11 +99,13 @@ def test_compiled_training_saves_plain_weights(dataset_dir, tmp_path, monkeypatc
     # Dynamo and AOTAutograd as --compile runs them, without inductor's C++ code generation:
     # that is torch's own, and costs about 50 s of two cores here. What is faceattr's is
     # the wrapping, one graph for both folds, and weights saved without the wrapper's prefix.
-    compile_ = torch.compile
-    compiled = []
-    monkeypatch.setattr(
-        torch, "compile", lambda net: compiled.append(net) or compile_(net, backend="aot_eager")
-    )
+    compile_, compiled = torch.compile, []
+
+    def compile_without_inductor(net):
+        compiled.append(net)
+        return compile_(net, backend="aot_eager")
+
+    monkeypatch.setattr(torch, "compile", compile_without_inductor)
     torch._dynamo.reset()
     counters.clear()
     data = load_dataset(dataset_dir)
