@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from conftest import cli, here, torchrun, train_args
+from conftest import cli, here, run_python, torchrun, train_args
 from faceattr.distributed import Ranks
 
 
@@ -44,8 +44,11 @@ def test_fold_parallel_torchrun_equals_one_process(dataset_dir, tmp_path):
 
 def test_data_parallel_torchrun_trains_and_predicts(dataset_dir, tmp_path):
     run = tmp_path / "ddp"
-    result = torchrun(*train_args(dataset_dir, run, "--ddp"))
+    result = torchrun(*train_args(dataset_dir, run, "--ddp", "--cache", str(tmp_path / "cache")))
     assert result.returncode == 0, result.stderr
+    # On an empty cache one process decodes, the other reads what it stored.
+    assert result.stderr.count("decoded 160 images") == 1, result.stderr
+    assert result.stderr.count("found in the cache") == 1, result.stderr
     summary = json.loads((run / "run.json").read_text())
     assert summary["status"] == "complete" and summary["config"]["ddp"] is True
     assert [f["fold"] for f in summary["folds"]] == [1, 2]
@@ -91,3 +94,29 @@ def test_a_process_whose_peer_stopped_says_so_in_one_line(dataset_dir, tmp_path,
     monkeypatch.setattr(run, "train_run", a_bug)
     with pytest.raises(RuntimeError, match="inconsistent tensor size"):
         here("train", str(dataset_dir), "--out", str(tmp_path / "run"), "-q")
+
+
+WAITER = """
+import time
+from datetime import timedelta
+import torch, torch.distributed as dist
+from faceattr import distributed
+dist.init_process_group("gloo", timeout=timedelta(seconds=2))  # the default group's limit
+ranks, _ = distributed.from_environment(torch.device("cpu"))
+time.sleep(5 * ranks.rank)  # rank 1 is still training a fold
+ranks.barrier()
+print("rank", ranks.rank, "waited")
+"""
+
+
+def test_a_process_waits_for_the_others_beyond_the_default_time_limit(tmp_path):
+    """A process done with its folds may wait a fold's time for the others' (10 minutes is NCCL's
+    default limit, here 2 s): the barrier does not time out."""
+    script = tmp_path / "waiter.py"
+    script.write_text(WAITER)
+    result = run_python(
+        "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)
+    )
+    assert result.returncode == 0, result.stderr
+    waited = sorted(line for line in result.stdout.splitlines() if "waited" in line)
+    assert waited == ["rank 0 waited", "rank 1 waited"]

@@ -4,15 +4,22 @@
 with k mod G = r on its own device, all write into the same run folder (each fold's files are its
 own), and rank 0 gathers the out-of-fold scores and writes the run's summary. Multi-node works
 through torchrun's usual rendezvous flags; the run folder must then be on a shared filesystem.
+
+Waiting for each other goes through a CPU (gloo) group of its own, with no practical time limit:
+a process that is done with its folds may wait a whole fold for the others, and the default
+group's limit (10 minutes under NCCL) would abort it. DDP's gradients keep the default group.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+WAIT = timedelta(days=7)  # how long a process waits for the others: longer than any fold
 
 
 @dataclass(frozen=True)
@@ -22,6 +29,8 @@ class Ranks:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    # The group barriers go through (None: the default one).
+    waits: dist.ProcessGroup | None = field(default=None, compare=False)
 
     @property
     def main(self) -> bool:
@@ -33,7 +42,7 @@ class Ranks:
 
     def barrier(self) -> None:
         if self.world > 1:
-            dist.barrier()
+            dist.barrier(group=self.waits)
 
 
 SINGLE = Ranks()  # one process, as without torchrun
@@ -50,7 +59,8 @@ def from_environment(device: torch.device) -> tuple[Ranks, torch.device]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Ranks(dist.get_rank(), dist.get_world_size(), local_rank), device
+    waits = dist.new_group(backend="gloo", timeout=WAIT)
+    return Ranks(dist.get_rank(), dist.get_world_size(), local_rank, waits), device
 
 
 def finish() -> None:

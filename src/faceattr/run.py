@@ -112,10 +112,18 @@ def train_run(
             f"--resume: the labels or images changed since {out} was started; "
             "--overwrite starts it again"
         )
-    workers = cfg.workers or max(1, cpu_cores() // ranks.world)
+    # Under torchrun one process per machine decodes into the cache, on all its cores, and the
+    # others then read the cache: G processes decoding the same images would do G times the work.
+    # Without a cache each decodes its own copy, on its share of the cores.
+    decodes = cfg.cache is None or ranks.local_rank == 0
+    if not decodes:
+        ranks.barrier()
+    workers = cfg.workers or max(1, cpu_cores() // (ranks.world if cfg.cache is None else 1))
     loaded = load_images(
         train_images, cfg.cache, workers, labels.tobytes(), cfg.skip_bad, SKIP_HINT
     )
+    if decodes and cfg.cache is not None:
+        ranks.barrier()
     array, names = loaded.array, train_images.names
     digest = pixel_digest(array)
     if resume and previous.get("pixel_digest", digest) != digest:
