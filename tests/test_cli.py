@@ -132,6 +132,23 @@ def test_predict_soft_vote_from_a_zip_and_from_a_bare_folder(trained_run, datase
     assert any(a["score_1"] != b["score_1"] for a, b in zip(rows, untta, strict=True))
 
 
+def test_predict_follows_the_runs_vote_unless_told(trained_run, dataset_dir, tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    for f in (trained_run / "models").iterdir():
+        (models / f.name).write_bytes(f.read_bytes())
+    settings = json.loads((models / "ensemble.json").read_text())
+    (models / "ensemble.json").write_text(json.dumps({**settings, "vote": "majority"}))
+    for given, rule in (((), "majority"), (("--vote", "soft"), "soft")):
+        out = tmp_path / rule / "label_val.txt"
+        args = ("predict", str(dataset_dir), "--model-dir", str(models), "--output", str(out))
+        result = here(*args, *given)
+        assert result.returncode == 0, result.stderr
+        assert f"{rule} vote at threshold" in result.stdout
+        rows = list(csv.DictReader((out.parent / "predictions.csv").open()))
+        assert [r["label"] for r in rows] == [r[f"{rule}_label"] for r in rows]
+
+
 def test_evaluate(dataset_dir, tmp_path):
     truth = dataset_dir.parent / "truth_val.txt"
     pred = tmp_path / "pred.txt"

@@ -43,6 +43,7 @@ def test_export_and_predict_with_onnxruntime(trained_run, dataset_dir, tmp_path)
     settings = json.loads((tmp_path / "onnx" / "ensemble.json").read_text())
     run_settings = json.loads((trained_run / "models" / "ensemble.json").read_text())
     assert settings["threshold"] == run_settings["threshold"] and settings["folds"] == [1, 2]
+    assert settings["vote"] == run_settings["vote"] == "soft"
     assert settings["preprocessing"]["layout"] == "NCHW"
 
     torch_out, onnx_out = tmp_path / "torch" / "label_val.txt", tmp_path / "ort" / "label_val.txt"

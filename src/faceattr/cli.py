@@ -408,8 +408,8 @@ def add_predict_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--vote",
         choices=["soft", "majority"],
-        default="soft",
-        help="soft: mean probability (default); majority: the fold models' votes (the seed's rule)",
+        help="soft: mean probability; majority: the fold models' votes (the seed's rule); "
+        "default: the run's (soft)",
     )
     p.add_argument(
         "--threshold",

@@ -36,7 +36,8 @@ PREPROCESSING = {
     "resize": "other sizes: centre-crop to a square, then bicubic resize to 64x64",
     "output": "logits: log-odds of label 1, one per image; probability = sigmoid(logit)",
     "tta": "when true, also score the image mirrored left-right and average the probabilities",
-    "vote": "soft: mean probability of the fold models; label 1 where it reaches the threshold",
+    "vote": "soft: mean probability of the fold models, label 1 where it reaches the threshold; "
+    "majority: label 1 where most fold models' probabilities reach it (a tie: the soft vote's)",
 }
 
 
@@ -67,7 +68,8 @@ def export_onnx(models_dir: str | Path, out: str | Path, opset: int = 17) -> lis
         (out / "ensemble.json").unlink(missing_ok=True)
     write_json(out / "ensemble.json", {
         "folds": [m.fold for m in models], "arch": models[0].config.get("arch"),
-        "threshold": settings["threshold"], "tta": settings["tta"], "vote": "soft",
+        "threshold": settings["threshold"], "tta": settings["tta"],
+        "vote": settings.get("vote", "soft"),
         "preprocessing": PREPROCESSING,
     })  # fmt: skip
     return paths

@@ -36,7 +36,7 @@ def predict(
     models_dir: str | Path,
     output: str | Path,
     device: torch.device,
-    rule: str = "soft",
+    rule: str | None = None,
     threshold: float | None = None,
     tta: bool | None = None,
     batch_size: int | None = None,
@@ -46,12 +46,12 @@ def predict(
 ) -> dict:
     """Write `output` (one 0/1 per image, in numeric order) and predictions.csv beside it.
 
-    The threshold and test-time augmentation come from the run's `models/ensemble.json` unless
-    given. Both votes are computed, `rule` decides the label file; predictions.csv has, per image,
-    each model's score (probability of label 1) and vote, both ensemble scores and labels, and the
-    label written. Models are loaded before anything is decoded, so a wrong folder fails at once.
-    With `onnx`, `models_dir` is a folder written by `faceattr export --onnx` and onnxruntime
-    scores the images.
+    The vote `rule`, the threshold and test-time augmentation come from the run's
+    `models/ensemble.json` unless given. Both votes are computed, `rule` decides the label file;
+    predictions.csv has, per image, each model's score (probability of label 1) and vote, both
+    ensemble scores and labels, and the label written. Models are loaded before anything is
+    decoded, so a wrong folder fails at once. With `onnx`, `models_dir` is a folder written by
+    `faceattr export --onnx` and onnxruntime scores the images.
     """
     started = time.perf_counter()
     output = check_output(Path(output), images, Path(models_dir))
@@ -63,6 +63,7 @@ def predict(
     ensemble = OnnxEnsemble(models_dir) if onnx else TorchEnsemble(models_dir, device)
     threshold = ensemble.settings["threshold"] if threshold is None else threshold
     tta = ensemble.settings["tta"] if tta is None else tta
+    rule = ensemble.settings.get("vote", "soft") if rule is None else rule
     loaded = load_images(images, cache, workers)
     t0 = time.perf_counter()
     batch_size = batch_size or inference_batch_size(torch.device("cpu") if onnx else device)
