@@ -562,7 +562,13 @@ def test_a_damaged_run_is_one_line_and_writes_nothing(tmp_path, dataset_dir, tra
     code, err = in_process("predict", str(dataset_dir), "--model-dir", str(tmp_path / "models"),
                            "-q", "--output", str(assembled))  # fmt: skip
     assert code == 0 and assembled.exists(), err
+    assert len(err) == 1 and "holds no ensemble.json" in err[0] and "at threshold" in err[0], err
     assert not labels.exists() and not (tmp_path / "predictions.csv").exists()
+    # Its run.json lost, a run with a fold half-trained is still seen to be unfinished.
+    (run / "run.json").unlink()
+    (run / "fold_2" / "checkpoint.json").write_text("{}")
+    code, err = predict(dataset_dir, run, "--output", str(labels))
+    assert code == 2 and "has not finished (a fold's checkpoint is there)" in err[0], err
 
 
 def test_a_damaged_run_json_costs_the_report_not_the_labels(tmp_path, dataset_dir, trained_run):
@@ -582,6 +588,13 @@ def test_a_damaged_run_json_costs_the_report_not_the_labels(tmp_path, dataset_di
     assert code == 2 and len(err) == 1 and "is not a faceattr run folder" in err[0], err
     code, err = in_process("predict", str(dataset_dir), "--run", str(run), "--output", str(labels))
     assert code == 0 and any("report was not updated" in line for line in err), err
+    # A run folder predict cannot write into (read-only, or in its way a file) costs the same.
+    shutil.rmtree(run / "prediction", ignore_errors=True)
+    (run / "prediction").write_text("in the way")
+    labels.unlink()
+    code, err = in_process("predict", str(dataset_dir), "--run", str(run), "--output", str(labels))
+    assert code == 0 and len(read_lines(labels)) == 40, err
+    assert any("report was not updated" in line for line in err), err
 
 
 def test_a_weights_file_torch_cannot_read_is_one_line(tmp_path, dataset_dir):

@@ -6,6 +6,7 @@ Nothing is ever unpickled, so loading a model someone hands you cannot run their
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from faceattr.ensemble import VOTES
 from faceattr.errors import FaceAttrError, first_line
 from faceattr.models import create_model
 from faceattr.outputs import atomic_path, write_json
+
+log = logging.getLogger("faceattr")
 
 
 @dataclass
@@ -75,11 +78,19 @@ def load_fold_models(models_dir: str | Path) -> list[FoldModel]:
             raise FaceAttrError(f"cannot read {config_path}: {e}") from None
         if not isinstance(config, dict):
             raise FaceAttrError(f"{config_path} does not hold a fold's settings")
-        model = create_model(config.get("arch", "?"))
+        arch = config.get("arch", "?")
+        model = create_model(arch)
         try:
-            model.load_state_dict(load_file(str(weights)))
-        except Exception as e:  # a corrupt or mismatched file is the user's to fix
+            state = load_file(str(weights))
+        except Exception as e:  # a truncated or foreign file is the user's to fix
             raise FaceAttrError(f"cannot load {weights}: {first_line(e)}") from None
+        try:
+            model.load_state_dict(state)
+        except RuntimeError:  # torch's message lists every tensor; its first line names none
+            raise FaceAttrError(
+                f"cannot load {weights}: its tensors are not those of the {arch} model "
+                f"{config_path.name} names"
+            ) from None
         loaded.append(FoldModel(fold, model.eval(), config))
     return loaded
 
@@ -106,11 +117,23 @@ def load_ensemble_settings(models_dir: str | Path, models: list[FoldModel]) -> d
         settings.update(saved)
     else:
         path = Path(models_dir) / f"fold_{models[0].fold}.json"
-        run_json = Path(models_dir).parent / "run.json"
-        trained = _finished_run_folds(run_json, folds)
+        run = Path(models_dir).parent
+        trained = _finished_run_folds(run / "run.json", folds)
         if trained is not None:
-            check_folds(trained, folds, ".safetensors", f"{run_json} trained folds")
-    return checked_settings(settings, path, folds, ".safetensors")
+            check_folds(trained, folds, ".safetensors", f"{run / 'run.json'} trained folds")
+        elif any(run.glob("fold_*/checkpoint.json")):  # a fold half-trained, its run.json lost
+            raise FaceAttrError(
+                f"{run} holds a run that has not finished (a fold's checkpoint is there) and "
+                f"its run.json is missing or damaged: train DATA --out {run} --overwrite again"
+            )
+    checked = checked_settings(settings, path, folds, ".safetensors")
+    if path.name != "ensemble.json":
+        log.warning(
+            "%s holds no ensemble.json (train writes it when a run finishes): voting with its "
+            "%d fold model(s) at threshold %.4f, without test-time augmentation",
+            *(models_dir, len(folds), checked["threshold"]),
+        )
+    return checked
 
 
 def _finished_run_folds(run_json: Path, found: list[int]) -> list[int] | None:

@@ -125,13 +125,14 @@ def predict(
     log.info("scored %d images with %d models in %.1fs", len(labels), len(folds), score_s)
     run = Path(models_dir).parent
     if not onnx and (run / "run.json").exists():  # a run folder: its report gains a section
-        scores_png = run / "prediction" / "scores.png"
-        plots.prediction_scores(soft_score, threshold, labels, rule, scores_png)
-        plots.model_agreement(votes, run / "prediction" / "agreement.png")
-        write_json(run / "prediction" / "prediction.json", summary)
         try:
+            scores_png = run / "prediction" / "scores.png"
+            plots.prediction_scores(soft_score, threshold, labels, rule, scores_png)
+            plots.model_agreement(votes, run / "prediction" / "agreement.png")
+            write_json(run / "prediction" / "prediction.json", summary)
             summary["report"] = str(build_report(run))
-        except FaceAttrError as e:  # the labels are written: a damaged run.json only costs this
+        except (FaceAttrError, OSError) as e:
+            # The labels are written: a read-only or damaged run folder only costs its report.
             log.warning("the run's report was not updated: %s", e)
     return summary
 
