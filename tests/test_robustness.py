@@ -183,6 +183,9 @@ def test_non_finite_loss_stops_with_the_epoch_and_step(tmp_path, dataset_dir):
     # One step an epoch: the loss is still finite, the outputs after it are not.
     result = train(small_layout(tmp_path / "data"), tmp_path / "run2", "--lr", "1e30")
     assert_user_error(result, "outputs became infinite or NaN at epoch 1 (after step 1)")
+    # Within float32, but Adam's first step divides it by 1 - beta1 = 0.1: beyond.
+    result = train(dataset_dir, tmp_path / "run3", "--lr", "3e38", "--optimizer", "adam")
+    assert_user_error(result, "fold 1: a setting overflowed float32 at epoch 1", "--lr")
 
 
 def test_existing_run_is_not_replaced_by_accident(tmp_path, trained_run):
@@ -326,6 +329,25 @@ def test_a_run_json_that_is_not_a_runs_is_one_line(tmp_path):
     summary["config"]["dropout"] = 0.5
     (out / "run.json").write_text(json.dumps({**summary, "status": "running"}))
     assert_user_error(train(data, out, "--resume"), "options this faceattr does not know: dropout")
+    # Nor one whose settings were edited into what no option can give.
+    del summary["config"]["dropout"]
+    for key, value, message in (
+        ("epochs", "40", "--epochs must be an integer, got '40'"),
+        ("folds", None, "--folds must be an integer, got None"),
+        ("lr", "fast", "--lr must be a number, got 'fast'"),
+        ("pretrained", 3, "--pretrained must be a string or null, got 3"),
+        ("tta", 1, "--tta must be true or false, got 1"),
+        ("gamma", -1, "--gamma and --mix-alpha must be positive"),
+    ):
+        config = {**summary["config"], key: value}
+        (out / "run.json").write_text(
+            json.dumps({**summary, "status": "running", "config": config})
+        )
+        result = here("train", str(data), "--out", str(out), "--resume", "-q")
+        assert_user_error(result, f"--resume: {out / 'run.json'} holds a setting that", message)
+    result = here("train", str(data), "--out", str(out), "--resume", "--save-every", "-1")
+    assert_user_error(result, "--save-every must be at least 0")  # the user's, not run.json's
+    assert "run.json" not in result.stderr
 
 
 def test_out_of_gpu_memory_is_one_line(capsys):

@@ -72,6 +72,8 @@ def test_step_and_gamma_without_the_step_schedule_are_a_warning(caplog):
         ("weight_decay", float("nan"), "--weight-decay must be a finite number, got nan"),
         ("lr", float("inf"), "--lr must be a finite number"),
         ("ema", float("nan"), "--ema must be a finite number"),
+        ("mix_alpha", 1e39, "--mix-alpha must be at most 3.4e+38, got 1e+39"),  # float32's max
+        ("gamma", 1e308, "--gamma must be at most 3.4e+38"),
         ("label_smoothing", 1.0, "--label-smoothing and --ema must be in [0, 1)"),
         ("seed", -1, "--seed must be in 0..4294967295, got -1"),
         ("seed", 2**32, "--seed must be in 0..4294967295"),

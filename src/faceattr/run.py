@@ -467,7 +467,15 @@ def _resumed_config(
             f"--resume: {out / 'run.json'} has options this faceattr does not know: "
             f"{', '.join(unknown)}"
         )
-    return TrainConfig(**{**saved, **{k: getattr(asked, k) for k in RUNTIME_OPTIONS}})
+    asked.check()  # the options given: their errors are the user's
+    resumed = TrainConfig(**{**saved, **{k: getattr(asked, k) for k in RUNTIME_OPTIONS}})
+    try:
+        resumed.check()
+    except FaceAttrError as e:  # a hand-edited or damaged run.json
+        raise FaceAttrError(
+            f"--resume: {out / 'run.json'} holds a setting that cannot be: {e}"
+        ) from None
+    return resumed
 
 
 def _same_folds(path: Path, fold_of: np.ndarray) -> bool:

@@ -12,7 +12,8 @@ import copy
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
 
@@ -34,13 +35,14 @@ from faceattr.checkpoints import (
 )
 from faceattr.distributed import SINGLE, Ranks
 from faceattr.ensemble import model_scores, to_model_input
-from faceattr.errors import FaceAttrError
+from faceattr.errors import FaceAttrError, first_line
 from faceattr.metrics import error_rates, scores_to_labels
 from faceattr.models import IMAGENET
 from faceattr.runtime import autocast
 
 log = logging.getLogger("faceattr")
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 RETRY = "try a lower --lr, with --overwrite: the stopped run is not resumable with another"
 
 HISTORY_COLUMNS = [
@@ -93,6 +95,7 @@ class TrainConfig:
 
     def check(self) -> None:
         """Reject impossible settings before any work starts."""
+        self._check_types()
         for name, value, low in (
             ("epochs", self.epochs, 1),
             ("batch-size", self.batch_size, 2),
@@ -123,6 +126,8 @@ class TrainConfig:
         for name, value in numbers.items():
             if not math.isfinite(value):
                 raise FaceAttrError(f"--{name} must be a finite number, got {value}")
+            if abs(value) > FLOAT32_MAX:  # the optimiser's and sampler's tensors are float32
+                raise FaceAttrError(f"--{name} must be at most {FLOAT32_MAX:.3g}, got {value}")
         if not 0 <= self.seed < 2**32:  # scikit-learn's and numpy's seeds are 32-bit
             raise FaceAttrError(f"--seed must be in 0..{2**32 - 1}, got {self.seed}")
         if not 0 <= self.label_smoothing < 1 or self.weight_decay < 0 or not 0 <= self.ema < 1:
@@ -134,6 +139,25 @@ class TrainConfig:
                 f"--lr, --gamma and --mix-alpha must be positive, got {self.lr}, {self.gamma} "
                 f"and {self.mix_alpha}"
             )
+
+    def _check_types(self) -> None:
+        """Each setting of its field's type: the command line's always are, a hand-edited
+        run.json's (--resume) may not be ("epochs": "40")."""
+        hints = typing.get_type_hints(TrainConfig)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            allowed = typing.get_args(hints[f.name]) or (hints[f.name],)
+            if isinstance(value, bool):  # an int to Python, not to a user
+                ok = bool in allowed
+            else:
+                ok = isinstance(value, allowed) or (float in allowed and isinstance(value, int))
+            if not ok:
+                names = " or ".join(_TYPE_NAMES[a] for a in allowed)
+                raise FaceAttrError(f"--{f.name.replace('_', '-')} must be {names}, got {value!r}")
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+               type(None): "null"}  # fmt: skip
 
 
 # Fine-tuning EfficientNet-Lite0 from ImageNet, the recipe both devices share.
@@ -484,25 +508,34 @@ def train_fold(
         first_bad = torch.full((), -1, device=device)  # first step whose loss was not finite
         predicted = torch.empty(len(order), dtype=torch.bool, device=device)
         shown = progress.bar(len(order), f"fold {fold} epoch {epoch}/{cfg.epochs}")
-        for step, s in enumerate(range(0, len(order), batch), start=1):
-            idx = order[s : s + batch]
-            batch_images = images[gather[s : s + batch]]
-            x, y = augment(to_model_input(batch_images), gen, POLICIES[cfg.augment]), labels[idx]
-            mixed = None
-            if cfg.mix != "none":  # train error rates stay against each image's own label
-                x, y_partner, lam = mix(x, y, gen, cfg.mix, cfg.mix_alpha)
-                mixed = (y_partner, lam)
-            loss, logits = train_step(
-                step_model, optimizer, x, y, weights, cfg.label_smoothing, mixed
-            )
-            scheduler.step()
-            if ema is not None:
-                ema.update()
-            # Checked on the device and read once per epoch: no host sync in the loop.
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
-            loss_sum += loss * len(idx)
-            predicted[s : s + len(idx)] = torch.sigmoid(logits.float()) >= cfg.threshold
-            shown.update(len(idx))
+        try:
+            for step, s in enumerate(range(0, len(order), batch), start=1):
+                idx = order[s : s + batch]
+                batch_images = images[gather[s : s + batch]]
+                x = augment(to_model_input(batch_images), gen, POLICIES[cfg.augment])
+                y = labels[idx]
+                mixed = None
+                if cfg.mix != "none":  # train error rates stay against each image's own label
+                    x, y_partner, lam = mix(x, y, gen, cfg.mix, cfg.mix_alpha)
+                    mixed = (y_partner, lam)
+                loss, logits = train_step(
+                    step_model, optimizer, x, y, weights, cfg.label_smoothing, mixed
+                )
+                scheduler.step()
+                if ema is not None:
+                    ema.update()
+                # Checked on the device and read once per epoch: no host sync in the loop.
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+                loss_sum += loss * len(idx)
+                predicted[s : s + len(idx)] = torch.sigmoid(logits.float()) >= cfg.threshold
+                shown.update(len(idx))
+        except RuntimeError as e:  # a setting beyond float32 (--lr 1e30 --weight-decay 1e30)
+            if "without overflow" not in str(e):
+                raise
+            raise FaceAttrError(
+                f"fold {fold}: a setting overflowed float32 at epoch {epoch} ({first_line(e)}); "
+                f"training stopped ({RETRY})"
+            ) from None
         shown.close()
         if parallel:
             dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
