@@ -117,6 +117,26 @@ def test_compiled_training_saves_plain_weights(dataset_dir, tmp_path, monkeypatc
     assert model.config["arch"] == "simple"
 
 
+def test_compile_without_a_compiler_is_one_line(dataset_dir, tmp_path, monkeypatch):
+    data, cfg = load_dataset(dataset_dir), TrainConfig(folds=2, epochs=1, compile=True)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no g++ there, nor anything
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(FaceAttrError, match=r"--compile needs a C\+\+ compiler \(g\+\+ or"):
+        train_run(data, cfg, tmp_path / "run", torch.device("cpu"))
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+    monkeypatch.undo()
+
+    # A compiler there but failing (a missing header, a broken toolchain): one line too.
+    def failing(graph, example_inputs):
+        raise OSError("fatal error: Python.h: No such file or directory")
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda net: compile_(net, backend=failing))
+    torch._dynamo.reset()
+    with pytest.raises(FaceAttrError, match=r"--compile failed \(OSError: fatal error: Python.h"):
+        train_run(data, cfg, tmp_path / "run", torch.device("cpu"))
+
+
 @pytest.mark.parametrize(
     "recipe",
     [

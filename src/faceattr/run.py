@@ -49,7 +49,7 @@ from faceattr.outputs import (
     write_json,
 )
 from faceattr.report import build_report
-from faceattr.runtime import cpu_cores, describe, seed_everything
+from faceattr.runtime import check_compiler, cpu_cores, describe, seed_everything
 from faceattr.train import HISTORY_COLUMNS, FoldResult, TrainConfig, fold_seed, train_fold
 
 log = logging.getLogger("faceattr")
@@ -97,6 +97,8 @@ def train_run(
     _check_folders(out, cfg.folds)
     _check_apart(out, dataset)
     create_model(cfg.arch, cfg.pretrained)  # a missing or wrong weights file fails here, not later
+    if cfg.compile:
+        check_compiler(device)
     weights = "" if cfg.pretrained is None else f" from {cfg.pretrained} weights"
     log.info(
         "training %s%s, %d folds x %d epochs on %s",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import random
+import shutil
 
 import numpy as np
 import torch
@@ -29,6 +30,23 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     return device
+
+
+def check_compiler(device: torch.device) -> None:
+    """`--compile` builds its kernels with the system's compiler: C++ on a CPU (inductor's),
+    C on a GPU (Triton's launchers). Without one, torch.compile fails at the first step in a
+    hundred lines; this says so in one, before anything is written."""
+    variable, names, what = (
+        ("CC", ("gcc", "clang", "cc"), "a C compiler")
+        if device.type == "cuda"
+        else ("CXX", ("g++", "clang++", "c++"), "a C++ compiler")
+    )
+    wanted = (os.environ[variable],) if os.environ.get(variable) else names
+    if not any(shutil.which(name) for name in wanted):
+        raise FaceAttrError(
+            f"--compile needs {what} ({' or '.join(wanted)}) on PATH; install one, or train "
+            "without --compile"
+        )
 
 
 def uses_bf16(device: torch.device) -> bool:

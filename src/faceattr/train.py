@@ -529,10 +529,16 @@ def train_fold(
                 loss_sum += loss * len(idx)
                 predicted[s : s + len(idx)] = torch.sigmoid(logits.float()) >= cfg.threshold
                 shown.update(len(idx))
-        except RuntimeError as e:  # a setting beyond float32 (--lr 1e30 --weight-decay 1e30)
+        except RuntimeError as e:
+            if cfg.compile and type(e).__name__ == "BackendCompilerFailed":  # a missing header...
+                cause = getattr(e, "inner_exception", None) or e
+                raise FaceAttrError(
+                    f"--compile failed ({type(cause).__name__}: {first_line(cause)}); train "
+                    "without --compile"
+                ) from None
             if "without overflow" not in str(e):
                 raise
-            raise FaceAttrError(
+            raise FaceAttrError(  # a setting beyond float32 (Adam's first step at --lr 3e38)
                 f"fold {fold}: a setting overflowed float32 at epoch {epoch} ({first_line(e)}); "
                 f"training stopped ({RETRY})"
             ) from None
