@@ -1,4 +1,8 @@
 import io
+import os
+import signal
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
@@ -127,3 +131,31 @@ def test_an_image_too_large_to_open_is_named(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64x64 is then a "bomb"
     with pytest.raises(FaceAttrError, match=r"huge\.png: cannot decode image.*exceeds limit"):
         decode_image(buffer.getvalue(), "huge.png")
+
+
+SLOW_DECODE = """
+import sys, time
+from faceattr import cli, decode
+decode.CHUNK, decode.PARALLEL_FROM = 8, 16  # worker processes, even for a small set
+task = decode._worker_task
+def slow(chunk):
+    print("decoding", flush=True)
+    time.sleep(0.5)
+    return task(chunk)
+decode._worker_task = slow
+sys.exit(cli.main(["explore", sys.argv[1], "--out", sys.argv[2], "--no-cache", "-q"]))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="worker processes decode on Linux only")
+def test_ctrl_c_while_workers_decode_is_one_line(dataset_dir, tmp_path):
+    """Ctrl-C reaches the whole process group: only the parent speaks, workers die quietly."""
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW_DECODE)
+    command = [sys.executable, str(script), str(dataset_dir), str(tmp_path / "explore")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)  # fmt: skip
+    assert process.stdout.readline() == "decoding\n"  # a worker is at work
+    os.killpg(process.pid, signal.SIGINT)  # as a terminal's Ctrl-C does
+    stderr = process.communicate(timeout=60)[1]
+    assert process.returncode == 130 and stderr == "faceattr: interrupted\n", stderr

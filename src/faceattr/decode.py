@@ -205,6 +205,8 @@ _JOB: dict = {}
 
 def _worker_init() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the pool ends its workers so: die quietly
+    # Ctrl-C reaches the whole process group: the parent stops the pool, its workers keep quiet.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)  # one process per core already
     _JOB["source"] = open_source(_JOB["path"])  # own file handle: a zip's offset is not shareable
 
