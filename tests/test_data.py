@@ -50,6 +50,13 @@ def test_unpadded_names_are_ordered_by_number(tmp_path):
     # The test images alone, as a folder or zipped bare: numbered images either way.
     bare = zip_folder(tmp_path / "val_img", tmp_path / "val.zip", None)
     assert load_test_images(bare).names == load_test_images(tmp_path / "val_img").names
+    # Or one folder down, as `zip -r test.zip test/` makes them; two such folders: say which.
+    nested = zip_folder(tmp_path / "val_img", tmp_path / "nested.zip", "test")
+    assert load_test_images(nested).names == load_test_images(bare).names
+    with zipfile.ZipFile(nested, "a") as z:
+        z.write(tmp_path / "val_img" / "1.png", "more/1.png")
+    with pytest.raises(FaceAttrError, match="more/, test/ each hold images; extract the one"):
+        load_test_images(nested)
 
 
 def zip_as_named(folder: Path, target: Path, name) -> Path:
@@ -98,8 +105,11 @@ def test_folder_with_one_top_folder(tmp_path):
     make_layout(tmp_path / "celeba", [0, 1])
     assert len(load_dataset(tmp_path).train) == 2
     make_layout(tmp_path / "copy", [0, 1])  # two: which one is meant is not guessed
-    with pytest.raises(FaceAttrError, match="celeba/, copy/ each hold the layout; give one"):
+    with pytest.raises(FaceAttrError, match="celeba/, copy/ each hold the layout; give the path"):
         load_dataset(tmp_path)
+    archive = zip_folder(tmp_path, tmp_path.parent / f"{tmp_path.name}.zip", None)  # no path in it
+    with pytest.raises(FaceAttrError, match="each hold the layout; extract the one meant, or zip"):
+        load_dataset(archive)
 
 
 def test_labels_accept_crlf_and_trailing_blank_lines():
@@ -201,6 +211,11 @@ def test_seed_style_paths(tmp_path):
     assert data.labels.tolist() == [1, 0, 1] and len(data.test) == 3
     with pytest.raises(FaceAttrError, match="must be given together"):
         dataset_from_paths(tmp_path / "train_img", None, None)
+    # The dataset's folder for the test images' (--img_test_dir): named, not one warning a file.
+    with pytest.raises(
+        FaceAttrError, match=r"holds no images but a val_img/ folder: give .*val_img"
+    ):
+        dataset_from_paths(None, None, tmp_path)
     # The label file reached through a link: its folder's ".." is not where the images are.
     (tmp_path / "proj").mkdir()
     (tmp_path / "real" / "labels").mkdir(parents=True)

@@ -325,9 +325,16 @@ def _find_root(source: Source) -> str | None:
     found = [d for d in source.subfolders() if has_layout(d)]
     if len(found) > 1:  # which one is meant is the user's to say
         raise FaceAttrError(
-            f"{source}: {', '.join(f'{d}/' for d in found)} each hold the layout; give one of them"
+            f"{source}: {', '.join(f'{d}/' for d in found)} each hold the layout; {_one_of(source)}"
         )
     return found[0] if found else None
+
+
+def _one_of(source: Source) -> str:
+    """How to name one of a source's folders: a path for a folder, another zip for a zip."""
+    if isinstance(source, ZipSource):
+        return "extract the one meant, or zip it alone"
+    return "give the path of the one meant"
 
 
 def load_dataset(path: str | Path, need: str = "train") -> Dataset:
@@ -417,16 +424,29 @@ def _folder(path: str | Path) -> Path:
 
 def image_folder(path: str | Path) -> ImageSet:
     """A folder of numbered images given directly (the seed's `--img_test_dir`)."""
-    return numbered_images(FolderSource(_folder(path)), "")
+    source = FolderSource(_folder(path))
+    if not _holds_images(source, "") and source.is_dir(TEST_DIR):  # the dataset, not its part
+        raise FaceAttrError(
+            f"image folder {path} holds no images but a {TEST_DIR}/ folder: give "
+            f"{Path(path) / TEST_DIR}"
+        )
+    return numbered_images(source, "")
 
 
 def load_test_images(path: str | Path) -> ImageSet:
     """Test images: a dataset (folder or zip) with `val_img/`, or a folder (or zip) of numbered
-    images."""
+    images, at its top or one folder down."""
     source = open_source(path)
     root = _find_root(source)
     if root is not None and source.is_dir(_join(root, TEST_DIR)):
         return numbered_images(source, _join(root, TEST_DIR))
-    if root is None:
+    if root is None:  # bare images: at the top, or one folder down (`zip -r test.zip test/`)
+        below = [d for d in source.subfolders() if _holds_images(source, d)]
+        if not _holds_images(source, "") and len(below) == 1:
+            return numbered_images(source, below[0])
+        if not _holds_images(source, "") and below:
+            raise FaceAttrError(
+                f"{path}: {', '.join(f'{d}/' for d in below)} each hold images; {_one_of(source)}"
+            )
         return numbered_images(source, "")
     raise FaceAttrError(f"{path}: no {TEST_DIR}/ folder and no numbered images found")
