@@ -2,13 +2,16 @@ import dataclasses
 import json
 import os
 import time
+import zipfile
 
 import numpy as np
+import pytest
 
 from conftest import cli, here, write_image
 from faceattr import cache, decode
 from faceattr.cache import fingerprint, load_images
-from faceattr.data import load_dataset
+from faceattr.data import load_dataset, load_test_images
+from faceattr.errors import FaceAttrError
 
 
 def test_miss_then_hit_with_the_same_array(dataset_dir, tmp_path):
@@ -113,6 +116,28 @@ def test_unwritable_cache_folder_falls_back_to_memory(dataset_dir, tmp_path):
     loaded = load_images(load_dataset(dataset_dir).train, blocker / "cache")
     assert loaded.cache == "off" and loaded.array.shape == (160, 64, 64, 3)
     assert load_images(load_dataset(dataset_dir).train, None).cache == "off"
+    # Inside the image folder, its files would join the images: refused.
+    images = load_dataset(dataset_dir).train
+    with pytest.raises(FaceAttrError, match=r"--cache .* is inside the image folder"):
+        load_images(images, dataset_dir / "train_img" / "cache")
+    assert not (dataset_dir / "train_img" / "cache").exists()
+
+
+def test_a_rewritten_zip_misses(tmp_path):
+    """A zip's member CRCs come from its directory: rewritten with a damaged member, they stay;
+    its own size and times do not."""
+    for i in (1, 2):
+        write_image(tmp_path / "d" / "val_img" / f"{i}.png", (i, i, i))
+    archive = tmp_path / "d.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for i in (1, 2):
+            z.write(tmp_path / "d" / "val_img" / f"{i}.png", f"val_img/{i}.png")
+    images = load_test_images(archive)
+    key = fingerprint(images)
+    archive.write_bytes(archive.read_bytes())  # the same bytes, written again a second later
+    st = archive.stat()
+    os.utime(archive, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # whatever the clock's step
+    assert fingerprint(load_test_images(archive)) != key
 
 
 def test_second_train_does_not_decode_again(dataset_dir, tmp_path):

@@ -270,6 +270,9 @@ def test_resume_refuses_data_that_changed_and_trains_its_own_settings(tmp_path):
     folds_csv.write_text(saved.replace(",1\n", ",x\n").replace(",2\n", ",1\n").replace(",x", ",2"))
     result = here("train", str(data), "--out", str(tmp_path / "run"), "--resume")
     assert_user_error(result, "--resume: this data splits into other folds than", "--overwrite")
+    folds_csv.unlink()
+    result = here("train", str(data), "--out", str(tmp_path / "run"), "--resume")
+    assert_user_error(result, "--resume: ", "folds.csv is missing", "--overwrite")
     folds_csv.write_text(saved)
     # Options that differ from the run's are refused, not dropped; the run's own are fine.
     resume = ["train", str(data), "--out", str(tmp_path / "run"), "--resume"]
@@ -299,6 +302,13 @@ def test_an_empty_path_is_refused_not_taken_for_the_current_folder(tmp_path, mon
     result = here("--mode=train", "--img_train_dir=x", "--labels_txt=y", "--save_dir=", seed=True)
     assert result.returncode == 2 and "argument --save_dir: an empty path" in result.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_a_negative_worker_count_is_refused(tmp_path):
+    for command in ("train", "predict", "explore"):
+        result = here(command, str(tmp_path), "--workers", "-3")
+        assert result.returncode == 2, result.stderr
+        assert "argument --workers: must be 0 (one per core) or more, got -3" in result.stderr
 
 
 def test_a_file_where_a_run_folder_goes_is_refused_before_training(tmp_path):

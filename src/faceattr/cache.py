@@ -1,9 +1,9 @@
 """Decode once: every image set is cached as a memory-mapped .npy, keyed by a fingerprint.
 
 The fingerprint covers the source, every file's name, size, modification time, inode and change
-time (size, CRC and time stamp inside a zip), the decoders' releases and any extra bytes the
-caller adds (a training set's labels, as parsed: a label file rewritten with other line endings
-keeps its key). A changed, added or removed file gives a new key, so a stale cache is never
+time (inside a zip: size, CRC and time stamp, and the zip's own size and times), the decoders'
+releases and any extra bytes the caller adds (a training set's labels, as parsed: a label file
+rewritten with other line endings keeps its key). A changed, added or removed file gives a new key, so a stale cache is never
 read; a new entry for the same files replaces their earlier one, so the folder does not pile up.
 The array is memory-mapped, so a dataset larger than RAM still works.
 """
@@ -26,7 +26,7 @@ from faceattr import decode
 from faceattr.data import ImageSet
 from faceattr.decode import SIZE, Audit, decode_images
 from faceattr.errors import FaceAttrError
-from faceattr.outputs import atomic_path, ensure_writable_dir, write_json
+from faceattr.outputs import atomic_path, ensure_writable_dir, refuse_inside, write_json
 
 log = logging.getLogger("faceattr")
 
@@ -61,6 +61,9 @@ def fingerprint(images: ImageSet, extra: bytes = b"") -> str:
     source = Path(images.source.path).resolve()
     h.update(f"faceattr-cache v{CACHE_VERSION} {SIZE} {decoder_versions()}\n".encode())
     h.update(f"{source} {images.folder}\n".encode())
+    if source.is_file():  # a zip: its members' CRCs are its directory's word, not their bytes'
+        st = source.stat()  # a zip rewritten with a damaged member keeps them, not its times
+        h.update(f"{st.st_size} {st.st_mtime_ns} {st.st_ino} {st.st_ctime_ns}\n".encode())
     for rel in images.paths():
         h.update(f"{rel} {images.source.stat(rel)}\n".encode())
     h.update(extra)
@@ -142,6 +145,8 @@ def load_images(
     """
     start = time.perf_counter()
     if cache_dir is not None:
+        # Its .npy and .json files would join the images, and stop every later command.
+        refuse_inside(cache_dir, [images.source.local(images.folder)], "--cache")
         try:
             cache_dir = ensure_writable_dir(cache_dir)
         except FaceAttrError as e:

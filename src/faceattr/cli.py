@@ -66,6 +66,17 @@ def path(text: str) -> str:
     return text
 
 
+def processes(text: str) -> int:
+    """--workers: a count of processes, or 0 for one per core (the default)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (one per core) or more, got {n}")
+    return n
+
+
 def percent(x: float) -> str:
     return f"{100 * x:.2f} %"
 
@@ -426,7 +437,12 @@ def add_common(p: argparse.ArgumentParser, device: bool = True, images: bool = T
     if device:
         p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     if images:
-        p.add_argument("--workers", type=int, default=None, help="image-decoding processes")
+        p.add_argument(
+            "--workers",
+            type=processes,
+            default=None,
+            help="image-decoding processes (0: one per core)",
+        )
         p.add_argument(
             "--cache",
             type=path,

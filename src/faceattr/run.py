@@ -147,6 +147,11 @@ def train_run(
             f"--resume: {out} was trained on {previous.get('n_train')} images, "
             f"this data has {len(labels)}"
         )
+    if resume and not (out / "folds.csv").is_file():
+        raise FaceAttrError(
+            f"--resume: {out / 'folds.csv'} is missing, so its finished folds' images are not "
+            "known; --overwrite starts it again"
+        )
     if resume and not _same_folds(out / "folds.csv", fold_of):
         # The finished folds' scores would land on other images: scikit-learn's shuffle changed?
         raise FaceAttrError(
