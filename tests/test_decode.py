@@ -3,6 +3,7 @@ import os
 import signal
 import subprocess
 import sys
+import warnings
 import zipfile
 
 import numpy as np
@@ -159,3 +160,15 @@ def test_ctrl_c_while_workers_decode_is_one_line(dataset_dir, tmp_path):
     os.killpg(process.pid, signal.SIGINT)  # as a terminal's Ctrl-C does
     stderr = process.communicate(timeout=60)[1]
     assert process.returncode == 130 and stderr == "faceattr: interrupted\n", stderr
+
+
+def test_a_large_image_decodes_without_pils_warning(monkeypatch):
+    """PIL warns of a "decompression bomb" above MAX_IMAGE_PIXELS (89 megapixels), naming its
+    own source line rather than the image; a large image is resized like any other."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 40x40 is "large", not yet refused
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 40), (10, 20, 30)).save(buffer, format="PNG")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        array, size, _ = decode_image(buffer.getvalue())
+    assert size == (40, 40) and array[0, 0].tolist() == [10, 20, 30]

@@ -137,7 +137,7 @@ _UNDECODABLE = (
 def _decode_with_pil(raw: bytes, where: str, dest: np.ndarray) -> tuple[tuple[int, int], str]:
     """Any format PIL reads; non-square images are centre-cropped first so faces keep their shape."""
     try:
-        with Image.open(io.BytesIO(raw)) as im:
+        with _large_images_quiet(), Image.open(io.BytesIO(raw)) as im:
             size, mode = im.size, im.mode
             if mode.startswith("I") or mode == "F":  # I, I;16, I;16B, F...: not 8 bits
                 im = _to_8_bits(im)
@@ -155,6 +155,15 @@ def _decode_with_pil(raw: bytes, where: str, dest: np.ndarray) -> tuple[tuple[in
     except _UNDECODABLE as e:
         raise FaceAttrError(f"{where}: cannot decode image ({e})") from None
     return size, mode
+
+
+@contextmanager
+def _large_images_quiet():
+    """Over 89 megapixels PIL warns, naming its own source line, not the image: it ends as 64x64
+    like any other, and the audit counts it among the resized (over 179, it refuses)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
 
 
 def _to_8_bits(im: Image.Image) -> Image.Image:
