@@ -1,5 +1,6 @@
 import itertools
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,6 +75,8 @@ def test_step_and_gamma_without_the_step_schedule_are_a_warning(caplog):
         ("ema", float("nan"), "--ema must be a finite number"),
         ("mix_alpha", 1e39, "--mix-alpha must be at most 3.4e+38, got 1e+39"),  # float32's max
         ("gamma", 1e308, "--gamma must be at most 3.4e+38"),
+        ("epochs", "40", "--epochs must be an integer, got '40'"),  # a hand-edited run.json's
+        ("tta", 1, "--tta must be true or false, got 1"),
         ("label_smoothing", 1.0, "--label-smoothing and --ema must be in [0, 1)"),
         ("seed", -1, "--seed must be in 0..4294967295, got -1"),
         ("seed", 2**32, "--seed must be in 0..4294967295"),
@@ -87,6 +90,7 @@ def test_impossible_settings_are_refused_before_any_work(option, value, message)
         TrainConfig(**{option: value}).check()
     assert message in str(e.value)
     TrainConfig(seed=2**32 - 1).check()  # the largest seed scikit-learn takes
+    TrainConfig(cache=Path("cache"), pretrained=Path("w.pth")).check()  # paths, from code
 
 
 def test_class_weights_balance_the_classes():

@@ -3,9 +3,10 @@
 The fingerprint covers the source, every file's name, size, modification time, inode and change
 time (inside a zip: size, CRC and time stamp, and the zip's own size and times), the decoders'
 releases and any extra bytes the caller adds (a training set's labels, as parsed: a label file
-rewritten with other line endings keeps its key). A changed, added or removed file gives a new key, so a stale cache is never
-read; a new entry for the same files replaces their earlier one, so the folder does not pile up.
-The array is memory-mapped, so a dataset larger than RAM still works.
+rewritten with other line endings keeps its key). A changed, added or removed file gives a new
+key, so a stale cache is never read; a new entry for the same files replaces their earlier one,
+so the folder does not pile up. The array is memory-mapped, so a dataset larger than RAM still
+works.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import time
 import typing
 from dataclasses import dataclass, field, fields
@@ -149,8 +150,9 @@ class TrainConfig:
             allowed = typing.get_args(hints[f.name]) or (hints[f.name],)
             if isinstance(value, bool):  # an int to Python, not to a user
                 ok = bool in allowed
-            else:
+            else:  # and a path, from code, where text is asked for
                 ok = isinstance(value, allowed) or (float in allowed and isinstance(value, int))
+                ok = ok or (str in allowed and isinstance(value, os.PathLike))
             if not ok:
                 names = " or ".join(_TYPE_NAMES[a] for a in allowed)
                 raise FaceAttrError(f"--{f.name.replace('_', '-')} must be {names}, got {value!r}")
