@@ -441,12 +441,14 @@ def load_test_images(path: str | Path) -> ImageSet:
     if root is not None and source.is_dir(_join(root, TEST_DIR)):
         return numbered_images(source, _join(root, TEST_DIR))
     if root is None:  # bare images: at the top, or one folder down (`zip -r test.zip test/`)
-        below = [d for d in source.subfolders() if _holds_images(source, d)]
-        if not _holds_images(source, "") and len(below) == 1:
-            return numbered_images(source, below[0])
-        if not _holds_images(source, "") and below:
-            raise FaceAttrError(
-                f"{path}: {', '.join(f'{d}/' for d in below)} each hold images; {_one_of(source)}"
-            )
+        if not _holds_images(source, ""):
+            below = [d for d in source.subfolders() if _holds_images(source, d)]
+            if len(below) == 1:
+                return numbered_images(source, below[0])
+            if below:
+                raise FaceAttrError(
+                    f"{path}: {', '.join(f'{d}/' for d in below)} each hold images; "
+                    f"{_one_of(source)}"
+                )
         return numbered_images(source, "")
     raise FaceAttrError(f"{path}: no {TEST_DIR}/ folder and no numbered images found")

@@ -117,14 +117,14 @@ def train_run(
     # Under torchrun one process per machine decodes into the cache, on all its cores, and the
     # others then read the cache: G processes decoding the same images would do G times the work.
     # Without a cache each decodes its own copy, on its share of the cores.
-    decodes = cfg.cache is None or ranks.local_rank == 0
-    if not decodes:
+    leader = ranks.local_rank == 0
+    if cfg.cache is not None and not leader:
         ranks.barrier()
     workers = cfg.workers or max(1, cpu_cores() // (ranks.world if cfg.cache is None else 1))
     loaded = load_images(
         train_images, cfg.cache, workers, labels.tobytes(), cfg.skip_bad, SKIP_HINT
     )
-    if decodes and cfg.cache is not None:
+    if cfg.cache is not None and leader:
         ranks.barrier()
     array, names = loaded.array, train_images.names
     digest = pixel_digest(array)
