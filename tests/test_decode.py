@@ -135,12 +135,12 @@ def test_an_image_too_large_to_open_is_named(monkeypatch):
 
 
 SLOW_DECODE = """
-import sys, time
+import os, sys, time
 from faceattr import cli, decode
 decode.CHUNK, decode.PARALLEL_FROM = 8, 16  # worker processes, even for a small set
 task = decode._worker_task
 def slow(chunk):
-    print("decoding", flush=True)
+    os.write(1, b"decoding\\n")  # one write: two workers' lines do not interleave
     time.sleep(0.5)
     return task(chunk)
 decode._worker_task = slow

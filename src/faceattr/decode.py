@@ -215,7 +215,9 @@ _JOB: dict = {}
 def _worker_init() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the pool ends its workers so: die quietly
     # Ctrl-C reaches the whole process group: the parent stops the pool, its workers keep quiet.
+    # Born with it blocked (see decode_images), one sent before now is dropped here, not raised.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     torch.set_num_threads(1)  # one process per core already
     _JOB["source"] = open_source(_JOB["path"])  # own file handle: a zip's offset is not shareable
 
@@ -266,7 +268,17 @@ def decode_images(
             _JOB.update(path=images.source.path, paths=paths, out=out)
             jpeg_decoder()  # imported once here, not once in every worker
             try:
-                with mp.get_context("fork").Pool(workers, initializer=_worker_init) as pool:
+                # Forked with Ctrl-C blocked, so no worker sees it before it ignores it; one
+                # meant for this process arrives as the block ends, inside `with`, which then
+                # ends the workers.
+                previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+                try:
+                    pool = mp.get_context("fork").Pool(workers, initializer=_worker_init)
+                except BaseException:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+                    raise
+                with pool:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, previous)
                     for part in pool.imap_unordered(_worker_task, chunks):
                         audit.merge(part)
                         shown.update(sum(part.sizes.values()) + len(part.bad))
