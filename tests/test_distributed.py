@@ -97,7 +97,8 @@ def test_a_process_whose_peer_stopped_says_so_in_one_line(dataset_dir, tmp_path,
 
 
 WAITER = """
-import time
+import sys, time
+from pathlib import Path
 from datetime import timedelta
 import torch, torch.distributed as dist
 from faceattr import distributed
@@ -105,7 +106,7 @@ dist.init_process_group("gloo", timeout=timedelta(seconds=2))  # the default gro
 ranks, _ = distributed.from_environment(torch.device("cpu"))
 time.sleep(5 * ranks.rank)  # rank 1 is still training a fold
 ranks.barrier()
-print("rank", ranks.rank, "waited")
+Path(sys.argv[1], f"rank {ranks.rank} waited").touch()  # a file each: their prints interleave
 """
 
 
@@ -114,9 +115,10 @@ def test_a_process_waits_for_the_others_beyond_the_default_time_limit(tmp_path):
     default limit, here 2 s): the barrier does not time out."""
     script = tmp_path / "waiter.py"
     script.write_text(WAITER)
+    marks = tmp_path / "marks"
+    marks.mkdir()
     result = run_python(
-        "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)
+        "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(marks)
     )
     assert result.returncode == 0, result.stderr
-    waited = sorted(line for line in result.stdout.splitlines() if "waited" in line)
-    assert waited == ["rank 0 waited", "rank 1 waited"]
+    assert sorted(p.name for p in marks.iterdir()) == ["rank 0 waited", "rank 1 waited"]
