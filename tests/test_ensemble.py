@@ -1,8 +1,17 @@
+import time
+
 import numpy as np
 import pytest
 import torch
 
-from faceattr.ensemble import decision_rule, model_scores, to_model_input, vote
+from faceattr.ensemble import (
+    batches_side_by_side,
+    decision_rule,
+    ensemble_scores,
+    model_scores,
+    to_model_input,
+    vote,
+)
 from faceattr.metrics import best_threshold, error_rates
 
 
@@ -51,6 +60,59 @@ def test_model_scores_are_probabilities_in_image_order():
     scores = model_scores(Brightness(), images, batch_size=2)
     assert scores.shape == (3,)
     assert scores[0] < 0.01 and abs(scores[1] - 0.5) < 0.05 and scores[2] > 0.99
+
+
+@pytest.fixture
+def two_threads():
+    """A CPU of two threads, as CI's, whatever this machine has; restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_a_cpu_scores_batches_side_by_side_to_the_same_values(two_threads):
+    """Each batch runs on one thread, without autograd, and the scores come back in image order
+    equal to those of one batch at a time in one thread; the threads are the process's again afterwards."""
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            seen.append((torch.get_num_threads(), torch.is_grad_enabled()))
+            return self.conv(x).mean(dim=(1, 2, 3)) * 50
+
+    torch.manual_seed(0)
+    models = [Recorder(), Recorder()]
+    images = torch.randint(0, 256, (37, 64, 64, 3), dtype=torch.uint8)
+    scores = ensemble_scores(models, images, batch_size=4, tta=True)
+    assert set(seen) == {(1, False)} and len(seen) == 10 * 2 * 2  # batches, models, mirrored
+    assert torch.get_num_threads() == 2
+    torch.set_num_threads(1)  # one batch at a time, in this thread
+    alone = ensemble_scores(models, images, batch_size=4, tta=True)
+    np.testing.assert_array_equal(scores, alone)
+
+
+def test_batches_side_by_side_stop_with_the_caller(two_threads):
+    """An error in a batch reaches the caller; a Ctrl-C there leaves the batches not yet started
+    undone (only those running finish), and the threads are restored either way."""
+    with pytest.raises(ZeroDivisionError), batches_side_by_side(torch.device("cpu")) as mapped:
+        list(mapped(lambda i: 1 / (i - 3), range(8)))
+    assert torch.get_num_threads() == 2
+    ran = []
+
+    def slow(i):
+        time.sleep(0.2)
+        ran.append(i)
+
+    with pytest.raises(KeyboardInterrupt), batches_side_by_side(torch.device("cpu")) as mapped:
+        for _ in mapped(slow, range(100)):
+            raise KeyboardInterrupt
+    # Those running when it came, and one each of the two threads may have started since.
+    assert 1 <= len(ran) <= 4 and torch.get_num_threads() == 2
 
 
 def test_model_input_layout():

@@ -499,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="batch_size",
         type=int,
         default=None,
-        help="images per inference batch (default 4096 on a GPU, 64 on CPU)",
+        help="images per inference batch (default 4096 on a GPU, 32 on a CPU)",
     )
     add_common(p)
     p.set_defaults(func=cmd_predict)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 from torch import nn
@@ -24,9 +28,11 @@ def inference_batch_size(device: torch.device) -> int:
     """Images per forward pass when scoring.
 
     Large on a GPU, to keep it busy; small on a CPU, where a batch's activations must stay in the
-    caches: 64 scores the simple CNN 2.3x faster than 512 on two cores (5.2k vs 2.2k img/s).
+    caches: 64 scored the simple CNN 2.3x faster than 512 on two cores. With a batch per thread
+    (`batches_side_by_side`), 32 scores EfficientNet-Lite0 1.2-1.4x faster than 64 there, and the
+    simple CNN as fast.
     """
-    return 4096 if device.type == "cuda" else 64
+    return 4096 if device.type == "cuda" else 32
 
 
 def to_model_input(images: torch.Tensor) -> torch.Tensor:
@@ -34,7 +40,6 @@ def to_model_input(images: torch.Tensor) -> torch.Tensor:
     return images.permute(0, 3, 1, 2).float().div_(255)
 
 
-@torch.no_grad()
 def ensemble_scores(
     models: list[nn.Module],
     images: torch.Tensor,
@@ -52,22 +57,54 @@ def ensemble_scores(
         model.eval()
     device = next(models[0].parameters(), images).device
     batch_size = batch_size or inference_batch_size(device)
-    out: list[list[torch.Tensor]] = [[] for _ in models]
-    shown = progress.bar(len(images) * len(models), f"scoring with {len(models)} model(s)")
-    for start in range(0, len(images), batch_size):
+
+    def score(start: int) -> list[torch.Tensor]:
+        """One batch's scores from every model (no_grad and autocast hold per thread)."""
         x = to_model_input(images[start : start + batch_size].to(device, non_blocking=True))
         mirrored = x.flip(-1) if tta else None
-        with autocast(device):
-            for model, scores in zip(models, out, strict=True):
+        scores = []
+        with torch.no_grad(), autocast(device):
+            for model in models:
                 p = torch.sigmoid(model(x).float())
                 if mirrored is not None:
                     p = (p + torch.sigmoid(model(mirrored).float())) / 2
                 scores.append(p.cpu())
-                shown.update(len(p))
+        return scores
+
+    out: list[list[torch.Tensor]] = []
+    shown = progress.bar(len(images) * len(models), f"scoring with {len(models)} model(s)")
+    with batches_side_by_side(device) as map_in_order:
+        for scores in map_in_order(score, range(0, len(images), batch_size)):
+            out.append(scores)
+            shown.update(len(scores[0]) * len(models))
     shown.close()
     if not len(images):
         return np.empty((len(models), 0))
-    return torch.stack([torch.cat(s) for s in out]).numpy().astype(np.float64)
+    return torch.stack([torch.cat(s) for s in zip(*out, strict=True)]).numpy().astype(np.float64)
+
+
+@contextmanager
+def batches_side_by_side(device: torch.device) -> Iterator[Callable]:
+    """A `map` that gives results in order: on a CPU with T threads, it works on T batches at
+    once, each on one thread.
+
+    One op on a 64-image batch splits poorly across threads: small layers (the simple CNN's) and
+    depthwise ones (EfficientNet's) spend much of it waiting on each other. Batches side by side
+    score the simple CNN 1.3x and EfficientNet-Lite0 1.6x faster on two cores, to the same
+    values: each batch is still computed alone, by one thread. On a Ctrl-C only the batches
+    already running are finished.
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield map
+        return
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="faceattr-score")
+    torch.set_num_threads(1)  # for every thread: each op runs in the one that calls it
+    try:
+        yield pool.map
+    finally:
+        pool.shutdown(cancel_futures=True)
+        torch.set_num_threads(threads)
 
 
 def model_scores(
