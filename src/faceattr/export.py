@@ -22,7 +22,7 @@ from faceattr.checkpoints import (
     load_ensemble_settings,
     load_fold_models,
 )
-from faceattr.ensemble import inference_batch_size
+from faceattr.ensemble import batches_side_by_side, inference_batch_size
 from faceattr.errors import FaceAttrError, first_line
 from faceattr.outputs import atomic_path, ensure_writable_dir, write_json
 
@@ -96,6 +96,8 @@ class OnnxEnsemble:
         self.folds = [fold for fold, _ in files]
         self.settings = checked_settings(settings, folder / "ensemble.json", self.folds, ".onnx")
         options = ort.SessionOptions()
+        # One thread a session: batches run side by side instead (see `scores`).
+        options.intra_op_num_threads = options.inter_op_num_threads = 1
         self.sessions = []
         for _, path in files:
             try:
@@ -109,19 +111,31 @@ class OnnxEnsemble:
     def scores(
         self, images: np.ndarray, batch_size: int | None = None, tta: bool = False
     ) -> np.ndarray:
-        """Probability of label 1 from every model for uint8 (N, 64, 64, 3) images: (models, N)."""
+        """Probability of label 1 from every model for uint8 (N, 64, 64, 3) images: (models, N).
+
+        As with torch on a CPU, a thread per batch (`batches_side_by_side`) beats each batch split
+        across the threads: 2.5-3x for the simple CNN on two cores, to the same scores.
+        """
         batch_size = batch_size or inference_batch_size(torch.device("cpu"))
-        out = np.empty((len(self.sessions), len(images)))
-        for start in range(0, len(images), batch_size):
+
+        def score(start: int) -> list[np.ndarray]:
             x = np.ascontiguousarray(
                 images[start : start + batch_size].transpose(0, 3, 1, 2), dtype=np.float32
             ) / np.float32(255)
-            for m, session in enumerate(self.sessions):
+            mirrored = np.ascontiguousarray(x[..., ::-1]) if tta else None
+            scores = []
+            for session in self.sessions:
                 p = _sigmoid(session.run(None, {"images": x})[0])
-                if tta:
-                    mirrored = np.ascontiguousarray(x[..., ::-1])
+                if mirrored is not None:
                     p = (p + _sigmoid(session.run(None, {"images": mirrored})[0])) / 2
-                out[m, start : start + len(x)] = p
+                scores.append(p)
+            return scores
+
+        out = np.empty((len(self.sessions), len(images)))
+        starts = range(0, len(images), batch_size)
+        with batches_side_by_side(torch.device("cpu")) as map_in_order:
+            for start, scores in zip(starts, map_in_order(score, starts), strict=True):
+                out[:, start : start + len(scores[0])] = scores
         return out
 
 
