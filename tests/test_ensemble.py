@@ -73,7 +73,8 @@ def two_threads():
 
 def test_a_cpu_scores_batches_side_by_side_to_the_same_values(two_threads):
     """Each batch runs on one thread, without autograd, and the scores come back in image order
-    equal to those of one batch at a time in one thread; the threads are the process's again afterwards."""
+    equal to those of one batch at a time in one thread; the threads are the process's again
+    afterwards."""
     seen = []
 
     class Recorder(torch.nn.Module):
