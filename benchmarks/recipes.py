@@ -33,7 +33,7 @@ from holdout import TRUTH, holdout_metrics, split_off
 # The throughput benchmark's own timed `train` + `predict`, with the images decoded beforehand.
 from throughput import end_to_end, warm_cache
 
-from faceattr.cli import run_script
+from faceattr.cli import Parser, run_script
 from faceattr.errors import FaceAttrError
 from faceattr.outputs import write_text
 
@@ -200,7 +200,7 @@ def holdout_cells(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="dataset folder or .zip")
     p.add_argument("--only", nargs="+", choices=sorted(RECIPES), help="run these recipes only")
     p.add_argument("--recipe", action="append", default=[], help="'NAME: train options'")

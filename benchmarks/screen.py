@@ -13,7 +13,6 @@ benchmarks/results/screen-<device>.jsonl. Recipes are `recipes.py`'s, or given w
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import sys
@@ -26,7 +25,7 @@ from throughput import device_name
 
 from faceattr.batches import DeviceImages
 from faceattr.cache import default_cache_dir, load_images
-from faceattr.cli import build_parser, run_script, train_config
+from faceattr.cli import Parser, build_parser, run_script, train_config
 from faceattr.data import load_dataset
 from faceattr.errors import FaceAttrError
 from faceattr.folds import make_folds
@@ -82,7 +81,7 @@ def screen(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="dataset folder or .zip")
     p.add_argument("--only", nargs="+", choices=sorted(RECIPES), default=[], help="recipes")
     p.add_argument("--recipe", action="append", default=[], help="'NAME: train options'")

@@ -20,7 +20,6 @@ On a CPU use small sizes (--steps, --epochs, --limit, --e2e-args); the test suit
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import subprocess
@@ -41,7 +40,7 @@ from torchvision import transforms as T
 from faceattr.batches import DeviceImages
 from faceattr.cache import load_images
 from faceattr.checkpoints import save_fold_model
-from faceattr.cli import run_script
+from faceattr.cli import Parser, run_script
 from faceattr.data import ImageSet, ZipSource, load_dataset
 from faceattr.ensemble import ensemble_scores, inference_batch_size
 from faceattr.export import OnnxEnsemble, export_onnx
@@ -345,7 +344,7 @@ def inference(arch: str, runtime: str, batch: int, n: int, work: Path) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="dataset folder or .zip (e.g. celeba64.zip)")
     p.add_argument("--device", default="auto")
     p.add_argument("--arch", nargs="+", default=["simple", "resnet18"], choices=sorted(MODELS))

@@ -304,6 +304,26 @@ def test_an_empty_path_is_refused_not_taken_for_the_current_folder(tmp_path, mon
     assert not any(tmp_path.iterdir())
 
 
+def test_a_usage_error_is_one_line_that_points_to_help():
+    """argparse's default prints its usage block before the message: a screenful for `train`."""
+    for args, seed, line in (
+        (
+            ["train", "data", "--epochs", "x"],
+            False,
+            "faceattr train: error: argument --epochs: invalid int value: 'x'"
+            " (see faceattr train --help)",
+        ),
+        ([], False, "faceattr: error: the following arguments are required: COMMAND"),
+        (["predict", "data", "--bogus"], False, "unrecognized arguments: --bogus"),
+        (["--mode=foo"], True, "main.py: error: argument --mode: invalid choice: 'foo'"),
+    ):
+        result = here(*args, seed=seed)
+        err = result.stderr.splitlines()
+        assert result.returncode == 2 and len(err) == 1 and line in err[0], (args, err)
+        assert err[0].endswith("--help)") and not result.stdout
+    assert here("train", "--help").returncode == 0  # the usage is still there on request
+
+
 def test_a_negative_worker_count_is_refused(tmp_path):
     for command in ("train", "predict", "explore"):
         result = here(command, str(tmp_path), "--workers", "-3")

@@ -15,7 +15,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import faceattr
 from faceattr.errors import FaceAttrError, first_line
@@ -455,8 +455,16 @@ def add_common(p: argparse.ArgumentParser, device: bool = True, images: bool = T
     p.add_argument("-v", "--verbose", action="store_true", help="more detail")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, like every other error a user can cause: the
+    usage block it prints by default buries the message, and `--help` shows it on request."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="faceattr",
         description="Learn a binary face attribute from 64x64 photos; predict it with low HTER.",
     )

@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 from faceattr.cli import (
+    Parser,
     add_common,
     add_predict_options,
     add_train_options,
@@ -28,9 +29,7 @@ EXPLORE_OUT = "explore"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="main.py", description="The seed's commands: explore, train or test (predict)."
-    )
+    p = Parser(prog="main.py", description="The seed's commands: explore, train or test (predict).")
     p.add_argument("--mode", choices=["explore", "train", "test"], required=True)
     p.add_argument("--img_train_dir", type=path, help="folder of numbered training images")
     p.add_argument("--labels_txt", type=path, help="label file: line N is the label of image N")
