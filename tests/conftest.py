@@ -144,3 +144,9 @@ def labels_of(path: Path) -> np.ndarray:
 def write_image(path: Path, colour, size=(64, 64), mode="RGB", fmt=None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new(mode, size, colour).save(path, format=fmt)
+
+
+def with_stray_bytes(raw: bytes, n: int = 3) -> bytes:
+    """The JPEG with `n` junk bytes before its scan: libjpeg decodes it, and says so on stderr."""
+    scan = raw.index(b"\xff\xda")
+    return raw[:scan] + b"\x00" * n + raw[scan:]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import write_image
+from conftest import with_stray_bytes, write_image
 from faceattr import decode
 from faceattr.data import load_dataset, numbered_images, open_source
 from faceattr.decode import decode_image, decode_images
@@ -77,6 +77,35 @@ def test_an_error_in_a_worker_reaches_the_user(dataset_dir, tmp_path, monkeypatc
     monkeypatch.setattr(decode, "PARALLEL_FROM", 16)
     with pytest.raises(FaceAttrError, match=r"50\.jpg: cannot decode image"):
         decode_images(numbered_images(open_source(tmp_path), "imgs"), workers=2)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_what_libjpeg_says_of_a_damaged_image_names_the_image(
+    tmp_path, monkeypatch, capfd, caplog, workers
+):
+    """libjpeg prints "Corrupt JPEG data: ..." itself, naming no file: the audit names it."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    clean = [jpeg_bytes(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(64)]
+    for i, raw in enumerate(clean, 1):
+        (folder / f"{i}.jpg").write_bytes(with_stray_bytes(raw) if i in (7, 50) else raw)
+    monkeypatch.setattr(decode, "CHUNK", 8)
+    monkeypatch.setattr(decode, "PARALLEL_FROM", 16)
+    images = numbered_images(open_source(tmp_path), "imgs")
+    with caplog.at_level("WARNING", logger="faceattr"):
+        array, audit = decode_images(images, workers=workers)
+    assert "Corrupt JPEG" not in capfd.readouterr().err
+    assert sorted(audit.damaged) == [6, 49] and not audit.bad
+    said = "Corrupt JPEG data: 3 extraneous bytes before marker 0xda"
+    assert audit.damaged[6] == f"{folder / '7.jpg'}: {said}"
+    assert f"decoded 2 damaged image(s) all the same: {folder / '7.jpg'}: {said} (and 1 more)" in (
+        caplog.text
+    )
+    assert np.array_equal(array[6], decode_image(clean[6])[0])  # the junk skipped, nothing lost
+    assert decode.Audit.from_dict(audit.to_dict()) == audit
+    older = {k: v for k, v in audit.to_dict().items() if k != "damaged"}  # an older cache's
+    assert decode.Audit.from_dict(older).damaged == {}
 
 
 def test_other_sizes_and_modes_are_converted():

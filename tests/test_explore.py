@@ -1,5 +1,7 @@
 import json
+import shutil
 
+from conftest import with_stray_bytes
 from faceattr.data import load_dataset
 from faceattr.explore import explore, format_summary, imbalance_verdict
 
@@ -26,3 +28,13 @@ def test_explore_writes_summary_and_pictures(dataset_dir, tmp_path):
         assert (tmp_path / "ex" / png).stat().st_size > 5_000
     text = format_summary(summary)
     assert "training images: 160" in text and "test images: 40" in text
+
+
+def test_the_audit_counts_images_decoded_despite_damage(dataset_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(dataset_dir, data)
+    first = sorted((data / "val_img").iterdir())[0]
+    first.write_bytes(with_stray_bytes(first.read_bytes()))
+    summary = explore(load_dataset(data, need="any"), tmp_path / "ex")
+    assert list(summary["test_audit"]["damaged"]) == ["0"] and not summary["train_audit"]["damaged"]
+    assert format_summary(summary).endswith("0 converted, 1 decoded despite damage")

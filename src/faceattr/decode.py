@@ -13,11 +13,13 @@ import io
 import logging
 import mmap
 import multiprocessing as mp
+import os
 import signal
 import sys
+import tempfile
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -49,6 +51,8 @@ class Audit:
     resized: int = 0
     converted: int = 0
     bad: dict[int, str] = field(default_factory=dict)  # index -> why it could not be decoded
+    # index -> what libjpeg said of an image it decoded all the same ("Corrupt JPEG data: ...")
+    damaged: dict[int, str] = field(default_factory=dict)
 
     def add(self, size: tuple[int, int], mode: str) -> None:
         self.sizes[f"{size[0]}x{size[1]}"] += 1
@@ -62,6 +66,7 @@ class Audit:
         self.resized += other.resized
         self.converted += other.converted
         self.bad.update(other.bad)
+        self.damaged.update(other.damaged)
 
     def to_dict(self) -> dict:
         return {
@@ -70,12 +75,15 @@ class Audit:
             "resized": self.resized,
             "converted": self.converted,
             "bad": {str(i): why for i, why in sorted(self.bad.items())},
+            "damaged": {str(i): why for i, why in sorted(self.damaged.items())},
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> Audit:
         bad = {int(i): why for i, why in d.get("bad", {}).items()}
-        return cls(Counter(d["sizes"]), Counter(d["modes"]), d["resized"], d["converted"], bad)
+        damaged = {int(i): why for i, why in d.get("damaged", {}).items()}
+        counts = (Counter(d["sizes"]), Counter(d["modes"]), d["resized"], d["converted"])
+        return cls(*counts, bad, damaged)
 
     def check(self, skip_bad: bool, hint: str = "") -> None:
         """Stop at images that could not be decoded, or, with `skip_bad`, warn about them.
@@ -196,15 +204,50 @@ def _quiet_torchvision():
         yield
 
 
+@contextmanager
+def _libjpeg_messages() -> Iterator[Callable[[], str]]:
+    """Catch what libjpeg prints to the process's stderr itself, naming no file, of an image it
+    decodes all the same ("Corrupt JPEG data: 3 extraneous bytes before marker 0xd9"): yields a
+    function that returns what was printed since its last call, for the caller to name the image.
+
+    Best effort: where stderr cannot be redirected, nothing is caught and libjpeg prints as before.
+    """
+    try:
+        sys.stderr.flush()  # Python's own text already written goes where it was meant to
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield lambda: ""
+        return
+    try:
+        with tempfile.TemporaryFile() as caught:
+            fd, read = caught.fileno(), 0
+
+            def since() -> str:
+                nonlocal read
+                end = os.fstat(fd).st_size
+                text = os.pread(fd, end - read, read) if end > read else b""
+                read = end
+                return text.decode(errors="replace")
+
+            os.dup2(fd, 2)
+            yield since
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _decode_range(source: Source, paths: list[str], out: np.ndarray, start: int, end: int) -> Audit:
     audit = Audit()
-    with _quiet_torchvision():
+    with _quiet_torchvision(), _libjpeg_messages() as printed:
         for i in range(start, end):
+            where = source.describe(paths[i])
             try:
-                audit.add(*decode_into(source.read(paths[i]), source.describe(paths[i]), out[i]))
+                audit.add(*decode_into(source.read(paths[i]), where, out[i]))
             except FaceAttrError as e:  # collected, so that every broken file can be named
                 out[i] = 0
                 audit.bad[i] = str(e)
+            if said := " ".join(printed().split()):
+                audit.damaged[i] = f"{where}: {said}"
     return audit
 
 
@@ -289,6 +332,12 @@ def decode_images(
     if given is not None and given is not out:
         given[...] = out
         out = given
+    if audit.damaged:
+        first = audit.damaged[min(audit.damaged)]
+        more = f" (and {len(audit.damaged) - 1} more)" if len(audit.damaged) > 1 else ""
+        log.warning(
+            "decoded %d damaged image(s) all the same: %s%s", len(audit.damaged), first, more
+        )
     if audit.resized or audit.converted:
         log.warning(
             "%s: %d images resized to %dx%d, %d converted to RGB",
