@@ -45,7 +45,7 @@ from faceattr.data import ImageSet, ZipSource, load_dataset
 from faceattr.ensemble import ensemble_scores, inference_batch_size
 from faceattr.export import OnnxEnsemble, export_onnx
 from faceattr.models import MODELS, create_model, for_inference
-from faceattr.runtime import cpu_cores, resolve_device
+from faceattr.runtime import cpu_cores, cpu_name, resolve_device
 from faceattr.train import (
     TrainConfig,
     class_weights,
@@ -392,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         "torchvision": torchvision.__version__,
         "batch_size": batch,
         "cpu_cores": workers,
+        "cpu": cpu_name(),
     }
 
     def emit(record: dict) -> None:

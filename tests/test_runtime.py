@@ -46,6 +46,8 @@ def test_seeding_repeats_every_generator():
 def test_a_run_records_its_versions_and_device():
     info = describe(torch.device("cpu"))
     assert info["torch"] == torch.__version__ and info["device"] == "cpu" and "gpu" not in info
+    # Which processor: a CPU run's times are read against it.
+    assert info["cpu"] and "(" in info["cpu"] and info["cpu"].endswith(")")
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux only")

@@ -68,6 +68,23 @@ def cpu_cores() -> int:
     return os.cpu_count() or 1
 
 
+def cpu_name() -> str:
+    """The processor and the widest vector instructions torch uses on it, e.g. "AMD EPYC
+    (AVX512)": CPU timings depend on these more than on the code, and machines lent for a day
+    differ in them."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:  # Linux; platform.processor() there says "x86_64"
+            model = next(
+                (line.split(":", 1)[1].strip() for line in info if line.startswith("model name")),
+                model,
+            )
+    except OSError:
+        pass
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
+    return f"{model} ({capability})" if capability else model
+
+
 def seed_everything(seed: int) -> None:
     """Seed every generator a run touches, so that a CPU run repeats exactly."""
     random.seed(seed)
@@ -83,6 +100,7 @@ def describe(device: torch.device) -> dict[str, str]:
         "python": platform.python_version(),
         "numpy": np.__version__,
         "device": str(device),
+        "cpu": cpu_name(),
         "cpu_threads": str(torch.get_num_threads()),
     }
     if device.type == "cuda":
