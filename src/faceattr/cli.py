@@ -542,9 +542,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", type=path, default="faceattr-demo", help="output folder (default faceattr-demo/)"
     )
-    p.add_argument("--n-train", type=int, default=2000)
-    p.add_argument("--n-test", type=int, default=500)
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument(
+        "--n-train", type=int, default=2000, help="synthetic training faces (default 2000)"
+    )
+    p.add_argument(
+        "--n-test",
+        type=int,
+        default=500,
+        help="synthetic test faces, labels withheld (default 500)",
+    )
+    p.add_argument(
+        "--epochs", type=int, default=6, help="epochs per fold of the 3-fold simple CNN (default 6)"
+    )
     add_common(p)
     p.set_defaults(func=cmd_demo)
     return parser

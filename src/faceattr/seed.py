@@ -30,7 +30,12 @@ EXPLORE_OUT = "explore"
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="main.py", description="The seed's commands: explore, train or test (predict).")
-    p.add_argument("--mode", choices=["explore", "train", "test"], required=True)
+    p.add_argument(
+        "--mode",
+        choices=["explore", "train", "test"],
+        required=True,
+        help="test: predict --img_test_dir",
+    )
     p.add_argument("--img_train_dir", type=path, help="folder of numbered training images")
     p.add_argument("--labels_txt", type=path, help="label file: line N is the label of image N")
     p.add_argument("--img_test_dir", type=path, help="folder of numbered test images")
