@@ -1,3 +1,4 @@
+import os
 import zipfile
 from pathlib import Path
 
@@ -179,6 +180,36 @@ def test_numbering_gaps_duplicates_and_names(tmp_path):
     write_image(folder / "face.jpg", (0, 0, 0))
     with pytest.raises(FaceAttrError, match=r"face\.jpg: image name is not a number"):
         numbered_images(source, "imgs")
+
+
+@pytest.mark.parametrize("use_zip", [False, True])
+def test_an_entry_named_like_an_image_that_is_not_a_file_is_named(tmp_path, use_zip):
+    """A folder "5.jpg" had been left out without a word; a named pipe, taken for a gap."""
+    folder = tmp_path / "d" / "imgs"
+    for n in (1, 2, 3):
+        write_image(folder / f"{n}.jpg", (0, 0, 0))
+    (folder / "4.jpg").mkdir()
+    (folder / "old").mkdir()  # a folder not named like an image is no one's business
+    (folder / ".thumbs.jpg").mkdir()  # nor is a hidden one
+    path = tmp_path / "d"
+    if use_zip:
+        path = tmp_path / "d.zip"
+        with zipfile.ZipFile(path, "w") as z:
+            for q in sorted((tmp_path / "d").rglob("*")):
+                z.write(q, q.relative_to(tmp_path / "d").as_posix())
+    source = open_source(path)
+    with pytest.raises(
+        FaceAttrError, match=r"imgs/4\.jpg is named like an image but is not a file$"
+    ):
+        numbered_images(source, "imgs")
+    (folder / "4.jpg").rmdir()
+    if hasattr(os, "mkfifo") and not use_zip:
+        os.mkfifo(folder / "4.jpg")
+        with pytest.raises(FaceAttrError, match=r"4\.jpg is named like an image but is not a file"):
+            numbered_images(source, "imgs")
+        (folder / "4.jpg").unlink()
+    if not use_zip:
+        assert len(numbered_images(source, "imgs")) == 3
 
 
 def test_missing_or_empty_folders(tmp_path):

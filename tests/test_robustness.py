@@ -324,6 +324,50 @@ def test_a_usage_error_is_one_line_that_points_to_help():
     assert here("train", "--help").returncode == 0  # the usage is still there on request
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are a POSIX thing")
+def test_a_label_file_that_is_not_a_file_is_named_as_such(tmp_path):
+    """A named pipe there had been opened and read: the command waited for a writer forever."""
+    pipe, folder = small_layout(tmp_path / "pipe"), small_layout(tmp_path / "folder")
+    (pipe / "label_train.txt").unlink()
+    os.mkfifo(pipe / "label_train.txt")
+    (folder / "label_train.txt").unlink()
+    (folder / "label_train.txt").mkdir()
+    for data in (pipe, folder):
+        labels = data / "label_train.txt"
+        for args, seed in (
+            (["explore", str(data), "--out", str(tmp_path / "ex")], False),
+            (
+                [
+                    "--mode=explore",
+                    f"--img_train_dir={data / 'train_img'}",
+                    f"--labels_txt={labels}",
+                ],
+                True,
+            ),
+            (["evaluate", "--pred", str(labels), "--truth", str(labels)], False),
+        ):
+            result = here(*args, seed=seed)
+            err = result.stderr.splitlines()
+            assert result.returncode == 2 and err == [
+                f"faceattr: error: label file {labels} is not a file"
+            ]
+    result = here("explore", str(tmp_path / "none"), "--out", str(tmp_path / "ex"))
+    assert result.stderr.strip().endswith("does not exist")
+
+
+def test_a_file_name_with_a_newline_is_named_on_one_line(tmp_path):
+    """Control characters in a name are written as escapes: one line, the terminal left as it was."""
+    data = small_layout(tmp_path / "data")
+    (data / "val_img" / "000002.jpg").rename(data / "val_img" / "00\n0002\x1b[31m.jpg")
+    result = here("explore", str(data), "--out", str(tmp_path / "ex"), "--no-cache")
+    assert result.stderr.splitlines() == [
+        f"faceattr: error: {data / 'val_img'}/00\\n0002\\x1b[31m.jpg: image name is not a number"
+    ]
+    from faceattr.errors import printable
+
+    assert printable("café\tmenu\u2028") == "café\\tmenu\\u2028"  # accents stay as they are
+
+
 def test_a_negative_worker_count_is_refused(tmp_path):
     for command in ("train", "predict", "explore"):
         result = here(command, str(tmp_path), "--workers", "-3")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 import faceattr
-from faceattr.errors import FaceAttrError, first_line
+from faceattr.errors import FaceAttrError, first_line, printable
 
 # torch (and what imports it) loads inside `main`, where Ctrl-C during its second of loading is
 # caught like any other: "interrupted", not a traceback.
@@ -47,7 +47,7 @@ def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
 
 class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        message = record.getMessage()
+        message = printable(record.getMessage())  # a file name with a newline stays one line
         return f"warning: {message}" if record.levelno >= logging.WARNING else message
 
 
@@ -460,7 +460,7 @@ class Parser(argparse.ArgumentParser):
     usage block it prints by default buries the message, and `--help` shows it on request."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {printable(message)} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -580,7 +580,7 @@ def run_command(func, args: argparse.Namespace) -> int:
         print("faceattr: terminated", file=sys.stderr)
         return 128 + signal.SIGTERM
     except FaceAttrError as e:
-        print(f"faceattr: error: {e}", file=sys.stderr)
+        print(f"faceattr: error: {printable(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("faceattr: interrupted", file=sys.stderr)
@@ -590,7 +590,7 @@ def run_command(func, args: argparse.Namespace) -> int:
         return 0
     except OSError as e:  # the system refused: a name too long, a full disk, a lost mount...
         where = f"{e.filename}: " if e.filename else ""
-        print(f"faceattr: error: {where}{e.strerror or e}", file=sys.stderr)
+        print(f"faceattr: error: {printable(f'{where}{e.strerror or e}')}", file=sys.stderr)
         return 2
     except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError from torch 2.5 on
         size = getattr(args, "batch_size", None)

@@ -51,6 +51,11 @@ class FolderSource:
         with os.scandir(self.root / rel) as it:
             return [e.name for e in it if e.is_file() and not e.name.startswith(".")]
 
+    def not_files(self, rel: str) -> list[str]:
+        """What `list_files` leaves out but hidden names: folders, pipes, devices, broken links."""
+        with os.scandir(self.root / rel) as it:
+            return [e.name for e in it if not e.is_file() and not e.name.startswith(".")]
+
     def subfolders(self) -> list[str]:
         with os.scandir(self.root) as it:
             return sorted(e.name for e in it if e.is_dir() and not e.name.startswith((".", "__")))
@@ -128,6 +133,13 @@ class ZipSource:
     def list_files(self, rel: str) -> list[str]:
         return list(self._files.get(rel.strip("/"), []))
 
+    def not_files(self, rel: str) -> list[str]:
+        """The folders in `rel` but hidden ones: a zip holds nothing else."""
+        inside = rel.strip("/")
+        prefix = f"{inside}/" if inside else ""
+        names = (d[len(prefix) :] for d in self._dirs if d and d.startswith(prefix))
+        return [n for n in names if "/" not in n and not n.startswith(".")]
+
     def subfolders(self) -> list[str]:
         tops = {d.split("/")[0] for d in self._dirs if d}
         return sorted(d for d in tops if not d.startswith((".", "__")))
@@ -202,11 +214,17 @@ def parse_labels(text: str, where: str) -> np.ndarray:
     return labels
 
 
+def no_label_file(where: str, there: bool) -> FaceAttrError:
+    """The error for a label file that is missing, or is something else (a folder, a pipe, a
+    device: reading a named pipe would wait for a writer forever)."""
+    return FaceAttrError(f"label file {where} {'is not a file' if there else 'does not exist'}")
+
+
 def read_labels(path: str | Path) -> np.ndarray:
     """Labels from a label file on disk (see `parse_labels`)."""
     path = Path(path)
     if not path.is_file():
-        raise FaceAttrError(f"label file {path} does not exist")
+        raise no_label_file(str(path), path.exists())
     return parse_labels(_decode_text(path.read_bytes(), str(path)), str(path))
 
 
@@ -244,6 +262,11 @@ def numbered_images(source: Source, folder: str) -> ImageSet:
     where = source.describe(folder)
     if not source.is_dir(folder):
         raise FaceAttrError(f"image folder {where} does not exist")
+    odd = sorted(n for n in source.not_files(folder) if _is_image(n))
+    if odd:  # a folder left out silently, or a pipe's image taken for a gap in the numbering
+        raise FaceAttrError(
+            f"{source.describe(_join(folder, odd[0]))} is named like an image but is not a file"
+        )
     numbered: dict[int, str] = {}
     for name in source.list_files(folder):
         if not _is_image(name):
@@ -375,7 +398,9 @@ def _holds_images(source: Source, folder: str) -> bool:
 
 def _train_part(source: Source, folder: str, label_rel: str) -> tuple[ImageSet, np.ndarray]:
     if not source.is_file(label_rel):
-        raise FaceAttrError(f"label file {source.describe(label_rel)} does not exist")
+        on_disk = isinstance(source, FolderSource) and source.local(label_rel).exists()
+        there = on_disk or source.is_dir(label_rel)
+        raise no_label_file(source.describe(label_rel), there)
     where = source.describe(label_rel)
     labels = parse_labels(_decode_text(source.read(label_rel), where), where)
     images = numbered_images(source, folder)
@@ -396,7 +421,7 @@ def dataset_from_paths(
             raise FaceAttrError("--img_train_dir and --labels_txt must be given together")
         label_path, train_path = Path(labels_txt), _folder(train_dir)
         if not label_path.is_file():
-            raise FaceAttrError(f"label file {label_path} does not exist")
+            raise no_label_file(str(label_path), label_path.exists())
         # One source holding both, from their common folder: paths without "..", which a link
         # between them would have sent elsewhere.
         label_abs, train_abs = label_path.resolve(), train_path.resolve()

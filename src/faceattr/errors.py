@@ -9,6 +9,13 @@ class FaceAttrError(Exception):
     """A problem with the user's input or environment, explained in one line."""
 
 
+def printable(text: str) -> str:
+    """`text` with control characters written as escapes (a newline as \\n): a file may be named
+    with a newline in it, or an escape sequence, and an error naming it must still be one line
+    that leaves the terminal as it was. Other characters, accents and all, stay as they are."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def first_line(e: BaseException) -> str:
     """The first line of a library's error message: some run to a paragraph of advice that does
     not apply here (torch.load's on weights_only, for one)."""
