@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import with_stray_bytes, write_image
+from conftest import run_python, with_stray_bytes, write_image
 from faceattr import decode
 from faceattr.data import load_dataset, numbered_images, open_source
 from faceattr.decode import decode_image, decode_images
@@ -106,6 +106,29 @@ def test_what_libjpeg_says_of_a_damaged_image_names_the_image(
     assert decode.Audit.from_dict(audit.to_dict()) == audit
     older = {k: v for k, v in audit.to_dict().items() if k != "damaged"}  # an older cache's
     assert decode.Audit.from_dict(older).damaged == {}
+
+
+WARNS_WHILE_DECODING = """
+import sys, warnings
+from faceattr import decode
+from faceattr.data import numbered_images, open_source
+plain = decode.decode_into
+def warns(raw, where, dest):
+    warnings.warn("a decoder's own warning", UserWarning, stacklevel=1)
+    return plain(raw, where, dest)
+decode.decode_into = warns
+_, audit = decode.decode_images(numbered_images(open_source(sys.argv[1]), "v"))
+print(sorted(audit.damaged))
+"""
+
+
+def test_a_python_warning_while_decoding_is_shown_not_taken_for_damage(tmp_path):
+    """Python writes its warnings to fd 2 as well: while libjpeg's messages are caught there,
+    they are held back, then shown as usual (a process of its own: pytest captures warnings)."""
+    write_image(tmp_path / "v" / "1.jpg", (1, 2, 3))
+    result = run_python("-c", WARNS_WHILE_DECODING, str(tmp_path))
+    assert result.returncode == 0 and result.stdout == "[]\n", result.stderr
+    assert "UserWarning: a decoder's own warning" in result.stderr
 
 
 def test_other_sizes_and_modes_are_converted():

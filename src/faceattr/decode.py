@@ -238,7 +238,12 @@ def _libjpeg_messages() -> Iterator[Callable[[], str]]:
 
 def _decode_range(source: Source, paths: list[str], out: np.ndarray, start: int, end: int) -> Audit:
     audit = Audit()
-    with _quiet_torchvision(), _libjpeg_messages() as printed:
+    # Python's warnings (PIL's, say) are held back while stderr is libjpeg's, then shown.
+    with (
+        warnings.catch_warnings(record=True) as held,
+        _quiet_torchvision(),
+        _libjpeg_messages() as printed,
+    ):
         for i in range(start, end):
             where = source.describe(paths[i])
             try:
@@ -248,6 +253,8 @@ def _decode_range(source: Source, paths: list[str], out: np.ndarray, start: int,
                 audit.bad[i] = str(e)
             if said := " ".join(printed().split()):
                 audit.damaged[i] = f"{where}: {said}"
+    for w in held:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     return audit
 
 
