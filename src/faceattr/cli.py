@@ -580,8 +580,7 @@ def run_command(func, args: argparse.Namespace) -> int:
         print("faceattr: terminated", file=sys.stderr)
         return 128 + signal.SIGTERM
     except FaceAttrError as e:
-        print(f"faceattr: error: {printable(str(e))}", file=sys.stderr)
-        return 2
+        return _error(str(e))
     except KeyboardInterrupt:
         print("faceattr: interrupted", file=sys.stderr)
         return 130
@@ -590,18 +589,20 @@ def run_command(func, args: argparse.Namespace) -> int:
         return 0
     except OSError as e:  # the system refused: a name too long, a full disk, a lost mount...
         where = f"{e.filename}: " if e.filename else ""
-        print(f"faceattr: error: {printable(f'{where}{e.strerror or e}')}", file=sys.stderr)
-        return 2
+        return _error(f"{where}{e.strerror or e}")
     except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError from torch 2.5 on
         size = getattr(args, "batch_size", None)
         hint = f" (it is {size})" if size else ""
-        print(
-            f"faceattr: error: out of GPU memory; try a smaller --batch-size{hint}", file=sys.stderr
-        )
-        return 2
+        return _error(f"out of GPU memory; try a smaller --batch-size{hint}")
     finally:
         if handles:
             signal.signal(signal.SIGTERM, before)
+
+
+def _error(message: str) -> int:
+    """Say a user's error in one line (control characters in a file name as escapes), exit 2."""
+    print(f"faceattr: error: {printable(message)}", file=sys.stderr)
+    return 2
 
 
 def run_script(main: Callable[[], int]) -> int:
