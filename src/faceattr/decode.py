@@ -92,13 +92,19 @@ class Audit:
         """
         if not self.bad:
             return
-        first = self.bad[min(self.bad)]
-        more = f" (and {len(self.bad) - 1} more)" if len(self.bad) > 1 else ""
         if not skip_bad:
-            raise FaceAttrError(f"{first}{more}{hint}")
+            raise FaceAttrError(f"{first_and_more(self.bad)}{hint}")
         log.warning(
-            "leaving out %d image(s) that cannot be decoded: %s%s", len(self.bad), first, more
+            "leaving out %d image(s) that cannot be decoded: %s",
+            len(self.bad),
+            first_and_more(self.bad),
         )
+
+
+def first_and_more(found: dict[int, str]) -> str:
+    """What was found of the first image, and how many more: one line for any number of them."""
+    more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+    return f"{found[min(found)]}{more}"
 
 
 @functools.cache
@@ -340,10 +346,10 @@ def decode_images(
         given[...] = out
         out = given
     if audit.damaged:
-        first = audit.damaged[min(audit.damaged)]
-        more = f" (and {len(audit.damaged) - 1} more)" if len(audit.damaged) > 1 else ""
         log.warning(
-            "decoded %d damaged image(s) all the same: %s%s", len(audit.damaged), first, more
+            "decoded %d damaged image(s) all the same: %s",
+            len(audit.damaged),
+            first_and_more(audit.damaged),
         )
     if audit.resized or audit.converted:
         log.warning(

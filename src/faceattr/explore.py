@@ -84,7 +84,7 @@ def format_summary(summary: dict) -> str:
 def _audit_line(audit: dict) -> str:
     sizes = ", ".join(f"{s} x{n:,}" for s, n in list(audit["sizes"].items())[:3])
     modes = ", ".join(f"{m} x{n:,}" for m, n in audit["modes"].items())
-    damaged = len(audit.get("damaged", {}))  # an older cache's audit lacks them
+    damaged = len(audit["damaged"])
     return (
         f"  sizes: {sizes}; modes: {modes}; "
         f"{audit['resized']} resized, {audit['converted']} converted"
