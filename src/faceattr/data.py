@@ -47,14 +47,22 @@ class FolderSource:
     def is_file(self, rel: str) -> bool:
         return (self.root / rel).is_file()
 
-    def list_files(self, rel: str) -> list[str]:
-        with os.scandir(self.root / rel) as it:
-            return [e.name for e in it if e.is_file() and not e.name.startswith(".")]
+    def exists(self, rel: str) -> bool:
+        return (self.root / rel).exists()
 
-    def not_files(self, rel: str) -> list[str]:
-        """What `list_files` leaves out but hidden names: folders, pipes, devices, broken links."""
+    def scan(self, rel: str) -> tuple[list[str], list[str]]:
+        """The names in `rel`, hidden ones left out: its files, and the rest (folders, pipes,
+        devices, broken links), in one pass over a folder that may hold 100,000 images."""
+        files: list[str] = []
+        others: list[str] = []
         with os.scandir(self.root / rel) as it:
-            return [e.name for e in it if not e.is_file() and not e.name.startswith(".")]
+            for e in it:
+                if not e.name.startswith("."):
+                    (files if e.is_file() else others).append(e.name)
+        return files, others
+
+    def list_files(self, rel: str) -> list[str]:
+        return self.scan(rel)[0]
 
     def subfolders(self) -> list[str]:
         with os.scandir(self.root) as it:
@@ -130,15 +138,19 @@ class ZipSource:
         parent, _, name = rel.rpartition("/")
         return name in self._files.get(parent, [])
 
-    def list_files(self, rel: str) -> list[str]:
-        return list(self._files.get(rel.strip("/"), []))
+    def exists(self, rel: str) -> bool:
+        return self.is_file(rel) or self.is_dir(rel)
 
-    def not_files(self, rel: str) -> list[str]:
-        """The folders in `rel` but hidden ones: a zip holds nothing else."""
+    def scan(self, rel: str) -> tuple[list[str], list[str]]:
+        """The names in `rel`, hidden ones left out: its files, and its folders (a zip holds
+        nothing else)."""
         inside = rel.strip("/")
         prefix = f"{inside}/" if inside else ""
         names = (d[len(prefix) :] for d in self._dirs if d and d.startswith(prefix))
-        return [n for n in names if "/" not in n and not n.startswith(".")]
+        return self.list_files(rel), [n for n in names if "/" not in n and not n.startswith(".")]
+
+    def list_files(self, rel: str) -> list[str]:
+        return list(self._files.get(rel.strip("/"), []))
 
     def subfolders(self) -> list[str]:
         tops = {d.split("/")[0] for d in self._dirs if d}
@@ -262,13 +274,14 @@ def numbered_images(source: Source, folder: str) -> ImageSet:
     where = source.describe(folder)
     if not source.is_dir(folder):
         raise FaceAttrError(f"image folder {where} does not exist")
-    odd = sorted(n for n in source.not_files(folder) if _is_image(n))
+    files, others = source.scan(folder)
+    odd = sorted(n for n in others if _is_image(n))
     if odd:  # a folder left out silently, or a pipe's image taken for a gap in the numbering
         raise FaceAttrError(
             f"{source.describe(_join(folder, odd[0]))} is named like an image but is not a file"
         )
     numbered: dict[int, str] = {}
-    for name in source.list_files(folder):
+    for name in files:
         if not _is_image(name):
             log.warning("ignoring %s: not an image", source.describe(_join(folder, name)))
             continue
@@ -398,9 +411,7 @@ def _holds_images(source: Source, folder: str) -> bool:
 
 def _train_part(source: Source, folder: str, label_rel: str) -> tuple[ImageSet, np.ndarray]:
     if not source.is_file(label_rel):
-        on_disk = isinstance(source, FolderSource) and source.local(label_rel).exists()
-        there = on_disk or source.is_dir(label_rel)
-        raise no_label_file(source.describe(label_rel), there)
+        raise no_label_file(source.describe(label_rel), source.exists(label_rel))
     where = source.describe(label_rel)
     labels = parse_labels(_decode_text(source.read(label_rel), where), where)
     images = numbered_images(source, folder)
