@@ -1,4 +1,5 @@
 import itertools
+import logging
 import types
 from pathlib import Path
 
@@ -400,3 +401,11 @@ def test_weight_average_warms_up_then_decays_slowly():
     torch.nn.init.constant_(model[0].weight, 100.0)
     average.update()
     assert torch.allclose(average.module[0].weight, 0.999 * before + 0.001 * 100.0)
+
+
+def test_compiling_for_a_cpu_leaves_out_the_warning_that_cuda_is_missing(monkeypatch):
+    """Inductor's C++ build logs "No CUDA runtime is found" on such a machine: noise there."""
+    cpp = logging.getLogger("torch.utils.cpp_extension")
+    monkeypatch.setattr(cpp, "level", cpp.level)  # put back after the test
+    train_module.compile_model(torch.nn.Linear(2, 1))  # lazy: nothing compiles until the first call
+    assert not cpp.isEnabledFor(logging.WARNING) and cpp.isEnabledFor(logging.ERROR)

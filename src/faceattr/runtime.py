@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import platform
 import random
@@ -48,10 +47,6 @@ def check_compiler(device: torch.device) -> None:
             f"--compile needs {what} ({' or '.join(wanted)}) on PATH; install one, or train "
             "without --compile"
         )
-    if device.type != "cuda":
-        # Inductor's C++ build warns "No CUDA runtime is found" on a machine without CUDA: true,
-        # and nothing to do with compiling for a CPU.
-        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 def uses_bf16(device: torch.device) -> bool:

@@ -614,6 +614,10 @@ def compile_model(net: nn.Module) -> nn.Module:
     fold model compiled afresh: a minute of a GPU's time per fold."""
     if torch.__version__ < (2, 5):
         torch._dynamo.config.inline_inbuilt_nn_modules = True
+    if next(net.parameters()).device.type != "cuda":
+        # Inductor's C++ build warns "No CUDA runtime is found" on a machine without CUDA: true,
+        # and nothing to do with compiling for a CPU.
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     return torch.compile(net)
 
 
