@@ -2,6 +2,7 @@
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -192,9 +193,12 @@ def test_two_trains_never_write_one_folder_at_once(dataset_dir, tmp_path):
         _check_unlocked(run)
     # A run.json that appeared after this run's checks saw none: another train got there first.
     (run / "run.json").write_text('{"status": "running", "config": {}}')
-    with pytest.raises(FaceAttrError, match=r"wrote .* meanwhile"), _writing(run, True, None):
+    with (
+        pytest.raises(FaceAttrError, match=r"wrote .* meanwhile"),
+        _writing(run, True, (None, None)),
+    ):
         pass
-    with _writing(run, True, {"status": "running", "config": {}}):  # what the checks saw: fine
+    with _writing(run, True, ({"status": "running", "config": {}}, None)):  # as the checks saw
         pass
 
 
@@ -210,3 +214,61 @@ def test_a_fold_whose_result_cannot_be_read_trains_again(tmp_path):
     for text in (b"[]", b'{"summary": {}}', b"{", b'{"\xff": 1}'):  # a list, cut short, Latin-1
         result.write_bytes(text)
         assert _finished_fold(tmp_path, 1) is None, text
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_finished(
+    trained_run, dataset_dir, tmp_path, monkeypatch, caplog
+):
+    """--overwrite had cleared the old run before training: a failure or Ctrl-C then left
+    neither. The new run trains in OUT/.replacement/ and takes the old one's place at the end."""
+    import shutil
+
+    import faceattr.run
+    from faceattr.run import unfinished_run
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "fold_notes.txt").write_text("mine")  # the user's, beside the run
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    cfg = TrainConfig(arch="simple", folds=2, epochs=1, batch_size=32, seed=7)
+    data, cpu = load_dataset(dataset_dir, need="any"), torch.device("cpu")
+    trained = faceattr.run.train_fold
+
+    def interrupted(model, images, labels, train_idx, val_idx, cfg, fold, *rest):
+        if fold == 2:
+            raise KeyboardInterrupt  # Ctrl-C in the new run's second fold
+        return trained(model, images, labels, train_idx, val_idx, cfg, fold, *rest)
+
+    monkeypatch.setattr(faceattr.run, "train_fold", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(data, cfg, run, cpu, overwrite=True)
+    after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert {k: v for k, v in after.items() if k.parts[0] != ".replacement"} == before
+    assert (run / ".replacement" / "fold_1" / "result.json").is_file()
+    predict(data.test, run / "models", tmp_path / "label_val.txt", cpu)  # the old run is usable
+    assert len((tmp_path / "label_val.txt").read_text().split()) == 40
+    assert unfinished_run(run)  # what the seed's train command continues by itself
+    with pytest.raises(FaceAttrError, match="a finished run and an unfinished one to replace it"):
+        train_run(data, cfg, run, cpu)
+
+    monkeypatch.setattr(faceattr.run, "train_fold", trained)
+    with caplog.at_level("INFO", logger="faceattr"):
+        summary = train_run(data, cfg, run, cpu, resume=True)
+    assert "fold 1/2: finished before, kept" in caplog.text  # the replacement's, continued
+    assert "replaced the run in" in caplog.text
+    assert summary["config"]["seed"] == 7 and summary["resumed"] == 1
+    assert json.loads((run / "run.json").read_text()) == json.loads(json.dumps(summary))
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == [".lock"]
+    assert (run / "fold_notes.txt").read_text() == "mine" and not unfinished_run(run)
+    assert (run / "models" / "fold_2.safetensors").read_bytes() != before[
+        Path("models/fold_2.safetensors")
+    ]
+    report = (run / "report.html").read_text()
+    assert str(run.resolve()) in report and ".replacement" not in report
+    # An interrupted replacement is started again by --overwrite, not continued.
+    (run / ".replacement" / "fold_1").mkdir(parents=True)
+    (run / ".replacement" / "run.json").write_text(json.dumps({**summary, "status": "running"}))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="faceattr"):
+        train_run(data, cfg, run, cpu, overwrite=True)
+    assert "finished before" not in caplog.text and not (run / ".replacement").exists()

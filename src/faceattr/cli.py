@@ -381,7 +381,11 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="continue the unfinished run in --out where it stopped",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a run already in --out, once the new one has finished",
+    )
     p.add_argument(
         "--save-every",
         type=float,

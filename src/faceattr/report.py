@@ -73,8 +73,9 @@ def section(title: str, body: str) -> str:
     return f'<section id="{anchor}"><h2>{html.escape(title)}</h2>{body}</section>'
 
 
-def build_report(run: str | Path) -> Path:
-    """Write RUN/report.html from the run folder's contents; return its path."""
+def build_report(run: str | Path, shown: str | Path | None = None) -> Path:
+    """Write RUN/report.html from the run folder's contents; return its path. The page names
+    `shown` as the run's folder, if given: where a replacement run goes once it has finished."""
     run = Path(run)
     try:
         summary = json.loads((run / "run.json").read_text())
@@ -96,10 +97,11 @@ def build_report(run: str | Path) -> Path:
             f"{run}: run.json (or prediction/prediction.json) lacks what a report needs ({e!r})"
         ) from None
     title = f"faceattr run: {cfg.get('arch', '?')}, {cfg.get('folds', '?')} folds"
+    where = str(Path(shown or run).resolve())
     page = (
         f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}"
         f"</title><style>{STYLE}</style><script>{COUNT_LOADED}</script></head><body>"
-        f"<h1>{html.escape(title)}</h1><p class='muted'>{html.escape(str(run.resolve()))}</p>"
+        f"<h1>{html.escape(title)}</h1><p class='muted'>{html.escape(where)}</p>"
         + "".join(parts)
         + "</body></html>"
     )

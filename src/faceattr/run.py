@@ -5,7 +5,8 @@ The run folder holds `folds.csv`, `models/fold_K.safetensors` (+ `.json`, + `ens
 (every training image scored by the model that did not see it), `run.json` (options, versions,
 data identity, folds, metrics, timings), the pictures and `report.html`. Everything is checked
 and decoded before the folder is touched, so bad input leaves nothing behind; a fold counts as
-finished once its result is written.
+finished once its result is written. A run that replaces another (--overwrite) is trained in
+OUT/.replacement/ and renamed into place once it has finished: until then the old run stays whole.
 """
 
 from __future__ import annotations
@@ -71,9 +72,11 @@ def train_run(
     `resume` continues the unfinished run in `out` with its own settings: finished folds are
     kept, the running one continues from its last epoch. The options the user `given` must
     agree with them, but for how the work runs (workers, cache, saves). A folder that already
-    holds a run is otherwise left alone unless `overwrite` is given. Under torchrun (`ranks`),
-    each process trains its share of the folds and rank 0 writes everything else; the others
-    return None.
+    holds a run is otherwise left alone unless `overwrite` is given; the new run is then trained
+    in OUT/.replacement/ (`work`), and takes the old one's place once it has finished, so a run
+    that fails or is interrupted leaves the old one as it was (and --resume continues the new
+    one). Under torchrun (`ranks`), each process trains its share of the folds and rank 0
+    writes everything else; the others return None.
     """
     out = Path(out)
     if resume and overwrite:
@@ -81,17 +84,25 @@ def train_run(
             "--resume continues the run in --out, --overwrite starts it again: give one"
         )
     _check_unlocked(out)
-    previous = existing_run(out)
-    if resume:
+    seen = existing_run(out), existing_run(out / REPLACEMENT)
+    current, pending = seen
+    if resume:  # an interrupted replacement, if there is one, is the run to continue
+        work, previous = (out / REPLACEMENT, pending) if pending else (out, current)
         if previous is None:
             raise FaceAttrError(f"--resume: {out} holds no run to continue")
-        cfg = _resumed_config(cfg, previous["config"], given, out)
-    elif previous is not None and not overwrite:
-        state = "a finished" if previous.get("status") == "complete" else "an unfinished"
+        cfg = _resumed_config(cfg, previous["config"], given, work)
+    elif (current or pending) and not overwrite:
+        finished = (current or {}).get("status") == "complete"
+        state = "a finished run" if finished else "an unfinished run"
+        if pending:  # an interrupted --overwrite: the old run is whole, and the new one half
+            state = f"{'a finished run' if finished else 'a run'} and an unfinished one to "
+            state += "replace it (an interrupted --overwrite)"
         raise FaceAttrError(
-            f"{out} holds {state} run: --resume continues it, --overwrite starts it again, "
-            "or choose another --out"
+            f"{out} holds {state}: --resume continues {'that one' if pending else 'it'}, "
+            "--overwrite starts it again, or choose another --out"
         )
+    else:  # a new run: beside the one it replaces, if any
+        work, previous = (out / REPLACEMENT if current else out), None
     cfg.check()
     check_writable(out)
     _check_folders(out, cfg.folds)
@@ -111,7 +122,7 @@ def train_run(
     if resume and previous.get("data_identity", identity) != identity:
         # Its finished folds were split and trained on other labels or images.
         raise FaceAttrError(
-            f"--resume: the labels or images changed since {out} was started; "
+            f"--resume: the labels or images changed since {work} was started; "
             "--overwrite starts it again"
         )
     # Under torchrun one process per machine decodes into the cache, on all its cores, and the
@@ -131,7 +142,7 @@ def train_run(
     if resume and previous.get("pixel_digest", digest) != digest:
         # Same names and sizes, other pixels: an image edited, two swapped, or a new decoder.
         raise FaceAttrError(
-            f"--resume: the images decode to other pixels than when {out} was started (a file "
+            f"--resume: the images decode to other pixels than when {work} was started (a file "
             "changed, or pillow or torchvision did); --overwrite starts it again"
         )
     if loaded.audit.bad:  # --skip-bad: leave them out
@@ -144,18 +155,18 @@ def train_run(
     fold_of = make_folds(labels, cfg.folds, cfg.seed)
     if resume and previous.get("n_train") != len(labels):
         raise FaceAttrError(
-            f"--resume: {out} was trained on {previous.get('n_train')} images, "
+            f"--resume: {work} was trained on {previous.get('n_train')} images, "
             f"this data has {len(labels)}"
         )
-    if resume and not (out / "folds.csv").is_file():
+    if resume and not (work / "folds.csv").is_file():
         raise FaceAttrError(
-            f"--resume: {out / 'folds.csv'} is missing, so its finished folds' images are not "
+            f"--resume: {work / 'folds.csv'} is missing, so its finished folds' images are not "
             "known; --overwrite starts it again"
         )
-    if resume and not _same_folds(out / "folds.csv", fold_of):
+    if resume and not _same_folds(work / "folds.csv", fold_of):
         # The finished folds' scores would land on other images: scikit-learn's shuffle changed?
         raise FaceAttrError(
-            f"--resume: this data splits into other folds than {out / 'folds.csv'} holds; "
+            f"--resume: this data splits into other folds than {work / 'folds.csv'} holds; "
             "--overwrite starts it again"
         )
     ranks.barrier()  # every process has checked the input: only now is the folder touched
@@ -174,13 +185,15 @@ def train_run(
         "decode": loaded.summary(),
         "resumed": (previous or {}).get("resumed", 0) + 1 if resume else 0,
     }
-    with _writing(out, ranks.main, previous):
+    with _writing(out, ranks.main, seen):
         if ranks.main:
-            if overwrite and previous is not None:
-                _clear_run(out)
-            save_folds(out / "folds.csv", names, labels, fold_of)
-            write_json(out / "run.json", summary)
-            data_pictures(array, labels, {"train": summary["audit"]}, out / "data")
+            if not resume:  # an interrupted replacement's work, if any, is not this run's
+                shutil.rmtree(out / REPLACEMENT, ignore_errors=True)
+            if work != out:
+                log.info("the run in %s stays there until this one has finished", out)
+            save_folds(work / "folds.csv", names, labels, fold_of)
+            write_json(work / "run.json", summary)
+            data_pictures(array, labels, {"train": summary["audit"]}, work / "data")
         ranks.barrier()
 
         images = DeviceImages(array, device)
@@ -190,7 +203,7 @@ def train_run(
             train_idx, val_idx = np.flatnonzero(fold_of != k), np.flatnonzero(fold_of == k)
             if not (cfg.ddp or ranks.mine(k)):
                 continue  # another process trains this fold
-            if _finished_fold(out, fold) is not None:
+            if _finished_fold(work, fold) is not None:
                 log.info("fold %d/%d: finished before, kept", fold, cfg.folds)
                 continue
             model = fold_model(cfg, fold, device)
@@ -201,24 +214,30 @@ def train_run(
                 len(train_idx),
                 len(val_idx),
             )
-            checkpoint = out / f"fold_{fold}" / "checkpoint"
+            checkpoint = work / f"fold_{fold}" / "checkpoint"
             result = train_fold(
                 model, images, labels_t, train_idx, val_idx, cfg, fold, checkpoint, ranks
             )
             if cfg.ddp and not ranks.main:
                 continue  # rank 0 writes the fold trained by all
-            _save_fold(out, fold, model, result, cfg)
+            _save_fold(work, fold, model, result, cfg)
 
         ranks.barrier()
         if not ranks.main:
             return None
-        return _finish_run(
-            out, cfg, summary, array, labels, names, fold_of, loaded.seconds, started
+        summary = _finish_run(
+            work, cfg, summary, array, labels, names, fold_of, loaded.seconds, started, out
         )
+        if work != out:
+            _put_in_place(work, out)
+            log.info("replaced the run in %s", out)
+        return summary
 
 
 RUN_FOLDERS = ("models", "data", "evaluation", "prediction")  # and fold_K/
 RUN_CONTENTS = ("run.json", "folds.csv", "oof.csv", "report.html", *RUN_FOLDERS)
+REPLACEMENT = ".replacement"  # where --overwrite trains the run that replaces OUT's
+REPLACED = ".replaced"  # where the old run's files wait, the moment the new ones move in
 
 
 def _save_fold(
@@ -274,8 +293,10 @@ def _finish_run(
     fold_of: np.ndarray,
     decode_seconds: float,
     started: float,
+    final: Path,
 ) -> dict:
-    """Once every fold is done: the out-of-fold scores, the decision rule and the run's files."""
+    """Once every fold is done: the out-of-fold scores, the decision rule and the run's files,
+    written in `out` (the report names `final`, where the run goes once it has replaced another)."""
     # Every fold's result is on disk, whichever process (or earlier invocation) trained it.
     oof = np.full(len(labels), np.nan)
     folds_summary = []
@@ -317,7 +338,7 @@ def _finish_run(
     )
     write_json(out / "run.json", summary)
     plots.evaluation(labels, oof, decision["threshold"], out / "evaluation", array, names)
-    build_report(out)
+    build_report(out, final)
     return summary
 
 
@@ -345,11 +366,11 @@ def existing_run(out: Path) -> dict | None:
 
 
 @contextmanager
-def _writing(out: Path, main: bool, found: dict | None) -> Iterator[None]:
-    """Make `out` and hold OUT/.lock while this run writes there: a second `train` into the same
-    folder stops with one line instead of mixing its files with this one's. `found` is the
-    run.json the checks saw; another process may have written one since. Rank 0 locks (and makes
-    the folder) for a torchrun job."""
+def _writing(out: Path, main: bool, found: tuple[dict | None, dict | None]) -> Iterator[None]:
+    """Make `out` and hold OUT/.lock while this run writes there (or in OUT/.replacement/): a
+    second `train` into the same folder stops with one line instead of mixing its files with this
+    one's. `found` is the run.json of each that the checks saw; another process may have written
+    one since. Rank 0 locks (and makes the folder) for a torchrun job."""
     if not main:
         yield
         return
@@ -362,7 +383,7 @@ def _writing(out: Path, main: bool, found: dict | None) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise _locked(out) from None
-        if existing_run(out) != found:
+        if (existing_run(out), existing_run(out / REPLACEMENT)) != found:
             raise FaceAttrError(
                 f"another faceattr train wrote {out} meanwhile; choose another --out"
             )
@@ -410,10 +431,18 @@ def pixel_digest(array: np.ndarray, chunk: int = 4096) -> str:
     return h.hexdigest()[:32]
 
 
-def run_paths(out: Path) -> list[Path]:
-    """What a run writes in `out`, there yet or not: RUN_CONTENTS and its fold_K/ folders."""
+def run_paths(out: Path, staging: bool = True) -> list[Path]:
+    """What a run writes in `out`, there yet or not: RUN_CONTENTS, its fold_K/ folders and (with
+    `staging`) the folders in which --overwrite trains a new run and puts the old one aside."""
     folds = [p for p in out.glob("fold_*") if p.name[5:].isdecimal()]  # not fold_notes.txt
-    return [*(out / name for name in RUN_CONTENTS), *folds]
+    staged = (REPLACEMENT, REPLACED) if staging else ()
+    return [*(out / name for name in (*RUN_CONTENTS, *staged)), *folds]
+
+
+def unfinished_run(out: Path) -> bool:
+    """Whether `out` holds a run that --resume would continue: its own, or its replacement's."""
+    current, pending = existing_run(out), existing_run(out / REPLACEMENT)
+    return pending is not None or (current is not None and current.get("status") != "complete")
 
 
 def _check_folders(out: Path, folds: int) -> None:
@@ -425,7 +454,7 @@ def _check_folders(out: Path, folds: int) -> None:
 
 def _check_apart(out: Path, dataset: Dataset) -> None:
     """Refuse an `out` whose run folders would hold the data itself: the run writes pictures into
-    `data/`, and --overwrite clears `data/`, `models/`, `fold_K/`... before it starts again;
+    `data/`, and --overwrite replaces `data/`, `models/`, `fold_K/`... (and clears .replacement/);
     nor one in an image folder, whose images its files would join."""
     refuse_inside(out, dataset.image_folders(), "--out")
     for where in dataset.locations():
@@ -437,13 +466,21 @@ def _check_apart(out: Path, dataset: Dataset) -> None:
                 )
 
 
-def _clear_run(out: Path) -> None:
-    """Remove what a run wrote into `out` (and nothing else that may live there)."""
-    for path in run_paths(out):
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+def _put_in_place(new: Path, out: Path) -> None:
+    """Replace the run in `out` by the finished one in `new` (OUT/.replacement/), leaving what
+    else lives in `out` alone. Renames only, run.json last in and first out, so the moment a kill
+    could leave half of each lasts microseconds, not the copying of some files' bytes."""
+    old = out / REPLACED
+    shutil.rmtree(old, ignore_errors=True)
+    old.mkdir()
+    for path in sorted(run_paths(out, staging=False), key=lambda p: p.name != "run.json"):
+        if path.exists():
+            path.rename(old / path.name)
+    for path in sorted(run_paths(new, staging=False), key=lambda p: p.name == "run.json"):
+        if path.exists():
+            path.rename(out / path.name)
+    shutil.rmtree(new)
+    shutil.rmtree(old)
 
 
 RUNTIME_OPTIONS = ("workers", "cache", "save_every")  # how the work runs, not what it trains

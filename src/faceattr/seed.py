@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from faceattr.data import dataset_from_paths, image_folder
     from faceattr.explore import explore, format_summary
-    from faceattr.run import existing_run
+    from faceattr.run import unfinished_run
 
     if args.mode == "explore":
         if not (args.img_train_dir or args.img_test_dir):
@@ -78,8 +78,7 @@ def run(args: argparse.Namespace) -> int:
         # given is faceattr's: it never replaces a run.
         args.out = args.save_dir
         if not args.resume:
-            previous = existing_run(Path(args.save_dir))
-            unfinished = previous is not None and previous.get("status") != "complete"
+            unfinished = unfinished_run(Path(args.save_dir))
             args.resume = unfinished and not args.overwrite
             args.overwrite = not args.resume
         return run_train(dataset_from_paths(args.img_train_dir, args.labels_txt, None), args)
