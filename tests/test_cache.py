@@ -10,7 +10,7 @@ import pytest
 from conftest import cli, here, write_image
 from faceattr import cache, decode
 from faceattr.cache import fingerprint, load_images
-from faceattr.data import load_dataset, load_test_images
+from faceattr.data import load_dataset, load_test_images, numbered_images, open_source
 from faceattr.errors import FaceAttrError
 
 
@@ -24,6 +24,26 @@ def test_miss_then_hit_with_the_same_array(dataset_dir, tmp_path):
     assert np.array_equal(first.array, second.array)
     assert second.audit == first.audit
     assert len(list(tmp_path.glob("*.npy"))) == 1 and not list(tmp_path.glob(".*tmp"))
+
+
+def test_a_hit_tells_again_what_was_decoded_all_the_same(tmp_path, caplog):
+    """The warnings about resized, converted or damaged images had been the first decode's only."""
+    from conftest import with_stray_bytes
+
+    folder = tmp_path / "data" / "imgs"
+    for i in range(1, 5):
+        write_image(folder / f"{i}.jpg", (40 * i, 0, 0), size=(80, 64) if i == 2 else (64, 64))
+    (folder / "3.jpg").write_bytes(with_stray_bytes((folder / "3.jpg").read_bytes()))
+    images = numbered_images(open_source(tmp_path / "data"), "imgs")
+    said = []
+    for expected in ("miss", "hit"):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="faceattr"):
+            assert load_images(images, tmp_path / "cache").cache == expected
+        said.append(caplog.messages)
+    assert said[0] == said[1] and len(said[1]) == 2, said
+    assert "decoded 1 damaged image(s) all the same" in said[1][0] and "3.jpg" in said[1][0]
+    assert "1 images resized to 64x64, 0 converted to RGB" in said[1][1]
 
 
 def test_the_decode_rate_leaves_out_the_decoders_import(dataset_dir, tmp_path, monkeypatch):

@@ -169,6 +169,7 @@ def load_images(
             if array.shape == (len(images), SIZE, SIZE, 3) and array.dtype == np.uint8:
                 audit.check(skip_bad, hint)
                 log.info("decoded images of %s found in the cache", images.describe())
+                audit.warn(images.describe())
                 return Loaded(array, audit, "hit", time.perf_counter() - start, str(npy))
         except (OSError, ValueError, KeyError, TypeError, AttributeError):  # JSON errors too
             pass

@@ -100,6 +100,21 @@ class Audit:
             first_and_more(self.bad),
         )
 
+    def warn(self, what: str) -> None:
+        """Say which images of `what` were decoded all the same, damaged or changed: told again
+        when they come from the cache, as the training on them is the same."""
+        if self.damaged:
+            log.warning(
+                "decoded %d damaged image(s) all the same: %s",
+                len(self.damaged),
+                first_and_more(self.damaged),
+            )
+        if self.resized or self.converted:
+            log.warning(
+                "%s: %d images resized to %dx%d, %d converted to RGB",
+                *(what, self.resized, SIZE, SIZE, self.converted),
+            )
+
 
 def first_and_more(found: dict[int, str]) -> str:
     """What was found of the first image, and how many more: one line for any number of them."""
@@ -345,19 +360,5 @@ def decode_images(
     if given is not None and given is not out:
         given[...] = out
         out = given
-    if audit.damaged:
-        log.warning(
-            "decoded %d damaged image(s) all the same: %s",
-            len(audit.damaged),
-            first_and_more(audit.damaged),
-        )
-    if audit.resized or audit.converted:
-        log.warning(
-            "%s: %d images resized to %dx%d, %d converted to RGB",
-            images.describe(),
-            audit.resized,
-            SIZE,
-            SIZE,
-            audit.converted,
-        )
+    audit.warn(images.describe())
     return out, audit
