@@ -187,7 +187,10 @@ def test_an_image_too_large_to_open_is_named(monkeypatch):
 
 
 SLOW_DECODE = """
-import os, sys, time
+import os, signal, sys, time
+# As a terminal starts it: a test run in a background job inherits Ctrl-C ignored (as POSIX
+# shells start background jobs), and Python then leaves it ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from faceattr import cli, decode
 decode.CHUNK, decode.PARALLEL_FROM = 8, 16  # worker processes, even for a small set
 task = decode._worker_task
