@@ -45,6 +45,7 @@ from faceattr.data import ImageSet, ZipSource, load_dataset
 from faceattr.ensemble import ensemble_scores, inference_batch_size
 from faceattr.export import OnnxEnsemble, export_onnx
 from faceattr.models import MODELS, create_model, for_inference
+from faceattr.outputs import write_json
 from faceattr.runtime import cpu_cores, cpu_name, resolve_device
 from faceattr.train import (
     TrainConfig,
@@ -329,6 +330,8 @@ def inference(arch: str, runtime: str, batch: int, n: int, work: Path) -> float:
             ensemble_scores(nets, torch.from_numpy(x), batch)
     else:
         save_fold_model(work / arch / "models", 1, model, {"arch": arch})
+        ensemble_json = {"threshold": 0.5, "vote": "soft", "tta": False, "folds": [1]}
+        write_json(work / arch / "models" / "ensemble.json", ensemble_json)  # as train writes it
         ensemble = OnnxEnsemble(export_onnx(work / arch / "models", work / arch / "onnx")[0].parent)
 
         def score(x: np.ndarray) -> None:
