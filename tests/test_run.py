@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -272,3 +273,32 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_finished(
     with caplog.at_level("INFO", logger="faceattr"):
         train_run(data, cfg, run, cpu, overwrite=True)
     assert "finished before" not in caplog.text and not (run / ".replacement").exists()
+
+
+def test_where_a_run_trains_follows_the_folders_runs_and_the_options(tmp_path):
+    from faceattr.run import _where_to_train
+
+    out, new = tmp_path, tmp_path / ".replacement"
+    done, running = {"status": "complete"}, {"status": "running"}
+    for current, pending, resume, overwrite, expected in (
+        (None, None, False, False, (out, None)),
+        (None, None, False, True, (out, None)),  # nothing to keep: in place
+        (done, None, False, True, (new, None)),  # beside the run it replaces
+        (running, None, False, True, (new, None)),
+        (done, running, False, True, (new, None)),  # the interrupted replacement starts again
+        (done, None, True, False, (out, done)),
+        (running, None, True, False, (out, running)),
+        (done, running, True, False, (new, running)),  # --resume continues the replacement
+        (None, running, True, False, (new, running)),
+    ):
+        assert _where_to_train(out, current, pending, resume, overwrite) == expected
+    for current, pending, resume, message in (
+        (None, None, True, "holds no run to continue"),
+        (done, None, False, "holds a finished run: --resume continues it, --overwrite starts"),
+        (running, None, False, "holds an unfinished run: --resume continues it"),
+        (done, running, False, "a finished run and an unfinished one to replace it in .repl"),
+        (running, running, False, "holds an unfinished run and an unfinished one to replace it"),
+        (None, running, False, "holds an unfinished run in .replacement/ (an interrupted --ov"),
+    ):
+        with pytest.raises(FaceAttrError, match=re.escape(message)):
+            _where_to_train(out, current, pending, resume, False)

@@ -85,24 +85,9 @@ def train_run(
         )
     _check_unlocked(out)
     seen = existing_run(out), existing_run(out / REPLACEMENT)
-    current, pending = seen
-    if resume:  # an interrupted replacement, if there is one, is the run to continue
-        work, previous = (out / REPLACEMENT, pending) if pending else (out, current)
-        if previous is None:
-            raise FaceAttrError(f"--resume: {out} holds no run to continue")
+    work, previous = _where_to_train(out, *seen, resume, overwrite)
+    if resume:
         cfg = _resumed_config(cfg, previous["config"], given, work)
-    elif (current or pending) and not overwrite:
-        finished = (current or {}).get("status") == "complete"
-        state = "a finished run" if finished else "an unfinished run"
-        if pending:  # an interrupted --overwrite: the old run is whole, and the new one half
-            state = f"{'a finished run' if finished else 'a run'} and an unfinished one to "
-            state += "replace it (an interrupted --overwrite)"
-        raise FaceAttrError(
-            f"{out} holds {state}: --resume continues {'that one' if pending else 'it'}, "
-            "--overwrite starts it again, or choose another --out"
-        )
-    else:  # a new run: beside the one it replaces, if any
-        work, previous = (out / REPLACEMENT if current else out), None
     cfg.check()
     check_writable(out)
     _check_folders(out, cfg.folds)
@@ -232,6 +217,30 @@ def train_run(
             _put_in_place(work, out)
             log.info("replaced the run in %s", out)
         return summary
+
+
+def _where_to_train(
+    out: Path, current: dict | None, pending: dict | None, resume: bool, overwrite: bool
+) -> tuple[Path, dict | None]:
+    """The folder this run trains in, and the run.json of the run it continues (`resume`), given
+    those of the run in `out` (`current`) and of an interrupted replacement of it (`pending`).
+    A new run that replaces another trains beside it, in OUT/.replacement/."""
+    if resume:  # an interrupted replacement, if there is one, is the run to continue
+        work, previous = (out / REPLACEMENT, pending) if pending else (out, current)
+        if previous is None:
+            raise FaceAttrError(f"--resume: {out} holds no run to continue")
+        return work, previous
+    if (current or pending) and not overwrite:
+        finished = (current or {}).get("status") == "complete"
+        state = "a finished run" if finished else "an unfinished run"
+        if pending:  # an interrupted --overwrite: the old run is whole, and the new one half
+            new = f"{state} and an unfinished one to replace it" if current else "an unfinished run"
+            state = f"{new} in {REPLACEMENT}/ (an interrupted --overwrite)"
+        raise FaceAttrError(
+            f"{out} holds {state}: --resume continues {'that one' if pending else 'it'}, "
+            "--overwrite starts it again, or choose another --out"
+        )
+    return (out / REPLACEMENT if current else out), None
 
 
 RUN_FOLDERS = ("models", "data", "evaluation", "prediction")  # and fold_K/
