@@ -38,3 +38,46 @@ def test_each_row_scores_its_own_image_in_numeric_order(trained_run, dataset_dir
     got = [[float(r["score_1"]), float(r["score_2"])] for r in rows]
     assert np.allclose(got, expected, atol=1e-5)
     assert len({round(s, 4) for s, _ in got}) > 6  # images that score alike would prove nothing
+
+
+def test_a_run_replaced_while_predicting_keeps_its_own_report(
+    trained_run, dataset_dir, tmp_path, monkeypatch, caplog
+):
+    """predict uses the run in place while `train --overwrite` trains its replacement; the
+    replacement may land meanwhile. Its report must not gain the old models' prediction, nor may
+    the label file come from some models of each (or one run's threshold and the other's)."""
+    import shutil
+
+    import pytest
+
+    import faceattr.predict
+    from faceattr.data import load_dataset
+    from faceattr.errors import FaceAttrError
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    shutil.rmtree(run / "prediction", ignore_errors=True)
+    data, cpu = load_dataset(dataset_dir, need="any"), torch.device("cpu")
+    loading, decoding = faceattr.predict.TorchEnsemble, faceattr.predict.load_images
+
+    def replaced_after(step):
+        def then_replaced(*args, **kwargs):
+            result = step(*args, **kwargs)
+            summary = json.loads((run / "run.json").read_text())
+            summary["replaced"] = summary.get("replaced", 0) + 1  # another run's
+            (run / "run.json").write_text(json.dumps(summary))
+            return result
+
+        return then_replaced
+
+    monkeypatch.setattr(faceattr.predict, "load_images", replaced_after(decoding))
+    with caplog.at_level("WARNING", logger="faceattr"):
+        summary = faceattr.predict.predict(data.test, run / "models", tmp_path / "l.txt", cpu)
+    assert len(read_lines(tmp_path / "l.txt")) == summary["images"] == 40
+    assert "was replaced while predicting: its report is left as it was" in caplog.text
+    assert not (run / "prediction").exists() and "report" not in summary
+    monkeypatch.setattr(faceattr.predict, "load_images", decoding)
+    monkeypatch.setattr(faceattr.predict, "TorchEnsemble", replaced_after(loading))
+    with pytest.raises(FaceAttrError, match="was replaced while its models were read"):
+        faceattr.predict.predict(data.test, run / "models", tmp_path / "l2.txt", cpu)
+    assert not (tmp_path / "l2.txt").exists()

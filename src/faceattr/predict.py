@@ -60,7 +60,11 @@ def predict(
     if batch_size is not None and batch_size < 1:
         raise FaceAttrError(f"--batch-size must be at least 1, got {batch_size}")
     ensure_writable_dir(output.parent)
+    run = Path(models_dir).parent
+    found = _run_json(run)  # a `train --overwrite` may put another run there meanwhile
     ensemble = OnnxEnsemble(models_dir) if onnx else TorchEnsemble(models_dir, device)
+    if _run_json(run) != found:  # some models of each run, or the threshold of the other
+        raise FaceAttrError(f"{run} was replaced while its models were read; predict again")
     threshold = ensemble.settings["threshold"] if threshold is None else threshold
     tta = ensemble.settings["tta"] if tta is None else tta
     rule = ensemble.settings.get("vote", "soft") if rule is None else rule
@@ -123,8 +127,10 @@ def predict(
         },
     }
     log.info("scored %d images with %d models in %.1fs", len(labels), len(folds), score_s)
-    run = Path(models_dir).parent
-    if not onnx and (run / "run.json").exists():  # a run folder: its report gains a section
+    if not onnx and found is not None:  # a run folder: its report gains a section
+        if _run_json(run) != found:
+            log.warning("%s was replaced while predicting: its report is left as it was", run)
+            return summary
         try:
             scores_png = run / "prediction" / "scores.png"
             plots.prediction_scores(soft_score, threshold, labels, rule, scores_png)
@@ -135,6 +141,14 @@ def predict(
             # The labels are written: a read-only or damaged run folder only costs its report.
             log.warning("the run's report was not updated: %s", e)
     return summary
+
+
+def _run_json(run: Path) -> bytes | None:
+    """The run folder's run.json as it is now (None: not a run folder), to tell if it changed."""
+    try:
+        return (run / "run.json").read_bytes()
+    except OSError:
+        return None
 
 
 TABLE = "predictions.csv"  # written beside the label file
