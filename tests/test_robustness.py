@@ -651,6 +651,14 @@ def test_a_damaged_run_is_one_line_and_writes_nothing(tmp_path, dataset_dir, tra
     assert code == 2 and len(err) == 1 and unfinished in err[0] and "--resume" in err[0], err
     code, err = in_process("export", str(run), "--onnx", str(tmp_path / "onnx"))
     assert code == 2 and unfinished in err[0] and not (tmp_path / "onnx").exists(), err
+    # Beside an interrupted replacement, --resume finishes that one: said so.
+    (run / ".replacement").mkdir()
+    (run / ".replacement" / "run.json").write_text(json.dumps(summary))
+    code, err = predict(dataset_dir, run, "--output", str(labels))
+    assert code == 2 and len(err) == 1 and unfinished in err[0], err
+    assert "an interrupted --overwrite left the run to replace it" in err[0]
+    assert err[0].endswith("--resume finishes that"), err
+    shutil.rmtree(run / ".replacement")
     assert not labels.exists() and not (tmp_path / "predictions.csv").exists()
     # A hand-assembled folder of fold models, no run around it, votes with those it holds.
     shutil.copytree(run / "models", tmp_path / "models")

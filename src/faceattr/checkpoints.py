@@ -147,10 +147,17 @@ def _finished_run_folds(run_json: Path, found: list[int]) -> list[int] | None:
     if not (isinstance(folds, int) and folds > 0):
         return None
     if status != "complete":
+        from faceattr.run import REPLACEMENT  # run.py builds on this module
+
         run = run_json.parent
+        said = f"{run} holds a run that has not finished ({len(found)} of {folds} fold models; "
+        if (run / REPLACEMENT / "run.json").exists():  # what --resume would continue instead
+            raise FaceAttrError(
+                f"{said}interrupted), and an interrupted --overwrite left the run to replace it "
+                f"in {run / REPLACEMENT}: faceattr train DATA --out {run} --resume finishes that"
+            )
         raise FaceAttrError(
-            f"{run} holds a run that has not finished ({len(found)} of {folds} fold models; "
-            f"training, or interrupted): faceattr train DATA --out {run} --resume finishes it"
+            f"{said}training, or interrupted): faceattr train DATA --out {run} --resume finishes it"
         )
     return list(range(1, folds + 1))
 
