@@ -195,9 +195,12 @@ def test_existing_run_is_not_replaced_by_accident(tmp_path, trained_run):
     assert_user_error(train(data, tmp_path / "run"), "holds a finished run", "--overwrite")
     assert (tmp_path / "run" / "run.json").read_text() == before
     (tmp_path / "run" / "fold_notes.txt").write_text("mine")  # the user's, beside the run
-    (tmp_path / "run" / "fold_analysis").mkdir()
+    for name in ("fold_analysis", "fold_0", "fold_01"):  # not named as a run's fold folders
+        (tmp_path / "run" / name).mkdir()
+    (tmp_path / "run" / "fold_7").write_text("mine")  # a run writes folders there
     assert train(data, tmp_path / "run", "--overwrite").returncode == 0
-    assert all((tmp_path / "run" / name).exists() for name in ("fold_notes.txt", "fold_analysis"))
+    mine = ("fold_notes.txt", "fold_analysis", "fold_0", "fold_01", "fold_7")
+    assert all((tmp_path / "run" / name).exists() for name in mine)
     assert_user_error(train(data, tmp_path / "other", "--resume"), "holds no run to continue")
 
 

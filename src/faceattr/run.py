@@ -464,9 +464,10 @@ def pixel_digest(array: np.ndarray, chunk: int = 4096) -> str:
 
 
 def run_paths(out: Path, staging: bool = True) -> list[Path]:
-    """What a run writes in `out`, there yet or not: RUN_CONTENTS, its fold_K/ folders and (with
-    `staging`) the folders in which --overwrite trains a new run and puts the old one aside."""
-    folds = [p for p in out.glob("fold_*") if p.name[5:].isdecimal()]  # not fold_notes.txt
+    """What a run writes in `out`, there yet or not: RUN_CONTENTS, its fold_K/ folders (K as the
+    run writes it: not fold_notes.txt, fold_0 or fold_01) and (with `staging`) the folders in
+    which --overwrite trains a new run and puts the old one aside."""
+    folds = [p for p in out.glob("fold_[1-9]*") if p.name[5:].isdecimal() and p.is_dir()]
     staged = (REPLACEMENT, ASIDE, REPLACED) if staging else ()
     return [*(out / name for name in (*RUN_CONTENTS, *staged)), *folds]
 
