@@ -2,7 +2,6 @@
 
 import csv
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -167,44 +166,6 @@ def test_other_recipes_train(recipe, dataset_dir, tmp_path):
     assert model.config["arch"] == cfg.arch
 
 
-def test_two_trains_never_write_one_folder_at_once(dataset_dir, tmp_path):
-    import fcntl
-
-    from faceattr.run import _check_unlocked, _writing
-
-    cfg = TrainConfig(arch="simple", folds=2, epochs=1, batch_size=32)
-    run = tmp_path / "run"
-    run.mkdir()
-    with open(run / ".lock", "a") as held:  # as a train running there holds it
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        with pytest.raises(FaceAttrError, match="being written by another faceattr train"):
-            train_run(load_dataset(dataset_dir), cfg, run, torch.device("cpu"))
-    assert [p.name for p in run.iterdir()] == [".lock"]  # nothing else written
-    # Once the other has written its run.json, this one is not told to --resume it.
-    (run / "run.json").write_text('{"status": "running", "config": {}}')
-    with open(run / ".lock", "a") as held:
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        for resume in (False, True):
-            with pytest.raises(FaceAttrError, match="being written by another faceattr train"):
-                train_run(load_dataset(dataset_dir), cfg, run, torch.device("cpu"), resume)
-    (run / "run.json").unlink()
-    # Another process probing the lock (a torchrun rank's check) is no writer: it holds it shared.
-    with open(run / ".lock") as probe:
-        fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        _check_unlocked(run)
-    # A run.json that appeared after this run's checks saw none: another train got there first.
-    (run / "run.json").write_text('{"status": "running", "config": {}}')
-    with (
-        pytest.raises(FaceAttrError, match=r"wrote .* meanwhile"),
-        _writing(run, True, (None, None), False),
-    ):
-        pass
-    with _writing(
-        run, True, ({"status": "running", "config": {}}, None), False
-    ):  # as the checks saw
-        pass
-
-
 def test_a_fold_whose_result_cannot_be_read_trains_again(tmp_path):
     from faceattr.run import _finished_fold
 
@@ -227,7 +188,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_finished(
     import shutil
 
     import faceattr.run
-    from faceattr.run import unfinished_run
+    from faceattr.runfolder import unfinished_run
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
@@ -275,143 +236,3 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_finished(
     with caplog.at_level("INFO", logger="faceattr"):
         train_run(data, cfg, run, cpu, overwrite=True)
     assert "finished before" not in caplog.text and not (run / ".replacement").exists()
-
-
-def test_where_a_run_trains_follows_the_folders_runs_and_the_options(tmp_path):
-    from faceattr.run import _where_to_train
-
-    out, new = tmp_path, tmp_path / ".replacement"
-    done, running = {"status": "complete"}, {"status": "running"}
-    for current, pending, resume, overwrite, expected in (
-        (None, None, False, False, (out, None)),
-        (None, None, False, True, (out, None)),  # nothing to keep: in place
-        (done, None, False, True, (new, None)),  # beside the run it replaces
-        (running, None, False, True, (new, None)),
-        (done, running, False, True, (new, None)),  # the interrupted replacement starts again
-        (done, None, True, False, (out, done)),
-        (running, None, True, False, (out, running)),
-        (done, running, True, False, (new, running)),  # --resume continues the replacement
-        (None, running, True, False, (new, running)),
-    ):
-        assert _where_to_train(out, current, pending, resume, overwrite) == expected
-    for current, pending, resume, message in (
-        (None, None, True, "holds no run to continue"),
-        (done, None, False, "holds a finished run: --overwrite replaces it, or choose another"),
-        (running, None, False, "holds an unfinished run: --resume continues it"),
-        (done, running, False, "a finished run and an unfinished one to replace it in .repl"),
-        (running, running, False, "holds an unfinished run and an unfinished one to replace it"),
-        (None, running, False, "holds an unfinished run in .replacement/ (an interrupted --ov"),
-    ):
-        with pytest.raises(FaceAttrError, match=re.escape(message)):
-            _where_to_train(out, current, pending, resume, False)
-
-
-def fake_runs(out: Path) -> None:
-    """A finished run in `out` (with a file of the user's beside it) and a finished replacement."""
-    for folder, which, files in (
-        (out, "old", ["oof.csv", "models/a", "fold_1/x", "fold_2/x", "data/p"]),
-        (out / ".replacement", "new", ["folds.csv", "models/b", "fold_1/y", "fold_2/z"]),
-    ):
-        for name in files:
-            (folder / name).parent.mkdir(parents=True, exist_ok=True)
-            (folder / name).write_text(which)
-        summary = {"status": "complete", "config": {"folds": 2}, "which": which}
-        (folder / "run.json").write_text(json.dumps(summary))
-    (out / "notes.txt").write_text("mine")
-
-
-REPLACED = {"run.json", "folds.csv", "models/b", "fold_1/y", "fold_2/z", "notes.txt"}
-
-
-def files_in(out: Path) -> set[str]:
-    return {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
-
-
-def test_a_replacement_killed_while_it_moves_in_is_finished_by_the_next_train(
-    tmp_path, monkeypatch
-):
-    """Each rename or removal of the swap, in turn, is where a kill (SIGKILL, power) stops it:
-    the next train, which calls _finish_replacing first, puts the new run in place whole."""
-    import shutil
-
-    from faceattr.run import _finish_replacing, _put_in_place
-
-    class Killed(BaseException):
-        pass
-
-    def killed_at(step: int, done: list, real):
-        def op(*args, **kwargs):
-            done.append(op)
-            if len(done) == step:
-                raise Killed
-            return real(*args, **kwargs)
-
-        return op
-
-    rename, rmtree = Path.rename, shutil.rmtree
-    step = 0
-    while True:
-        step += 1
-        out = tmp_path / f"run{step}"
-        fake_runs(out)
-        done = []  # the renames and removals so far, counted together
-        monkeypatch.setattr(Path, "rename", killed_at(step, done, rename))
-        monkeypatch.setattr(shutil, "rmtree", killed_at(step, done, rmtree))
-        try:
-            _put_in_place(out / ".replacement", out)
-        except Killed:
-            pass
-        else:  # the step was past the last one
-            assert files_in(out) == REPLACED
-            break
-        finally:
-            monkeypatch.setattr(Path, "rename", rename)
-            monkeypatch.setattr(shutil, "rmtree", rmtree)
-        _finish_replacing(out)
-        assert files_in(out) == REPLACED, step
-        assert json.loads((out / "run.json").read_text())["which"] == "new"
-        assert {p.name for p in out.iterdir()} >= {"models", "fold_1", "fold_2"}
-        assert not any((out / n).exists() for n in (".replacement", ".replacing", ".replaced"))
-    assert step > 10  # every rename and removal was tried
-
-
-def test_ctrl_c_while_a_replacement_moves_in_waits_for_it(tmp_path, monkeypatch):
-    import signal
-
-    from faceattr.run import _put_in_place
-
-    fake_runs(tmp_path)
-    rename, calls = Path.rename, []
-
-    def pressed(self, target):
-        calls.append(target)
-        if len(calls) == 3:
-            signal.raise_signal(signal.SIGINT)  # as Ctrl-C, midway
-        return rename(self, target)
-
-    monkeypatch.setattr(Path, "rename", pressed)
-    with pytest.raises(KeyboardInterrupt):
-        _put_in_place(tmp_path / ".replacement", tmp_path)
-    assert len(calls) > 3 and files_in(tmp_path) == REPLACED  # all done, then interrupted
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-
-
-def test_train_first_finishes_a_replacement_and_reads_a_damaged_one_as_asked(
-    tmp_path, dataset_dir, monkeypatch
-):
-    from faceattr.run import _runs_in
-
-    fake_runs(tmp_path / "run")
-    (tmp_path / "run" / ".replaced").mkdir()  # as if killed once the old run's files were aside
-    for name in ("run.json", "oof.csv", "models", "fold_1", "fold_2", "data"):
-        (tmp_path / "run" / name).rename(tmp_path / "run" / ".replaced" / name)
-    cfg, cpu = TrainConfig(arch="simple", folds=2, epochs=1), torch.device("cpu")
-    with pytest.raises(FaceAttrError, match="holds a finished run: --overwrite replaces it"):
-        train_run(load_dataset(dataset_dir), cfg, tmp_path / "run", cpu)  # the new one, in place
-    assert files_in(tmp_path / "run") == REPLACED
-    # A replacement's run.json that cannot be read is refused, but by --overwrite, which clears it.
-    (tmp_path / "run" / ".replacement").mkdir()
-    (tmp_path / "run" / ".replacement" / "run.json").write_text("{")
-    with pytest.raises(FaceAttrError, match=r"replacement/run.json is unreadable .*--overwrite"):
-        _runs_in(tmp_path / "run", overwrite=False)
-    assert _runs_in(tmp_path / "run", overwrite=True)[1] is None

@@ -20,6 +20,7 @@ from faceattr.ensemble import VOTES
 from faceattr.errors import FaceAttrError, first_line
 from faceattr.models import create_model
 from faceattr.outputs import atomic_path, write_json
+from faceattr.runfolder import REPLACEMENT
 
 log = logging.getLogger("faceattr")
 
@@ -147,8 +148,6 @@ def _finished_run_folds(run_json: Path, found: list[int]) -> list[int] | None:
     if not (isinstance(folds, int) and folds > 0):
         return None
     if status != "complete":
-        from faceattr.run import REPLACEMENT  # run.py builds on this module
-
         run = run_json.parent
         said = f"{run} holds a run that has not finished ({len(found)} of {folds} fold models; "
         if (run / REPLACEMENT / "run.json").exists():  # what --resume would continue instead

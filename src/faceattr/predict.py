@@ -26,7 +26,7 @@ from faceattr.outputs import (
     write_together,
 )
 from faceattr.report import build_report
-from faceattr.run import run_paths
+from faceattr.runfolder import run_paths
 
 log = logging.getLogger("faceattr")
 

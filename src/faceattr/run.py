@@ -6,7 +6,7 @@ The run folder holds `folds.csv`, `models/fold_K.safetensors` (+ `.json`, + `ens
 data identity, folds, metrics, timings), the pictures and `report.html`. Everything is checked
 and decoded before the folder is touched, so bad input leaves nothing behind; a fold counts as
 finished once its result is written. A run that replaces another (--overwrite) is trained in
-OUT/.replacement/ and renamed into place once it has finished: until then the old run stays whole.
+OUT/.replacement/ and renamed into place once it has finished (see runfolder.py).
 """
 
 from __future__ import annotations
@@ -15,18 +15,10 @@ import hashlib
 import json
 import logging
 import shutil
-import signal
-import threading
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import asdict, fields
 from pathlib import Path
-
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None
 
 import numpy as np
 import torch
@@ -45,13 +37,23 @@ from faceattr.metrics import scores_to_labels
 from faceattr.models import count_parameters, create_model, weights_file
 from faceattr.outputs import (
     check_writable,
-    ensure_writable_dir,
     refuse_inside,
     within,
     write_csv,
     write_json,
 )
 from faceattr.report import build_report
+from faceattr.runfolder import (
+    REPLACEMENT,
+    RUN_FOLDERS,
+    check_unlocked,
+    finish_replacing,
+    put_in_place,
+    run_paths,
+    runs_in,
+    where_to_train,
+    writing,
+)
 from faceattr.runtime import check_compiler, cpu_cores, describe, seed_everything
 from faceattr.train import HISTORY_COLUMNS, FoldResult, TrainConfig, fold_seed, train_fold
 
@@ -85,12 +87,12 @@ def train_run(
         raise FaceAttrError(
             "--resume continues the run in --out, --overwrite starts it again: give one"
         )
-    _check_unlocked(out)
+    check_unlocked(out)
     if ranks.main:
-        _finish_replacing(out)
+        finish_replacing(out)
     ranks.barrier()  # the others look once that is done
-    seen = _runs_in(out, overwrite)
-    work, previous = _where_to_train(out, *seen, resume, overwrite)
+    seen = runs_in(out, overwrite)
+    work, previous = where_to_train(out, *seen, resume, overwrite)
     if resume:
         cfg = _resumed_config(cfg, previous["config"], given, work)
     cfg.check()
@@ -175,7 +177,7 @@ def train_run(
         "decode": loaded.summary(),
         "resumed": (previous or {}).get("resumed", 0) + 1 if resume else 0,
     }
-    with _writing(out, ranks.main, seen, overwrite):
+    with writing(out, ranks.main, seen, overwrite):
         if ranks.main:
             if not resume:  # an interrupted replacement's work, if any, is not this run's
                 shutil.rmtree(out / REPLACEMENT, ignore_errors=True)
@@ -219,44 +221,9 @@ def train_run(
             work, cfg, summary, array, labels, names, fold_of, loaded.seconds, started, out
         )
         if work != out:
-            _put_in_place(work, out)
+            put_in_place(work, out)
             log.info("replaced the run in %s", out)
         return summary
-
-
-def _where_to_train(
-    out: Path, current: dict | None, pending: dict | None, resume: bool, overwrite: bool
-) -> tuple[Path, dict | None]:
-    """The folder this run trains in, and the run.json of the run it continues (`resume`), given
-    those of the run in `out` (`current`) and of an interrupted replacement of it (`pending`).
-    A new run that replaces another trains beside it, in OUT/.replacement/."""
-    if resume:  # an interrupted replacement, if there is one, is the run to continue
-        work, previous = (out / REPLACEMENT, pending) if pending else (out, current)
-        if previous is None:
-            raise FaceAttrError(f"--resume: {out} holds no run to continue")
-        return work, previous
-    if (current or pending) and not overwrite:
-        finished = (current or {}).get("status") == "complete"
-        state = "a finished run" if finished else "an unfinished run"
-        if pending:  # an interrupted --overwrite: the old run is whole, and the new one half
-            new = f"{state} and an unfinished one to replace it" if current else "an unfinished run"
-            state = f"{new} in {REPLACEMENT}/ (an interrupted --overwrite)"
-        elif finished:  # nothing to continue
-            raise FaceAttrError(
-                f"{out} holds a finished run: --overwrite replaces it, or choose another --out"
-            )
-        raise FaceAttrError(
-            f"{out} holds {state}: --resume continues {'that one' if pending else 'it'}, "
-            "--overwrite starts it again, or choose another --out"
-        )
-    return (out / REPLACEMENT if current else out), None
-
-
-RUN_FOLDERS = ("models", "data", "evaluation", "prediction")  # and fold_K/
-RUN_CONTENTS = ("run.json", "folds.csv", "oof.csv", "report.html", *RUN_FOLDERS)
-REPLACEMENT = ".replacement"  # where --overwrite trains the run that replaces OUT's
-ASIDE = ".replacing"  # where the old run's files go as they move out; then renamed...
-REPLACED = ".replaced"  # ...this, once they all have: now the new run's files move in
 
 
 def _save_fold(
@@ -369,77 +336,6 @@ def fold_model(cfg: TrainConfig, fold: int, device: torch.device) -> torch.nn.Mo
     return model.to(memory_format=torch.channels_last)
 
 
-def existing_run(out: Path, advice: str = "choose another --out") -> dict | None:
-    """The run.json of a run already in `out`, if any; one that is no run's is an error."""
-    try:
-        found = json.loads((out / "run.json").read_text())
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except (OSError, ValueError) as e:  # ValueError: JSON, or not UTF-8
-        raise FaceAttrError(f"{out / 'run.json'} is unreadable ({e}); {advice}") from None
-    if not (isinstance(found, dict) and isinstance(found.get("config"), dict)):
-        raise FaceAttrError(f"{out / 'run.json'} is not a faceattr run's; {advice}")
-    return found
-
-
-def _runs_in(out: Path, overwrite: bool) -> tuple[dict | None, dict | None]:
-    """The run.json of the run in `out` and of an interrupted replacement of it. A replacement's
-    that cannot be read is refused, but to --overwrite, which starts the replacement again."""
-    try:
-        pending = existing_run(out / REPLACEMENT, "--overwrite starts that run again")
-    except FaceAttrError:
-        if not overwrite:
-            raise
-        pending = None
-    return existing_run(out), pending
-
-
-@contextmanager
-def _writing(
-    out: Path, main: bool, found: tuple[dict | None, dict | None] | None, overwrite: bool
-) -> Iterator[None]:
-    """Make `out` and hold OUT/.lock while this run writes there (or in OUT/.replacement/): a
-    second `train` into the same folder stops with one line instead of mixing its files with this
-    one's. `found` is the run.json of each that the checks saw (None: none to compare), read as
-    `_runs_in(out, overwrite)` reads them; another process may have written one since. Rank 0
-    locks (and makes the folder) for a torchrun job."""
-    if not main:
-        yield
-        return
-    ensure_writable_dir(out)
-    if fcntl is None:  # not on Windows
-        yield
-        return
-    with open(out / ".lock", "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise _locked(out) from None
-        if found is not None and _runs_in(out, overwrite) != found:
-            raise FaceAttrError(
-                f"another faceattr train wrote {out} meanwhile; choose another --out"
-            )
-        yield  # the lock goes with the file
-
-
-def _locked(out: Path) -> FaceAttrError:
-    return FaceAttrError(
-        f"{out} is being written by another faceattr train; wait, or choose another --out"
-    )
-
-
-def _check_unlocked(out: Path) -> None:
-    """Say so at once when another train holds OUT/.lock: what it wrote so far would otherwise
-    read as an unfinished run, and the advice to --resume it would meet the lock after decoding."""
-    if fcntl is None or not (out / ".lock").is_file():
-        return
-    with open(out / ".lock") as lock:  # read only: this creates nothing
-        try:  # shared: probes (torchrun's ranks) do not block each other, a writer blocks them;
-            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)  # and NFS takes it read-only
-        except BlockingIOError:
-            raise _locked(out) from None
-
-
 def data_identity(images: ImageSet, labels: np.ndarray) -> str:
     """What a resumed run must find unchanged, told before any decoding: the labels and every
     image's name and size (`pixel_digest` checks the pixels once they are decoded).
@@ -463,22 +359,6 @@ def pixel_digest(array: np.ndarray, chunk: int = 4096) -> str:
     return h.hexdigest()[:32]
 
 
-def run_paths(out: Path, staging: bool = True) -> list[Path]:
-    """What a run writes in `out`, there yet or not: RUN_CONTENTS, its fold_K/ folders (K as the
-    run writes it: not fold_notes.txt, fold_0 or fold_01) and (with `staging`) the folders in
-    which --overwrite trains a new run and puts the old one aside."""
-    folds = [p for p in out.glob("fold_[1-9]*") if p.name[5:].isdecimal() and p.is_dir()]
-    staged = (REPLACEMENT, ASIDE, REPLACED) if staging else ()
-    return [*(out / name for name in (*RUN_CONTENTS, *staged)), *folds]
-
-
-def unfinished_run(out: Path) -> bool:
-    """Whether `out` holds a run that --resume would continue: its own, or its replacement's (one
-    whose run.json cannot be read is not: --overwrite starts it again)."""
-    current, pending = _runs_in(out, overwrite=True)
-    return pending is not None or (current is not None and current.get("status") != "complete")
-
-
 def _check_folders(out: Path, folds: int) -> None:
     """Refuse a file where the run writes a folder: found after the training, it cost the run."""
     for name in (*RUN_FOLDERS, *(f"fold_{k}" for k in range(1, folds + 1))):
@@ -498,66 +378,6 @@ def _check_apart(out: Path, dataset: Dataset) -> None:
                     f"--out {out} would put the run's {part.name}/ where the data is ({where}); "
                     "choose another --out"
                 )
-
-
-def _put_in_place(new: Path, out: Path) -> None:
-    """Replace the run in `out` by the finished one in `new` (OUT/.replacement/), leaving what
-    else lives in `out` alone: renames, with Ctrl-C and SIGTERM held back until they are done.
-    Where a kill stopped them is told by the folders, so the next train finishes the work
-    (`_finish_replacing`): the old run's files move to OUT/.replacing/, which is renamed
-    OUT/.replaced/ once they all have; then the new run's move in, run.json last."""
-    with _signals_held():
-        aside, old = out / ASIDE, out / REPLACED
-        if not old.exists():
-            aside.mkdir(exist_ok=True)
-            for path in run_paths(out, staging=False):
-                if path.exists():
-                    path.rename(aside / path.name)
-            aside.rename(old)
-        for path in sorted(run_paths(new, staging=False), key=lambda p: p.name == "run.json"):
-            if path.exists():
-                path.rename(out / path.name)
-        shutil.rmtree(new)
-        shutil.rmtree(old)
-
-
-def _finish_replacing(out: Path) -> None:
-    """Finish what a train killed while it replaced the run in `out` left: a finished
-    replacement (its run.json still in OUT/.replacement/) is put in place; otherwise what is
-    left of the old run goes, and a replacement that never wrote its run.json."""
-    if not any((out / name).exists() for name in (REPLACEMENT, ASIDE, REPLACED)):
-        return  # the usual case: nothing to lock, nor a folder to make
-    with _writing(out, True, None, True):
-        try:
-            pending = existing_run(out / REPLACEMENT)
-        except FaceAttrError:  # unreadable: not finished, so never swapped; --overwrite clears it
-            return
-        if pending is not None and pending.get("status") == "complete":
-            _put_in_place(out / REPLACEMENT, out)
-            log.warning("put in place the run that an interrupted --overwrite trained in %s", out)
-            return
-        for name in (ASIDE, REPLACED, *([REPLACEMENT] if pending is None else [])):
-            shutil.rmtree(out / name, ignore_errors=True)
-
-
-@contextmanager
-def _signals_held() -> Iterator[None]:
-    """Hold Ctrl-C and SIGTERM back while the block runs, then act on them: what the block does
-    is never left half done by them. (Python lets only the main thread set handlers.)"""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    held: list[int] = []
-    kept = {
-        s: signal.signal(s, lambda n, _: held.append(n)) for s in (signal.SIGINT, signal.SIGTERM)
-    }
-    try:
-        yield
-    finally:
-        for s, handler in kept.items():
-            signal.signal(s, signal.SIG_DFL if handler is None else handler)
-    if held:
-        signal.raise_signal(held[0])
 
 
 RUNTIME_OPTIONS = ("workers", "cache", "save_every")  # how the work runs, not what it trains

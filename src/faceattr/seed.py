@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from faceattr.data import dataset_from_paths, image_folder
     from faceattr.explore import explore, format_summary
-    from faceattr.run import unfinished_run
+    from faceattr.runfolder import unfinished_run
 
     if args.mode == "explore":
         if not (args.img_train_dir or args.img_test_dir):

@@ -1,0 +1,191 @@
+"""The run folder: the lock, where a run trains, and one run replacing another whole."""
+
+import json
+import re
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from faceattr.data import load_dataset
+from faceattr.errors import FaceAttrError
+from faceattr.run import train_run
+from faceattr.runfolder import (
+    check_unlocked,
+    finish_replacing,
+    put_in_place,
+    runs_in,
+    where_to_train,
+    writing,
+)
+from faceattr.train import TrainConfig
+
+
+def test_two_trains_never_write_one_folder_at_once(dataset_dir, tmp_path):
+    import fcntl
+
+    cfg = TrainConfig(arch="simple", folds=2, epochs=1, batch_size=32)
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / ".lock", "a") as held:  # as a train running there holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(FaceAttrError, match="being written by another faceattr train"):
+            train_run(load_dataset(dataset_dir), cfg, run, torch.device("cpu"))
+    assert [p.name for p in run.iterdir()] == [".lock"]  # nothing else written
+    # Once the other has written its run.json, this one is not told to --resume it.
+    (run / "run.json").write_text('{"status": "running", "config": {}}')
+    with open(run / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for resume in (False, True):
+            with pytest.raises(FaceAttrError, match="being written by another faceattr train"):
+                train_run(load_dataset(dataset_dir), cfg, run, torch.device("cpu"), resume)
+    (run / "run.json").unlink()
+    # Another process probing the lock (a torchrun rank's check) is no writer: it holds it shared.
+    with open(run / ".lock") as probe:
+        fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        check_unlocked(run)
+    # A run.json that appeared after this run's checks saw none: another train got there first.
+    (run / "run.json").write_text('{"status": "running", "config": {}}')
+    with (
+        pytest.raises(FaceAttrError, match=r"wrote .* meanwhile"),
+        writing(run, True, (None, None), False),
+    ):
+        pass
+    with writing(
+        run, True, ({"status": "running", "config": {}}, None), False
+    ):  # as the checks saw
+        pass
+
+
+def test_where_a_run_trains_follows_the_folders_runs_and_the_options(tmp_path):
+
+    out, new = tmp_path, tmp_path / ".replacement"
+    done, running = {"status": "complete"}, {"status": "running"}
+    for current, pending, resume, overwrite, expected in (
+        (None, None, False, False, (out, None)),
+        (None, None, False, True, (out, None)),  # nothing to keep: in place
+        (done, None, False, True, (new, None)),  # beside the run it replaces
+        (running, None, False, True, (new, None)),
+        (done, running, False, True, (new, None)),  # the interrupted replacement starts again
+        (done, None, True, False, (out, done)),
+        (running, None, True, False, (out, running)),
+        (done, running, True, False, (new, running)),  # --resume continues the replacement
+        (None, running, True, False, (new, running)),
+    ):
+        assert where_to_train(out, current, pending, resume, overwrite) == expected
+    for current, pending, resume, message in (
+        (None, None, True, "holds no run to continue"),
+        (done, None, False, "holds a finished run: --overwrite replaces it, or choose another"),
+        (running, None, False, "holds an unfinished run: --resume continues it"),
+        (done, running, False, "a finished run and an unfinished one to replace it in .repl"),
+        (running, running, False, "holds an unfinished run and an unfinished one to replace it"),
+        (None, running, False, "holds an unfinished run in .replacement/ (an interrupted --ov"),
+    ):
+        with pytest.raises(FaceAttrError, match=re.escape(message)):
+            where_to_train(out, current, pending, resume, False)
+
+
+def fake_runs(out: Path) -> None:
+    """A finished run in `out` (with a file of the user's beside it) and a finished replacement."""
+    for folder, which, files in (
+        (out, "old", ["oof.csv", "models/a", "fold_1/x", "fold_2/x", "data/p"]),
+        (out / ".replacement", "new", ["folds.csv", "models/b", "fold_1/y", "fold_2/z"]),
+    ):
+        for name in files:
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(which)
+        summary = {"status": "complete", "config": {"folds": 2}, "which": which}
+        (folder / "run.json").write_text(json.dumps(summary))
+    (out / "notes.txt").write_text("mine")
+
+
+REPLACED = {"run.json", "folds.csv", "models/b", "fold_1/y", "fold_2/z", "notes.txt"}
+
+
+def files_in(out: Path) -> set[str]:
+    return {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+
+
+def test_a_replacement_killed_while_it_moves_in_is_finished_by_the_next_train(
+    tmp_path, monkeypatch
+):
+    """Each rename or removal of the swap, in turn, is where a kill (SIGKILL, power) stops it:
+    the next train, which calls finish_replacing first, puts the new run in place whole."""
+
+    class Killed(BaseException):
+        pass
+
+    def killed_at(step: int, done: list, real):
+        def op(*args, **kwargs):
+            done.append(op)
+            if len(done) == step:
+                raise Killed
+            return real(*args, **kwargs)
+
+        return op
+
+    rename, rmtree = Path.rename, shutil.rmtree
+    step = 0
+    while True:
+        step += 1
+        out = tmp_path / f"run{step}"
+        fake_runs(out)
+        done = []  # the renames and removals so far, counted together
+        monkeypatch.setattr(Path, "rename", killed_at(step, done, rename))
+        monkeypatch.setattr(shutil, "rmtree", killed_at(step, done, rmtree))
+        try:
+            put_in_place(out / ".replacement", out)
+        except Killed:
+            pass
+        else:  # the step was past the last one
+            assert files_in(out) == REPLACED
+            break
+        finally:
+            monkeypatch.setattr(Path, "rename", rename)
+            monkeypatch.setattr(shutil, "rmtree", rmtree)
+        finish_replacing(out)
+        assert files_in(out) == REPLACED, step
+        assert json.loads((out / "run.json").read_text())["which"] == "new"
+        assert {p.name for p in out.iterdir()} >= {"models", "fold_1", "fold_2"}
+        assert not any((out / n).exists() for n in (".replacement", ".replacing", ".replaced"))
+    assert step > 10  # every rename and removal was tried
+
+
+def test_ctrl_c_while_a_replacement_moves_in_waits_for_it(tmp_path, monkeypatch):
+
+    fake_runs(tmp_path)
+    rename, calls = Path.rename, []
+
+    def pressed(self, target):
+        calls.append(target)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGINT)  # as Ctrl-C, midway
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", pressed)
+    with pytest.raises(KeyboardInterrupt):
+        put_in_place(tmp_path / ".replacement", tmp_path)
+    assert len(calls) > 3 and files_in(tmp_path) == REPLACED  # all done, then interrupted
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_train_first_finishes_a_replacement_and_reads_a_damaged_one_as_asked(
+    tmp_path, dataset_dir, monkeypatch
+):
+
+    fake_runs(tmp_path / "run")
+    (tmp_path / "run" / ".replaced").mkdir()  # as if killed once the old run's files were aside
+    for name in ("run.json", "oof.csv", "models", "fold_1", "fold_2", "data"):
+        (tmp_path / "run" / name).rename(tmp_path / "run" / ".replaced" / name)
+    cfg, cpu = TrainConfig(arch="simple", folds=2, epochs=1), torch.device("cpu")
+    with pytest.raises(FaceAttrError, match="holds a finished run: --overwrite replaces it"):
+        train_run(load_dataset(dataset_dir), cfg, tmp_path / "run", cpu)  # the new one, in place
+    assert files_in(tmp_path / "run") == REPLACED
+    # A replacement's run.json that cannot be read is refused, but by --overwrite, which clears it.
+    (tmp_path / "run" / ".replacement").mkdir()
+    (tmp_path / "run" / ".replacement" / "run.json").write_text("{")
+    with pytest.raises(FaceAttrError, match=r"replacement/run.json is unreadable .*--overwrite"):
+        runs_in(tmp_path / "run", overwrite=False)
+    assert runs_in(tmp_path / "run", overwrite=True)[1] is None
