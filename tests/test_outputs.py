@@ -126,3 +126,19 @@ def test_a_write_that_fails_leaves_the_old_file(tmp_path, monkeypatch):
         write_json(target, {"status": "running"})
     assert target.read_text() == '{\n  "status": "complete"\n}\n'
     assert [p.name for p in tmp_path.iterdir()] == ["run.json"]
+
+
+def test_a_killed_writers_temporaries_are_told_from_a_running_ones(tmp_path):
+    import subprocess
+    import sys
+
+    from faceattr.outputs import stale_temporaries
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)  # fmt: skip
+    dead = tmp_path / "models" / f".fold_1.json.{ended.stdout.strip()}.0123abcd.tmp"
+    alive = tmp_path / f".run.json.{os.getpid()}.0123abcd.tmp"  # this process writes it now
+    for path in (dead, alive, tmp_path / ".notes.tmp", tmp_path / "x.12.ab.tmp"):
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("")
+    assert stale_temporaries(tmp_path) == [dead]

@@ -477,9 +477,13 @@ def test_resume_after_sigkill_gives_the_uninterrupted_result(dataset_dir, tmp_pa
     assert checkpoint.exists(), "training ended before fold 2 saved a checkpoint"
     assert json.loads((run / "run.json").read_text())["status"] == "running"
     assert not (run / "models" / "fold_2.safetensors").exists()
+    # What the killed process was writing when it died, under a name of its own:
+    stale = run / "fold_2" / f".checkpoint.json.{process.pid}.0123abcd.tmp"
+    stale.write_text("{")
 
     result = here("train", str(dataset_dir), "--out", str(run), "--resume")
     assert result.returncode == 0, result.stderr
+    assert not stale.exists()
     assert "fold 1/2: finished before, kept" in result.stderr
     assert "fold 2: resuming after epoch" in result.stderr
     for fold in (1, 2):

@@ -48,6 +48,27 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+def stale_temporaries(folder: str | Path) -> list[Path]:
+    """The temporary files `atomic_path` left under `folder` in processes that no longer run
+    (killed while they wrote: SIGKILL, a power cut), which nothing else would remove."""
+    stale = []
+    for path in Path(folder).rglob(".*.tmp"):
+        parts = path.name.rsplit(".", 3)  # .NAME, PID, HEX, tmp
+        if len(parts) == 4 and parts[1].isdecimal() and not _running(int(parts[1])):
+            stale.append(path)
+    return stale
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process, say: running
+        pass
+    return True
+
+
 def write_text(target: str | Path, text: str) -> Path:
     """Atomically write `text` to `target`."""
     with atomic_path(target) as tmp:

@@ -38,6 +38,7 @@ from faceattr.models import count_parameters, create_model, weights_file
 from faceattr.outputs import (
     check_writable,
     refuse_inside,
+    stale_temporaries,
     within,
     write_csv,
     write_json,
@@ -181,6 +182,8 @@ def train_run(
         if ranks.main:
             if not resume:  # an interrupted replacement's work, if any, is not this run's
                 shutil.rmtree(out / REPLACEMENT, ignore_errors=True)
+            for path in stale_temporaries(work) if resume else []:  # a killed train's
+                path.unlink(missing_ok=True)
             if work != out:
                 log.info("the run in %s stays there until this one has finished", out)
             save_folds(work / "folds.csv", names, labels, fold_of)
