@@ -77,6 +77,17 @@ def test_a_run_replaced_while_predicting_keeps_its_own_report(
     assert "was replaced while predicting: its report is left as it was" in caplog.text
     assert not (run / "prediction").exists() and "report" not in summary
     monkeypatch.setattr(faceattr.predict, "load_images", decoding)
+    # A train writing there (one that may replace the run any moment) waits for no report.
+    import fcntl
+
+    caplog.clear()
+    with open(run / ".lock", "a") as held, caplog.at_level("WARNING", logger="faceattr"):
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        summary = faceattr.predict.predict(data.test, run / "models", tmp_path / "l.txt", cpu)
+    assert f"a train is writing {run}: its report is left as it was" in caplog.text
+    assert not (run / "prediction").exists() and "report" not in summary
+    summary = faceattr.predict.predict(data.test, run / "models", tmp_path / "l.txt", cpu)
+    assert (run / "prediction" / "prediction.json").exists() and "report" in summary
     monkeypatch.setattr(faceattr.predict, "TorchEnsemble", replaced_after(loading))
     with pytest.raises(FaceAttrError, match="was replaced while its models were read"):
         faceattr.predict.predict(data.test, run / "models", tmp_path / "l2.txt", cpu)

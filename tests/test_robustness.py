@@ -665,6 +665,9 @@ def test_a_damaged_run_is_one_line_and_writes_nothing(tmp_path, dataset_dir, tra
     assert code == 2 and len(err) == 1 and unfinished in err[0], err
     assert "an interrupted --overwrite left the run to replace it" in err[0]
     assert err[0].endswith("--resume finishes that"), err
+    (run / ".replacement" / "run.json").write_text("{")  # unreadable: --resume would refuse it
+    code, err = predict(dataset_dir, run, "--output", str(labels))
+    assert code == 2 and err[0].endswith("--resume finishes it"), err
     shutil.rmtree(run / ".replacement")
     assert not labels.exists() and not (tmp_path / "predictions.csv").exists()
     # A hand-assembled folder of fold models, no run around it, votes with those it holds.

@@ -17,6 +17,7 @@ from faceattr.runfolder import (
     finish_replacing,
     put_in_place,
     runs_in,
+    unfinished_run,
     where_to_train,
     writing,
 )
@@ -153,7 +154,7 @@ def test_a_replacement_killed_while_it_moves_in_is_finished_by_the_next_train(
     assert step > 10  # every rename and removal was tried
 
 
-def test_ctrl_c_while_a_replacement_moves_in_waits_for_it(tmp_path, monkeypatch):
+def test_ctrl_c_while_a_replacement_moves_in_waits_for_it(tmp_path, monkeypatch, caplog):
 
     fake_runs(tmp_path)
     rename, calls = Path.rename, []
@@ -165,8 +166,10 @@ def test_ctrl_c_while_a_replacement_moves_in_waits_for_it(tmp_path, monkeypatch)
         return rename(self, target)
 
     monkeypatch.setattr(Path, "rename", pressed)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt), caplog.at_level("WARNING", logger="faceattr"):
         put_in_place(tmp_path / ".replacement", tmp_path)
+    assert "interrupted while the new run was put in place in" in caplog.text
+    assert caplog.text.rstrip().endswith("it is, whole")  # not to be trained again
     assert len(calls) > 3 and files_in(tmp_path) == REPLACED  # all done, then interrupted
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
@@ -176,6 +179,7 @@ def test_train_first_finishes_a_replacement_and_reads_a_damaged_one_as_asked(
 ):
 
     fake_runs(tmp_path / "run")
+    assert not unfinished_run(tmp_path / "run")  # the seed's train replaces it, as any finished
     (tmp_path / "run" / ".replaced").mkdir()  # as if killed once the old run's files were aside
     for name in ("run.json", "oof.csv", "models", "fold_1", "fold_2", "data"):
         (tmp_path / "run" / name).rename(tmp_path / "run" / ".replaced" / name)

@@ -20,7 +20,7 @@ from faceattr.ensemble import VOTES
 from faceattr.errors import FaceAttrError, first_line
 from faceattr.models import create_model
 from faceattr.outputs import atomic_path, write_json
-from faceattr.runfolder import REPLACEMENT
+from faceattr.runfolder import REPLACEMENT, existing_run
 
 log = logging.getLogger("faceattr")
 
@@ -150,7 +150,7 @@ def _finished_run_folds(run_json: Path, found: list[int]) -> list[int] | None:
     if status != "complete":
         run = run_json.parent
         said = f"{run} holds a run that has not finished ({len(found)} of {folds} fold models; "
-        if (run / REPLACEMENT / "run.json").exists():  # what --resume would continue instead
+        if _readable_run(run / REPLACEMENT):  # what --resume would continue instead
             raise FaceAttrError(
                 f"{said}interrupted), and an interrupted --overwrite left the run to replace it "
                 f"in {run / REPLACEMENT}: faceattr train DATA --out {run} --resume finishes that"
@@ -159,6 +159,13 @@ def _finished_run_folds(run_json: Path, found: list[int]) -> list[int] | None:
             f"{said}training, or interrupted): faceattr train DATA --out {run} --resume finishes it"
         )
     return list(range(1, folds + 1))
+
+
+def _readable_run(folder: Path) -> bool:
+    try:
+        return existing_run(folder) is not None
+    except FaceAttrError:
+        return False
 
 
 def check_folds(expected: object, found: list[int], suffix: str, source: str) -> None:

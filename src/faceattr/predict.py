@@ -26,7 +26,7 @@ from faceattr.outputs import (
     write_together,
 )
 from faceattr.report import build_report
-from faceattr.runfolder import run_paths
+from faceattr.runfolder import beside_the_run, run_paths
 
 log = logging.getLogger("faceattr")
 
@@ -128,19 +128,29 @@ def predict(
     }
     log.info("scored %d images with %d models in %.1fs", len(labels), len(folds), score_s)
     if not onnx and found is not None:  # a run folder: its report gains a section
-        if _run_json(run) != found:
-            log.warning("%s was replaced while predicting: its report is left as it was", run)
-            return summary
         try:
+            _add_to_report(run, found, summary, soft_score, threshold, labels, rule, votes)
+        except (FaceAttrError, OSError) as e:
+            # The labels are written: a read-only or damaged run folder only costs its report.
+            log.warning("the run's report was not updated: %s", e)
+    return summary
+
+
+def _add_to_report(run: Path, found: bytes, summary: dict, *scores) -> None:
+    """The prediction's section of the run's report, if the run is still the one that scored:
+    a `train` there (`--overwrite` replacing it) waits until it is written."""
+    soft_score, threshold, labels, rule, votes = scores
+    with beside_the_run(run) as free:
+        if not free:
+            log.warning("a train is writing %s: its report is left as it was", run)
+        elif _run_json(run) != found:
+            log.warning("%s was replaced while predicting: its report is left as it was", run)
+        else:
             scores_png = run / "prediction" / "scores.png"
             plots.prediction_scores(soft_score, threshold, labels, rule, scores_png)
             plots.model_agreement(votes, run / "prediction" / "agreement.png")
             write_json(run / "prediction" / "prediction.json", summary)
             summary["report"] = str(build_report(run))
-        except (FaceAttrError, OSError) as e:
-            # The labels are written: a read-only or damaged run folder only costs its report.
-            log.warning("the run's report was not updated: %s", e)
-    return summary
 
 
 def _run_json(run: Path) -> bytes | None:

@@ -70,10 +70,10 @@ def runs_in(out: Path, overwrite: bool) -> tuple[dict | None, dict | None]:
 
 
 def unfinished_run(out: Path) -> bool:
-    """Whether `out` holds a run that --resume would continue: its own, or its replacement's (one
-    whose run.json cannot be read is not: --overwrite starts it again)."""
-    current, pending = runs_in(out, overwrite=True)
-    return pending is not None or (current is not None and current.get("status") != "complete")
+    """Whether `out` holds a run that --resume would continue: its own, or its replacement's. Not
+    one whose run.json cannot be read (--overwrite starts it again), nor a finished replacement
+    (a kill cut its renaming into place, which the next train finishes before anything else)."""
+    return any(run is not None and run.get("status") != "complete" for run in runs_in(out, True))
 
 
 def where_to_train(
@@ -156,7 +156,7 @@ def put_in_place(new: Path, out: Path) -> None:
     Where a kill stopped them is told by the folders, so the next train finishes the work
     (`finish_replacing`): the old run's files move to OUT/.replacing/, which is renamed
     OUT/.replaced/ once they all have; then the new run's move in, run.json last."""
-    with _signals_held():
+    with _signals_held(f"the new run was put in place in {out}: it is, whole"):
         aside, old = out / ASIDE, out / REPLACED
         if not old.exists():
             aside.mkdir(exist_ok=True)
@@ -191,9 +191,27 @@ def finish_replacing(out: Path) -> None:
 
 
 @contextmanager
-def _signals_held() -> Iterator[None]:
+def beside_the_run(out: Path) -> Iterator[bool]:
+    """Hold OUT/.lock shared while a reader of the run writes beside it (predict's section of the
+    report): True if no train is writing OUT, which then cannot start there, nor replace the
+    run, until the block ends; False if one is."""
+    if fcntl is None:
+        yield True
+        return
+    with open(out / ".lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+
+
+@contextmanager
+def _signals_held(what: str) -> Iterator[None]:
     """Hold Ctrl-C and SIGTERM back while the block runs, then act on them: what the block does
-    is never left half done by them. (Python lets only the main thread set handlers.)"""
+    (`what`, which a warning then names) is never left half done by them. (Python lets only the
+    main thread set handlers.)"""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -207,4 +225,5 @@ def _signals_held() -> Iterator[None]:
         for s, handler in kept.items():
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
     if held:
+        log.warning("interrupted while %s", what)
         signal.raise_signal(held[0])
