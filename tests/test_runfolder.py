@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from faceattr.checkpoints import load_fold_models
 from faceattr.data import load_dataset
 from faceattr.errors import FaceAttrError
 from faceattr.run import train_run
@@ -128,7 +129,7 @@ def test_a_replacement_killed_while_it_moves_in_is_finished_by_the_next_train(
         return op
 
     rename, rmtree = Path.rename, shutil.rmtree
-    step = 0
+    step = halves = 0
     while True:
         step += 1
         out = tmp_path / f"run{step}"
@@ -146,12 +147,16 @@ def test_a_replacement_killed_while_it_moves_in_is_finished_by_the_next_train(
         finally:
             monkeypatch.setattr(Path, "rename", rename)
             monkeypatch.setattr(shutil, "rmtree", rmtree)
+        if any((out / n).exists() for n in (".replacing", ".replaced")):  # some of each run
+            with pytest.raises(FaceAttrError, match="is half replaced by another run"):
+                load_fold_models(out / "models")  # what predict and export load first
+            halves += 1
         finish_replacing(out)
         assert files_in(out) == REPLACED, step
         assert json.loads((out / "run.json").read_text())["which"] == "new"
         assert {p.name for p in out.iterdir()} >= {"models", "fold_1", "fold_2"}
         assert not any((out / n).exists() for n in (".replacement", ".replacing", ".replaced"))
-    assert step > 10  # every rename and removal was tried
+    assert step > 10 and halves > 5  # every rename and removal was tried
 
 
 def test_ctrl_c_while_a_replacement_moves_in_waits_for_it(tmp_path, monkeypatch, caplog):

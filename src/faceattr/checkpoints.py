@@ -20,7 +20,7 @@ from faceattr.ensemble import VOTES
 from faceattr.errors import FaceAttrError, first_line
 from faceattr.models import create_model
 from faceattr.outputs import atomic_path, write_json
-from faceattr.runfolder import REPLACEMENT, existing_run
+from faceattr.runfolder import ASIDE, REPLACED, REPLACEMENT, existing_run
 
 log = logging.getLogger("faceattr")
 
@@ -61,6 +61,12 @@ def fold_files(folder: Path, suffix: str) -> list[tuple[int, Path]]:
 def load_fold_models(models_dir: str | Path) -> list[FoldModel]:
     """Every fold model of a run's models folder, in fold order, in eval mode on the CPU."""
     models_dir = Path(models_dir)
+    run = models_dir.parent
+    if any((run / name).is_dir() for name in (ASIDE, REPLACED)):  # some of each run there
+        raise FaceAttrError(
+            f"{run} is half replaced by another run (a train --overwrite was killed while it "
+            f"moved that run in): faceattr train DATA --out {run} finishes that first"
+        )
     if not models_dir.is_dir():
         raise FaceAttrError(f"model folder {models_dir} does not exist")
     found = fold_files(models_dir, ".safetensors")
