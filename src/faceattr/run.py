@@ -180,10 +180,11 @@ def train_run(
     }
     with writing(out, ranks.main, seen, overwrite):
         if ranks.main:
-            if not resume:  # an interrupted replacement's work, if any, is not this run's
+            if resume:  # what a killed train was writing when it died
+                for path in stale_temporaries(work):
+                    path.unlink(missing_ok=True)
+            else:  # an interrupted replacement's work, if any, is not this run's
                 shutil.rmtree(out / REPLACEMENT, ignore_errors=True)
-            for path in stale_temporaries(work) if resume else []:  # a killed train's
-                path.unlink(missing_ok=True)
             if work != out:
                 log.info("the run in %s stays there until this one has finished", out)
             save_folds(work / "folds.csv", names, labels, fold_of)
