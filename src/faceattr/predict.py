@@ -129,8 +129,7 @@ def predict(
     log.info("scored %d images with %d models in %.1fs", len(labels), len(folds), score_s)
     if not onnx and found is not None:  # a run folder: its report gains a section
         try:
-            pictures = {"scores": soft_score, "labels": labels, "votes": votes}
-            _add_to_report(run, found, summary, pictures, threshold, rule)
+            _add_to_report(run, found, summary, soft_score, labels, votes, threshold, rule)
         except (FaceAttrError, OSError) as e:
             # The labels are written: a read-only or damaged run folder only costs its report.
             log.warning("the run's report was not updated: %s", e)
@@ -138,12 +137,19 @@ def predict(
 
 
 def _add_to_report(
-    run: Path, found: bytes, summary: dict, pictures: dict, threshold: float, rule: str
+    run: Path,
+    found: bytes,
+    summary: dict,
+    scores: np.ndarray,
+    labels: np.ndarray,
+    votes: np.ndarray,
+    threshold: float,
+    rule: str,
 ) -> None:
-    """The prediction's section of the run's report (its `summary`, and the `pictures` of the
-    ensemble's scores, labels and votes), if the run is still the one whose run.json was `found`
-    when its models were read. No train can start there, nor replace the run, while it is
-    written."""
+    """The prediction's section of the run's report (its `summary`, and pictures of the
+    ensemble's scores and labels and of each model's votes), if the run is still the one whose
+    run.json was `found` when its models were read. No train can start there, nor replace the
+    run, while it is written."""
     with beside_the_run(run) as free:
         if not free:
             log.warning("a train is writing %s: its report is left as it was", run)
@@ -151,9 +157,8 @@ def _add_to_report(
             log.warning("%s was replaced while predicting: its report is left as it was", run)
         else:
             scores_png = run / "prediction" / "scores.png"
-            scores, labels = pictures["scores"], pictures["labels"]
             plots.prediction_scores(scores, threshold, labels, rule, scores_png)
-            plots.model_agreement(pictures["votes"], run / "prediction" / "agreement.png")
+            plots.model_agreement(votes, run / "prediction" / "agreement.png")
             write_json(run / "prediction" / "prediction.json", summary)
             summary["report"] = str(build_report(run))
 
