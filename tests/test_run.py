@@ -236,3 +236,30 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_finished(
     with caplog.at_level("INFO", logger="faceattr"):
         train_run(data, cfg, run, cpu, overwrite=True)
     assert "finished before" not in caplog.text and not (run / ".replacement").exists()
+
+
+def test_a_finished_run_resumed_stays_finished_if_cut_short(trained_run, dataset_dir, tmp_path):
+    """--resume on a finished run finishes it again; it had first marked it "running", so a kill
+    in between left a whole run that predict refused as unfinished."""
+    import shutil
+
+    import faceattr.run
+    from faceattr.runfolder import unfinished_run
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    before = (run / "run.json").read_bytes()
+    data, cpu = load_dataset(dataset_dir, need="any"), torch.device("cpu")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # once every fold is kept, before the run is finished again
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(faceattr.run, "decision_rule", killed)
+        with pytest.raises(KeyboardInterrupt):
+            train_run(data, TrainConfig(), run, cpu, resume=True)
+    assert (run / "run.json").read_bytes() == before and not unfinished_run(run)
+    predict(data.test, run / "models", tmp_path / "label_val.txt", cpu)
+    summary = train_run(data, TrainConfig(), run, cpu, resume=True)
+    assert summary["status"] == "complete" and summary["resumed"] == 1
+    assert json.loads((run / "run.json").read_text()) == json.loads(json.dumps(summary))

@@ -188,7 +188,10 @@ def train_run(
             if work != out:
                 log.info("the run in %s stays there until this one has finished", out)
             save_folds(work / "folds.csv", names, labels, fold_of)
-            write_json(work / "run.json", summary)
+            # A finished run resumed is finished again (its report rebuilt), but stays marked
+            # finished meanwhile: a kill then leaves it as it was, not "running".
+            if not (resume and previous.get("status") == "complete"):
+                write_json(work / "run.json", summary)
             data_pictures(array, labels, {"train": summary["audit"]}, work / "data")
         ranks.barrier()
 
