@@ -198,3 +198,31 @@ def test_train_first_finishes_a_replacement_and_reads_a_damaged_one_as_asked(
     with pytest.raises(FaceAttrError, match=r"replacement/run.json is unreadable .*--overwrite"):
         runs_in(tmp_path / "run", overwrite=False)
     assert runs_in(tmp_path / "run", overwrite=True)[1] is None
+
+
+def test_a_train_waits_for_a_predict_writing_beside_the_run(tmp_path):
+    """predict holds the lock shared while it writes its report section: a train starting then
+    had been told another train was writing the folder. It waits for the reader, not a writer."""
+    import fcntl
+    import threading
+    import time
+
+    from faceattr.runfolder import _lock_from_readers
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / ".lock", "a") as held, open(run / ".lock", "a") as mine:
+        fcntl.flock(held, fcntl.LOCK_SH)  # as predict's beside_the_run holds it
+        threading.Timer(0.5, fcntl.flock, (held, fcntl.LOCK_UN)).start()
+        started = time.monotonic()
+        with writing(run, True, None, False):
+            assert time.monotonic() - started >= 0.4
+        fcntl.flock(held, fcntl.LOCK_SH)
+        with pytest.raises(FaceAttrError, match="being read by faceattr predict for over"):
+            _lock_from_readers(mine, run, patience=0.2)
+        fcntl.flock(held, fcntl.LOCK_UN)
+        fcntl.flock(held, fcntl.LOCK_EX)  # a writer: no waiting
+        started = time.monotonic()
+        with pytest.raises(FaceAttrError, match="being written by another faceattr train"):
+            _lock_from_readers(mine, run)
+        assert time.monotonic() - started < 1

@@ -14,6 +14,7 @@ import logging
 import shutil
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +34,7 @@ RUN_CONTENTS = ("run.json", "folds.csv", "oof.csv", "report.html", *RUN_FOLDERS)
 REPLACEMENT = ".replacement"  # where --overwrite trains the run that replaces OUT's
 ASIDE = ".replacing"  # where the old run's files go as they move out; then renamed...
 REPLACED = ".replaced"  # ...this, once they all have: now the new run's files move in
+READERS_WAIT = 10.0  # s a train waits for readers of the run (predict) to let go of its lock
 
 
 def run_paths(out: Path, staging: bool = True) -> list[Path]:
@@ -121,15 +123,35 @@ def writing(
         yield
         return
     with open(out / ".lock", "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise _locked(out) from None
+        _lock_from_readers(lock, out)
         if found is not None and runs_in(out, overwrite) != found:
             raise FaceAttrError(
                 f"another faceattr train wrote {out} meanwhile; choose another --out"
             )
         yield  # the lock goes with the file
+
+
+def _lock_from_readers(lock, out: Path, patience: float = READERS_WAIT) -> None:
+    """Take `lock` for writing: at once from no one, in a moment from readers (a predict writes
+    its report section holding it shared, for under a second), never from another writer."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        try:  # taken shared: only readers hold it
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _locked(out) from None
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        if time.monotonic() > deadline:
+            raise FaceAttrError(
+                f"{out} is being read by faceattr predict for over {patience:.0f} s; "
+                "wait, or choose another --out"
+            )
+        time.sleep(0.05)
 
 
 def _locked(out: Path) -> FaceAttrError:
