@@ -7,7 +7,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from conftest import cli, here, write_image
+from conftest import cli, here, run_python, write_image
 from faceattr import cache, decode
 from faceattr.cache import fingerprint, load_images
 from faceattr.data import load_dataset, load_test_images, numbered_images, open_source
@@ -141,6 +141,44 @@ def test_unwritable_cache_folder_falls_back_to_memory(dataset_dir, tmp_path):
     with pytest.raises(FaceAttrError, match=r"--cache .* is inside the image folder"):
         load_images(images, dataset_dir / "train_img" / "cache")
     assert not (dataset_dir / "train_img" / "cache").exists()
+
+
+def test_a_cache_folder_without_room_falls_back_to_memory(dataset_dir, tmp_path, monkeypatch):
+    """The cache's .npy is written through a memory mapping, which on a full disk had killed the
+    process (SIGBUS) without a word: its space is now taken first, and no room is a warning."""
+    import errno
+
+    images, taken = load_dataset(dataset_dir).train, []
+
+    def full(fd, offset, length):
+        taken.append(length)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    loaded = load_images(images, tmp_path / "cache")
+    assert taken and taken[0] >= 160 * 64 * 64 * 3  # all of it, before any page was written
+    assert loaded.cache == "off" and loaded.array.shape == (160, 64, 64, 3)
+    assert list((tmp_path / "cache").iterdir()) == []  # nor a temporary left
+    monkeypatch.undo()
+    assert np.array_equal(loaded.array, load_images(images, None).array)
+
+
+def test_a_file_size_limit_on_the_cache_is_a_warning_and_no_leftover(dataset_dir, tmp_path):
+    """A real refusal of the cache's size (RLIMIT_FSIZE, as a quota would): one warning, the
+    command goes on decoding in memory."""
+    script = f"""
+import resource, signal
+from faceattr.cache import load_images
+from faceattr.data import load_dataset
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails (EFBIG) instead of killing
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # the cache needs 1.9 MB
+print(load_images(load_dataset({str(dataset_dir)!r}).train, {str(tmp_path / "cache")!r}).cache)
+"""
+    result = run_python("-c", script)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["off"], result.stdout
+    assert "not caching decoded images: no room in" in result.stderr
+    assert list((tmp_path / "cache").iterdir()) == []
 
 
 def test_a_rewritten_zip_misses(tmp_path):

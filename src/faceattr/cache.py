@@ -27,7 +27,7 @@ from faceattr import decode
 from faceattr.data import ImageSet
 from faceattr.decode import SIZE, Audit, decode_images
 from faceattr.errors import FaceAttrError
-from faceattr.outputs import atomic_path, ensure_writable_dir, refuse_inside, write_json
+from faceattr.outputs import NO_ROOM, atomic_path, ensure_writable_dir, refuse_inside, write_json
 
 log = logging.getLogger("faceattr")
 
@@ -129,6 +129,31 @@ def import_decoder() -> float:
     return time.perf_counter() - start
 
 
+class _NoRoom(Exception):
+    """No disk space for the cache's array."""
+
+
+def _new_array(path: Path, shape: tuple[int, ...]) -> np.memmap:
+    """A new memory-mapped .npy at `path`, its disk space taken before a page is written: a page
+    written through the mapping to a full disk kills the process (SIGBUS), where a reservation
+    that finds no room is an error (_NoRoom)."""
+    try:
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+        if hasattr(os, "posix_fallocate"):  # not on macOS or Windows
+            with open(path, "r+b") as f:
+                try:
+                    os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+                except OSError as e:
+                    if e.errno in NO_ROOM:
+                        raise
+                    # Otherwise the file system cannot reserve: the pages are written as before.
+    except OSError as e:
+        if e.errno in NO_ROOM:
+            raise _NoRoom(e.strerror) from None
+        raise
+    return out
+
+
 def load_images(
     images: ImageSet,
     cache_dir: str | Path | None,
@@ -177,11 +202,15 @@ def load_images(
 
     start += import_decoder()
     shape = (len(images), SIZE, SIZE, 3)
-    with atomic_path(npy) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-        _, audit = decode_images(images, workers, out=out, judge=False)
-        out.flush()
-        del out
+    try:
+        with atomic_path(npy) as tmp:
+            out = _new_array(tmp, shape)
+            _, audit = decode_images(images, workers, out=out, judge=False)
+            out.flush()
+            del out
+    except _NoRoom as e:
+        log.warning("not caching decoded images: no room in %s (%s)", cache_dir, e)
+        return load_images(images, None, workers, extra, skip_bad, hint)
     seconds = time.perf_counter() - start
     image_set = _image_set(images, extra)
     write_json(
