@@ -27,6 +27,25 @@ def test_a_damaged_training_state_is_no_state(tmp_path):
     assert load_training_state(state) is None
 
 
+def test_a_full_disk_under_a_model_is_one_line_naming_it(tmp_path, monkeypatch):
+    """safetensors says a failed write with its own error, no OSError: it had been a traceback."""
+    import safetensors
+
+    import faceattr.checkpoints
+
+    def full(*args, **kwargs):
+        raise safetensors.SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)"
+        )
+
+    monkeypatch.setattr(faceattr.checkpoints, "save_file", full)
+    with pytest.raises(FaceAttrError, match=r"cannot write .*fold_1.safetensors: .*No space"):
+        save_fold_model(tmp_path / "models", 1, create_model("simple"), {"arch": "simple"})
+    with pytest.raises(FaceAttrError, match=r"cannot write .*checkpoint.safetensors: .*No space"):
+        save_training_state(tmp_path / "checkpoint", {"w": torch.ones(2)}, {"epoch": 3})
+    assert [p.name for p in tmp_path.rglob("*")] == ["models"]  # no temporary left
+
+
 def test_roundtrip_gives_the_same_scores(tmp_path):
     torch.manual_seed(0)
     model = create_model("simple").eval()

@@ -93,8 +93,8 @@ def test_files_written_together_land_together(tmp_path, monkeypatch):
         replace(src, dst)
 
     monkeypatch.setattr(os, "replace", full_disk)
-    with pytest.raises(OSError, match="No space left"):
-        write_together({labels: "0\n", table: "y\n"})
+    with pytest.raises(FaceAttrError, match=r"cannot write .*label_val.txt: No space left"):
+        write_together({labels: "0\n", table: "y\n"})  # named: a write's OSError names none
     assert labels.read_text() == "1\n" and table.read_text() == "x\n"  # neither
     assert sorted(p.name for p in tmp_path.iterdir()) == ["label_val.txt", "predictions.csv"]
     monkeypatch.setattr(os, "replace", replace)
@@ -108,10 +108,14 @@ def test_files_written_together_land_together(tmp_path, monkeypatch):
         return write(self, text, **kwargs)
 
     monkeypatch.setattr(Path, "write_text", full_on_the_table)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(FaceAttrError, match=r"cannot write .*predictions.csv: No space left"):
         write_together({labels: "0\n", table: "y\n"})
     assert labels.read_text() == "1\n" and table.read_text() == "x\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["label_val.txt", "predictions.csv"]
+    # An OSError that names its file is not the target's: it goes on as it is.
+    monkeypatch.setattr(Path, "write_text", write)
+    with pytest.raises(FileNotFoundError), atomic_path(labels):
+        (tmp_path / "no such input").read_text()
 
 
 def test_a_write_that_fails_leaves_the_old_file(tmp_path, monkeypatch):

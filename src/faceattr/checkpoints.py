@@ -43,9 +43,17 @@ def save_fold_model(models_dir: str | Path, fold: int, model: nn.Module, config:
     # must give byte-identical files.
     meta = {"faceattr": json.dumps({"arch": config["arch"], "fold": fold}, sort_keys=True)}
     with atomic_path(weights) as tmp:
-        save_file(state, str(tmp), metadata=meta)
+        _save_file(state, tmp, weights, meta)
     write_json(models_dir / f"fold_{fold}.json", {"fold": fold, **config})
     return weights
+
+
+def _save_file(tensors: dict, tmp: Path, target: Path, meta: dict) -> None:
+    """safetensors' save_file, whose I/O errors (a full disk) are SafetensorErrors, not OSErrors."""
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+    except SafetensorError as e:
+        raise FaceAttrError(f"cannot write {target}: {first_line(e)}") from None
 
 
 def fold_files(folder: Path, suffix: str) -> list[tuple[int, Path]]:
@@ -215,7 +223,7 @@ def save_training_state(path: str | Path, tensors: dict[str, torch.Tensor], info
     path = Path(path)
     flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     with atomic_path(path.with_suffix(".safetensors")) as tmp:
-        save_file(flat, str(tmp), metadata={"epoch": str(info["epoch"])})
+        _save_file(flat, tmp, path.with_suffix(".safetensors"), {"epoch": str(info["epoch"])})
     write_json(path.with_suffix(".json"), info)
 
 

@@ -7,6 +7,7 @@ file is the deliverable and must be either whole or absent.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import secrets
@@ -20,6 +21,7 @@ import numpy as np
 from faceattr.errors import FaceAttrError
 
 FLOATS = (float, np.floating)  # numpy's float32 is no float: str() would give its own digits
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a quota, a size limit
 
 
 @contextlib.contextmanager
@@ -44,6 +46,10 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         if tmp_path.stat().st_mode & 0o777 != mode:  # a writer that made the file anew, 0600
             os.chmod(tmp_path, mode)  # (safetensors' save_file): the umask's choice still holds
         os.replace(tmp_path, target)
+    except OSError as e:
+        if e.errno in NO_ROOM and e.filename is None:  # a write's, which names no file
+            raise FaceAttrError(f"cannot write {target}: {e.strerror}") from None
+        raise
     finally:
         tmp_path.unlink(missing_ok=True)
 
