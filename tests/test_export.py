@@ -126,6 +126,14 @@ def test_an_interrupted_export_leaves_the_earlier_one_whole(trained_run, tmp_pat
     shutil.copytree(trained_run, run)
     with pytest.raises(FaceAttrError, match="is the run's models folder"):
         export_onnx(run / "models", run / "models")
+    # Another run's models folder, or the run itself: its ensemble.json had been replaced, and
+    # predict then voted that run's models at this one's threshold.
+    ensemble = (run / "models" / "ensemble.json").read_bytes()
+    for other in (run / "models", run):
+        with pytest.raises(FaceAttrError, match="holds a run or its models"):
+            export_onnx(trained_run / "models", other)
+    assert (run / "models" / "ensemble.json").read_bytes() == ensemble
+    assert not list(run.rglob("*.onnx"))
     export_onnx(run / "models", run / "models" / "onnx")  # inside it: its files are apart
     assert (
         json.loads((run / "models" / "ensemble.json").read_text())["threshold"]

@@ -47,6 +47,11 @@ def export_onnx(models_dir: str | Path, out: str | Path, opset: int = 17) -> lis
     settings = load_ensemble_settings(models_dir, models)
     if Path(out).resolve() == Path(models_dir).resolve():  # its ensemble.json is the run's own
         raise FaceAttrError(f"--onnx {out} is the run's models folder; choose another")
+    if fold_files(Path(out), ".safetensors") or (Path(out) / "run.json").exists():
+        raise FaceAttrError(
+            f"--onnx {out} holds a run or its models, whose ensemble.json the export's would "
+            "replace; choose another folder"
+        )
     out = ensure_writable_dir(out)
     folds = {m.fold for m in models}
     stale = [p.name for fold, p in fold_files(out, ".onnx") if fold not in folds]
