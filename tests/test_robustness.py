@@ -580,6 +580,13 @@ def test_predict_never_writes_over_its_inputs(tmp_path, trained_run):
         assert code == 2 and len(err) == 1 and "would overwrite or join an input" in err[0], err
     code, err = predict(data, run, "--output", str(tmp_path / "pipe"))
     assert code == 2 and "is not a regular file" in err[0]
+    # The table beside the label file: over a zip of the test images that is named like it.
+    (tmp_path / "zipped").mkdir()
+    shutil.make_archive(str(tmp_path / "zipped" / "data"), "zip", data)
+    zipped = (tmp_path / "zipped" / "data.zip").rename(tmp_path / "zipped" / "predictions.csv")
+    code, err = predict(zipped, run, "--output", str(tmp_path / "zipped" / "labels.txt"))
+    assert code == 2 and "predictions.csv written beside it would overwrite an input" in err[0]
+    assert [p.name for p in zipped.parent.iterdir()] == ["predictions.csv"]
     assert {p: p.read_bytes() for p in [*data.rglob("*.*"), *run.rglob("*.*")]} == before
     # Beside the data, or in the run folder beside what train wrote: fine.
     for output in (data / "label_val.txt", run / "label_val.txt"):

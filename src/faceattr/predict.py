@@ -196,6 +196,11 @@ def check_output(output: Path, images: ImageSet, models_dir: Path) -> Path:
             raise FaceAttrError(
                 f"--output {output} would overwrite or join an input: {where.resolve()}"
             )
+        if within(output.with_name(TABLE), where):  # a zip of test images named so, say
+            raise FaceAttrError(
+                f"--output {output}: the {TABLE} written beside it would overwrite an input: "
+                f"{where.resolve()}"
+            )
     return output
 
 
