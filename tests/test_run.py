@@ -263,3 +263,34 @@ def test_a_finished_run_resumed_stays_finished_if_cut_short(trained_run, dataset
     summary = train_run(data, TrainConfig(), run, cpu, resume=True)
     assert summary["status"] == "complete" and summary["resumed"] == 1
     assert json.loads((run / "run.json").read_text()) == json.loads(json.dumps(summary))
+
+
+def test_what_a_run_left_without_its_run_json_is_no_part_of_a_new_run(
+    trained_run, dataset_dir, tmp_path, caplog
+):
+    """A folder whose run.json is gone read as empty: a new run there kept the old finished folds
+    (another seed's, another model's), resumed a saved state, and predict voted a fold model
+    beyond its folds. Now that is refused, and --overwrite clears it."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "run.json").unlink()
+    for name in ("fold_3.safetensors", "fold_3.json"):  # as a 3-fold run had left
+        shutil.copy(run / "models" / name.replace("3", "2"), run / "models" / name)
+    (run / "fold_3").mkdir()
+    (run / "notes.txt").write_text("mine")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    cfg = TrainConfig(arch="simple", folds=2, epochs=1, batch_size=32, seed=7)
+    data, cpu = load_dataset(dataset_dir, need="any"), torch.device("cpu")
+    with pytest.raises(FaceAttrError, match=r"holds what a run left without its run.json \(fold_"):
+        train_run(data, cfg, run, cpu)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    with caplog.at_level("INFO", logger="faceattr"):
+        summary = train_run(data, cfg, run, cpu, overwrite=True)
+    assert "finished before" not in caplog.text and summary["config"]["seed"] == 7
+    assert [m.fold for m in load_fold_models(run / "models")] == [1, 2]
+    assert not (run / "fold_3").exists() and (run / "notes.txt").read_text() == "mine"
+    assert (run / "models" / "fold_1.safetensors").read_bytes() != before[
+        run / "models" / "fold_1.safetensors"
+    ]

@@ -50,6 +50,7 @@ from faceattr.runfolder import (
     check_unlocked,
     finish_replacing,
     put_in_place,
+    remains,
     run_paths,
     runs_in,
     where_to_train,
@@ -94,6 +95,14 @@ def train_run(
     ranks.barrier()  # the others look once that is done
     seen = runs_in(out, overwrite)
     work, previous = where_to_train(out, *seen, resume, overwrite)
+    left = [] if resume or work != out else remains(out)  # a run's, its run.json gone
+    if left and not overwrite:
+        names = [str(p.relative_to(out)) for p in left]
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        raise FaceAttrError(
+            f"{out} holds what a run left without its run.json ({', '.join(names[:3])}{more}), "
+            "which this run would take for its own: --overwrite clears it, or choose another --out"
+        )
     if resume:
         cfg = _resumed_config(cfg, previous["config"], given, work)
     cfg.check()
@@ -183,8 +192,13 @@ def train_run(
             if resume:  # what a killed train was writing when it died
                 for path in stale_temporaries(work):
                     path.unlink(missing_ok=True)
-            else:  # an interrupted replacement's work, if any, is not this run's
+            else:  # an interrupted replacement's work, if any, is not this run's; nor `left`
                 shutil.rmtree(out / REPLACEMENT, ignore_errors=True)
+                for path in left:
+                    if path.is_dir():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink(missing_ok=True)
             if work != out:
                 log.info("the run in %s stays there until this one has finished", out)
             save_folds(work / "folds.csv", names, labels, fold_of)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import signal
 import threading
@@ -34,6 +35,7 @@ RUN_CONTENTS = ("run.json", "folds.csv", "oof.csv", "report.html", *RUN_FOLDERS)
 REPLACEMENT = ".replacement"  # where --overwrite trains the run that replaces OUT's
 ASIDE = ".replacing"  # where the old run's files go as they move out; then renamed...
 REPLACED = ".replaced"  # ...this, once they all have: now the new run's files move in
+MODEL_FILE = r"fold_\d+\.(safetensors|json)"  # a fold's model in RUN/models/, as predict finds it
 READERS_WAIT = 10.0  # s a train waits for readers of the run (predict) to let go of its lock
 
 
@@ -44,6 +46,16 @@ def run_paths(out: Path, staging: bool = True) -> list[Path]:
     folds = [p for p in out.glob("fold_[1-9]*") if p.name[5:].isdecimal() and p.is_dir()]
     staged = (REPLACEMENT, ASIDE, REPLACED) if staging else ()
     return [*(out / name for name in (*RUN_CONTENTS, *staged)), *folds]
+
+
+def remains(out: Path) -> list[Path]:
+    """The files of a run whose run.json is gone (deleted, or lost) that a new run in `out`
+    would take for its own: its folds (a finished one is kept, a saved state resumed), its fold
+    models and ensemble settings (predict votes them) and predict's section of its report."""
+    folds = [p for p in run_paths(out, staging=False) if p.name.startswith("fold_")]
+    models = [p for p in (out / "models").glob("fold_*.*") if re.fullmatch(MODEL_FILE, p.name)]
+    extra = (out / "models" / "ensemble.json", out / "prediction" / "prediction.json")
+    return [*folds, *models, *(p for p in extra if p.is_file())]
 
 
 def existing_run(out: Path, advice: str = "choose another --out") -> dict | None:
