@@ -69,6 +69,16 @@ def test_missing_or_broken_models_are_user_errors(tmp_path):
         load_fold_models(tmp_path / "nope")
     with pytest.raises(FaceAttrError, match=r"holds no fold_K\.safetensors"):
         load_fold_models(tmp_path)
+    # A run interrupted before its first fold had finished: had it a model folder or not, not
+    # "does not exist", but what it is and what finishes it.
+    (tmp_path / "run.json").write_text(json.dumps({"status": "running", "config": {"folds": 2}}))
+    unfinished = r"has not finished \(0 of 2 fold models.*--resume finishes it"
+    with pytest.raises(FaceAttrError, match=unfinished):
+        load_fold_models(tmp_path / "models")  # not there yet
+    (tmp_path / "models").mkdir()
+    with pytest.raises(FaceAttrError, match=unfinished):
+        load_fold_models(tmp_path / "models")  # there, empty
+    (tmp_path / "run.json").unlink()
     save_fold_model(tmp_path, 1, create_model("simple"), {"arch": "simple"})
     (tmp_path / "fold_1.json").write_text(json.dumps({"arch": "resnet18"}))
     mismatch = r"cannot load .*fold_1.safetensors: its tensors are not those of the resnet18 model"

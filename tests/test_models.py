@@ -1,4 +1,6 @@
+import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,6 +101,9 @@ def test_pretrained_weights_load_from_a_local_file(tmp_path):
 def test_pretrained_errors(tmp_path):
     with pytest.raises(FaceAttrError, match="does not exist"):
         create_model("resnet18", pretrained=tmp_path / "missing.pth")
+    for there in (tmp_path, Path(os.devnull)):  # there, but no file of weights
+        with pytest.raises(FaceAttrError, match=f"file {there} is not a file"):
+            create_model("resnet18", pretrained=there)
     torch.save({"something": torch.zeros(3)}, tmp_path / "other.pth")
     with pytest.raises(FaceAttrError, match="none of its weights fit ResNet18"):
         create_model("resnet18", pretrained=tmp_path / "other.pth")

@@ -618,7 +618,7 @@ DAMAGED_RUNS = {
     ],
     "fold_1.json": [
         ("[1]", "fold_1.json does not hold a fold's settings"),
-        ('{"arch": ["simple"]}', "unknown model ['simple']"),
+        ('{"arch": ["simple"]}', "fold_1.json: unknown model ['simple']"),  # the file named
         (b'{"arch": "\xe9"}', "cannot read"),  # Latin-1, not UTF-8
     ],
 }

@@ -75,9 +75,11 @@ def load_fold_models(models_dir: str | Path) -> list[FoldModel]:
             f"{run} is half replaced by another run (a train --overwrite was killed while it "
             f"moved that run in): faceattr train DATA --out {run} finishes that first"
         )
+    found = fold_files(models_dir, ".safetensors") if models_dir.is_dir() else []
+    if not found:
+        _finished_run_folds(run / "run.json", [])  # a run before its first fold: say so
     if not models_dir.is_dir():
         raise FaceAttrError(f"model folder {models_dir} does not exist")
-    found = fold_files(models_dir, ".safetensors")
     if not found:
         raise FaceAttrError(f"{models_dir} holds no fold_K.safetensors model")
     described = {fold for fold, _ in fold_files(models_dir, ".json")}
@@ -94,7 +96,10 @@ def load_fold_models(models_dir: str | Path) -> list[FoldModel]:
         if not isinstance(config, dict):
             raise FaceAttrError(f"{config_path} does not hold a fold's settings")
         arch = config.get("arch", "?")
-        model = create_model(arch)
+        try:
+            model = create_model(arch)
+        except FaceAttrError as e:
+            raise FaceAttrError(f"{config_path}: {e}") from None
         try:
             state = load_file(str(weights))
         except Exception as e:  # a truncated or foreign file is the user's to fix

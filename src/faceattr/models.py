@@ -309,7 +309,8 @@ def load_imagenet_weights(net: nn.Module, path: Path, blocks: str, name: str) ->
     `blocks`: a file with none of them is the wrong network's.
     """
     if not path.is_file():
-        raise FaceAttrError(f"pretrained weights file {path} does not exist")
+        what = "is not a file" if path.exists() else "does not exist"
+        raise FaceAttrError(f"pretrained weights file {path} {what}")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
