@@ -263,6 +263,10 @@ def test_a_finished_run_resumed_stays_finished_if_cut_short(trained_run, dataset
     summary = train_run(data, TrainConfig(), run, cpu, resume=True)
     assert summary["status"] == "complete" and summary["resumed"] == 1
     assert json.loads((run / "run.json").read_text()) == json.loads(json.dumps(summary))
+    # Its time is this invocation's, as the report says: not a whole run's, next to fold times
+    # that count every invocation that trained them.
+    assert "<td>whole run</td>" in (trained_run / "report.html").read_text()
+    assert "<td>its last invocation (resumed 1 time)</td>" in (run / "report.html").read_text()
 
 
 def test_what_a_run_left_without_its_run_json_is_no_part_of_a_new_run(

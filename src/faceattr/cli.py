@@ -169,6 +169,7 @@ def run_train(dataset, args: argparse.Namespace) -> int:
         f"  {percent(nested['hter'])} with each fold's threshold chosen on the other folds; "
         f"{percent(summary['oof_at_0.5']['hter'])} at 0.5; EER {percent(summary['eer'])}, "
         f"AUC {summary['auc']:.4f}; {summary['timings']['total_s']:.1f}s"
+        f"{' (this invocation: the run was resumed)' if summary['resumed'] else ''}"
     )
     print(f"wrote {args.out}/: models/, oof.csv, folds.csv, run.json, fold_K/, evaluation/")
     print(f"report: {Path(args.out) / 'report.html'}")

@@ -225,5 +225,10 @@ def _timings(s: dict) -> str:
     t = s.get("timings", {})
     rows = [["decode images", f"{t.get('decode_s', 0):.1f} s"]]
     rows += [[f"train fold {i}", f"{x:.1f} s"] for i, x in enumerate(t.get("folds_s", []), 1)]
-    rows += [["whole run", f"{t.get('total_s', 0):.1f} s"]]
+    # A resumed run's folds count the time of every invocation that trained them; total_s, the
+    # last invocation's only: its decode and the folds it trained (or finished), no whole run.
+    resumed = s.get("resumed", 0)
+    times = f"{resumed} time{'s' if resumed > 1 else ''}"
+    whole = f"its last invocation (resumed {times})" if resumed else "whole run"
+    rows += [[whole, f"{t.get('total_s', 0):.1f} s"]]
     return section("Timings", table(["step", "time"], rows))
