@@ -88,3 +88,26 @@ def test_missing_or_broken_models_are_user_errors(tmp_path):
     (tmp_path / "fold_1.json").write_text(json.dumps({"arch": "simple"}))
     with pytest.raises(FaceAttrError, match="cannot load"):
         load_fold_models(tmp_path)
+
+
+def test_a_fold_model_from_another_run_is_refused(trained_run, tmp_path):
+    """Nothing had tied a fold model to its run: one copied in from another run (of the same
+    model, or another) joined the ensemble at this run's threshold. ensemble.json keeps each
+    fold model's sha256."""
+    import shutil
+
+    from faceattr.checkpoints import load_ensemble_settings
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    models = load_fold_models(run / "models")
+    assert load_ensemble_settings(run / "models", models)["folds"] == [1, 2]
+    torch.manual_seed(1)
+    save_fold_model(run / "models", 2, create_model("simple"), models[1].config)  # another's
+    with pytest.raises(FaceAttrError, match=r"fold_2.safetensors is not the model this run"):
+        load_ensemble_settings(run / "models", load_fold_models(run / "models"))
+    # A run from before the digests were kept: no check, as before.
+    settings = json.loads((run / "models" / "ensemble.json").read_text())
+    del settings["sha256"]
+    (run / "models" / "ensemble.json").write_text(json.dumps(settings))
+    load_ensemble_settings(run / "models", load_fold_models(run / "models"))

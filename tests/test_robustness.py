@@ -615,6 +615,7 @@ DAMAGED_RUNS = {
         ('{"tta": "no"}', "tta must be true or false, got 'no'"),
         ('{"vote": "sofft"}', "vote must be one of majority, soft, got 'sofft'"),
         ('{"threshold": 1.5}', "threshold must be in [0, 1], got 1.5"),
+        ('{"sha256": ["abc"]}', "sha256 must map folds to digests, got ['abc']"),
     ],
     "fold_1.json": [
         ("[1]", "fold_1.json does not hold a fold's settings"),

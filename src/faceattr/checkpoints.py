@@ -5,6 +5,7 @@ Nothing is ever unpickled, so loading a model someone hands you cannot run their
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -46,6 +47,16 @@ def save_fold_model(models_dir: str | Path, fold: int, model: nn.Module, config:
         _save_file(state, tmp, weights, meta)
     write_json(models_dir / f"fold_{fold}.json", {"fold": fold, **config})
     return weights
+
+
+def weights_digest(weights: Path) -> str:
+    """The sha256 of a fold model's file: ensemble.json holds each, so that a fold model from
+    another run (of the same model or not) cannot join this run's ensemble unseen."""
+    digest = hashlib.sha256()
+    with open(weights, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _save_file(tensors: dict, tmp: Path, target: Path, meta: dict) -> None:
@@ -135,6 +146,7 @@ def load_ensemble_settings(models_dir: str | Path, models: list[FoldModel]) -> d
         if not isinstance(saved, dict):
             raise FaceAttrError(f"{path} does not hold the ensemble's settings")
         settings.update(saved)
+        _check_digests(Path(models_dir), folds, saved.get("sha256"), path)
     else:
         path = Path(models_dir) / f"fold_{models[0].fold}.json"
         run = Path(models_dir).parent
@@ -154,6 +166,22 @@ def load_ensemble_settings(models_dir: str | Path, models: list[FoldModel]) -> d
             *(models_dir, len(folds), checked["threshold"]),
         )
     return checked
+
+
+def _check_digests(models_dir: Path, folds: list[int], digests: object, path: Path) -> None:
+    """Refuse a fold model that is not the one the run trained (ensemble.json's `digests`; a
+    run from before they were kept has none)."""
+    if digests is None:
+        return
+    if not (isinstance(digests, dict) and all(isinstance(d, str) for d in digests.values())):
+        raise FaceAttrError(f"{path}: sha256 must map folds to digests, got {digests!r}")
+    for fold in folds:
+        weights = models_dir / f"fold_{fold}.safetensors"
+        if weights_digest(weights) != digests.get(str(fold)):
+            raise FaceAttrError(
+                f"{weights} is not the model this run trained (its sha256 is not the one {path} "
+                "holds): a fold model from another run, or one changed since"
+            )
 
 
 def _finished_run_folds(run_json: Path, found: list[int]) -> list[int] | None:

@@ -26,7 +26,7 @@ import torch
 from faceattr import plots
 from faceattr.batches import DeviceImages
 from faceattr.cache import load_images
-from faceattr.checkpoints import remove_training_state, save_fold_model
+from faceattr.checkpoints import remove_training_state, save_fold_model, weights_digest
 from faceattr.data import Dataset, ImageSet
 from faceattr.decode import SKIP_HINT
 from faceattr.distributed import SINGLE, Ranks
@@ -323,6 +323,10 @@ def _finish_run(
             "vote": "soft",
             "tta": cfg.tta,
             "folds": list(range(1, cfg.folds + 1)),
+            "sha256": {
+                str(k): weights_digest(out / "models" / f"fold_{k}.safetensors")
+                for k in range(1, cfg.folds + 1)
+            },
         },
     )
     write_csv(
