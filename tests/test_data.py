@@ -1,4 +1,5 @@
 import os
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -115,6 +116,8 @@ def test_folder_with_one_top_folder(tmp_path):
 
 def test_labels_accept_crlf_and_trailing_blank_lines():
     assert parse_labels("0\r\n1\r\n1\r\n\r\n\n", "x").tolist() == [0, 1, 1]
+    # "\r\n" written in text mode on Windows is "\r\r\n": one line end, not a blank line.
+    assert parse_labels("0\r\r\n1\r\r\n1\r\r\n", "x").tolist() == [0, 1, 1]
 
 
 @pytest.mark.parametrize(
@@ -275,6 +278,55 @@ def test_not_a_dataset(tmp_path):
     zipfile.ZipFile(broken, "w").close()
     with pytest.raises(FaceAttrError, match="expected train_img/"):
         load_dataset(broken)
+
+
+def test_what_is_no_dataset_is_named_as_what_it_is(tmp_path):
+    for where in (Path(os.devnull), tmp_path / "fifo.zip"):  # not read: a pipe waits forever
+        if where.name == "fifo.zip":
+            os.mkfifo(where)
+        with pytest.raises(FaceAttrError, match=r"neither a folder nor a \.zip"):
+            load_dataset(where)
+    make_layout(tmp_path / "d", [0, 1])
+    shutil.rmtree(tmp_path / "d" / "val_img")
+    (tmp_path / "d" / "val_img").write_text("a file")
+    with pytest.raises(FaceAttrError, match=r"image folder .*val_img is not a folder"):
+        numbered_images(open_source(tmp_path / "d"), "val_img")
+
+
+def test_a_zip_whose_directory_is_damaged_is_one_line(tmp_path):
+    """zipfile raises more than BadZipFile for a damaged central directory: a name flagged UTF-8
+    that is not (UnicodeDecodeError), a "version needed" it does not know (NotImplementedError)."""
+    import struct
+
+    make_layout(tmp_path / "d", [0, 1])
+    good = tmp_path / "good.zip"
+    with zipfile.ZipFile(good, "w") as z:
+        for path in sorted((tmp_path / "d").rglob("*")):
+            z.write(path, path.relative_to(tmp_path / "d"))
+        z.writestr("readme_\u00e9.txt", b"x")  # flagged UTF-8
+    data = good.read_bytes()
+    bad_name = data.replace("readme_\u00e9".encode(), b"readme_\xe9\xe9")
+    version = bytearray(data)
+    struct.pack_into("<H", version, version.find(b"PK\x01\x02") + 6, 64)  # needs 6.4
+    for name, damaged in (("name.zip", bad_name), ("version.zip", bytes(version))):
+        (tmp_path / name).write_bytes(damaged)
+        with pytest.raises(FaceAttrError, match=rf"{name} is not a readable zip file"):
+            load_dataset(tmp_path / name)
+
+
+def test_a_path_not_in_utf8_is_read_cached_and_reported(tmp_path):
+    """A folder named in Latin-1 (an old USB stick's) reaches Python with surrogate escapes,
+    which the cache's fingerprint and the report's writing had refused with a traceback."""
+    from faceattr.cache import load_images
+    from faceattr.outputs import write_text
+
+    where = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9"))
+    make_layout(where, [0, 1, 1])
+    images = load_dataset(where).train
+    assert load_images(images, tmp_path / "cache").cache == "miss"
+    assert load_images(images, tmp_path / "cache").cache == "hit"
+    write_text(tmp_path / "report.html", f"<p>{where}</p>")
+    assert "caf\\udce9" in (tmp_path / "report.html").read_text()
 
 
 def test_a_member_the_zip_cannot_give_is_named(tmp_path):

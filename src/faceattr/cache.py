@@ -32,6 +32,7 @@ from faceattr.outputs import NO_ROOM, atomic_path, ensure_writable_dir, refuse_i
 log = logging.getLogger("faceattr")
 
 CACHE_VERSION = 1  # bump when decoding changes what lands in the array
+PATHS = "surrogateescape"  # a path not in UTF-8 (a Latin-1 name) is hashed as its bytes
 
 
 def default_cache_dir() -> Path:
@@ -61,12 +62,12 @@ def fingerprint(images: ImageSet, extra: bytes = b"") -> str:
     h = hashlib.sha256()
     source = Path(images.source.path).resolve()
     h.update(f"faceattr-cache v{CACHE_VERSION} {SIZE} {decoder_versions()}\n".encode())
-    h.update(f"{source} {images.folder}\n".encode())
+    h.update(f"{source} {images.folder}\n".encode(errors=PATHS))
     if source.is_file():  # a zip: its members' CRCs are its directory's word, not their bytes'
         st = source.stat()  # a zip rewritten with a damaged member keeps them, not its times
         h.update(f"{st.st_size} {st.st_mtime_ns} {st.st_ino} {st.st_ctime_ns}\n".encode())
     for rel in images.paths():
-        h.update(f"{rel} {images.source.stat(rel)}\n".encode())
+        h.update(f"{rel} {images.source.stat(rel)}\n".encode(errors=PATHS))
     h.update(extra)
     return h.hexdigest()[:32]
 
@@ -98,8 +99,9 @@ def _image_set(images: ImageSet, extra: bytes) -> str:
     """Which image set an entry holds, whatever version of its files: their place and names, and
     the caller's extra bytes (two label files for one folder, two attributes, keep an entry each
     rather than replace each other's at every switch)."""
-    h = hashlib.sha256(f"{Path(images.source.path).resolve()} {images.folder}\n".encode())
-    h.update("\n".join(images.paths()).encode())
+    where = f"{Path(images.source.path).resolve()} {images.folder}\n"
+    h = hashlib.sha256(where.encode(errors=PATHS))
+    h.update("\n".join(images.paths()).encode(errors=PATHS))
     h.update(extra)
     return h.hexdigest()[:32]
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import codecs
 import logging
 import os
+import re
 import threading
 import zipfile
 import zlib
@@ -108,7 +109,9 @@ class ZipSource:
         self.path = path
         try:
             self.zip = zipfile.ZipFile(path)
-        except (zipfile.BadZipFile, OSError) as e:
+        # A damaged central directory: a name flagged UTF-8 that is not (UnicodeDecodeError, a
+        # ValueError), a "version needed" above 6.3 (NotImplementedError), a record cut short.
+        except (zipfile.BadZipFile, OSError, NotImplementedError, ValueError, EOFError) as e:
             raise FaceAttrError(f"{path} is not a readable zip file ({e})") from None
         self._lock = threading.Lock()  # one file handle: reads from two threads must not interleave
         self._files: dict[str, list[str]] = {}
@@ -187,8 +190,15 @@ def open_source(path: str | Path) -> Source:
     if path.is_dir():
         return FolderSource(path)
     if path.is_file():
+        try:  # is_zipfile says False for a file it cannot open: name why
+            with open(path, "rb"):
+                pass
+        except OSError as e:
+            raise FaceAttrError(f"{path}: cannot be read ({e.strerror or e})") from None
         if zipfile.is_zipfile(path):
             return ZipSource(path)
+        raise FaceAttrError(f"{path} is neither a folder nor a .zip file")
+    if path.exists():  # a named pipe, a device: not read, they could wait forever
         raise FaceAttrError(f"{path} is neither a folder nor a .zip file")
     raise FaceAttrError(f"{path} does not exist")
 
@@ -205,7 +215,8 @@ def parse_labels(text: str, where: str) -> np.ndarray:
     blank lines are accepted with a warning, anything else is refused."""
     if "\r" in text:
         log.warning("%s has Windows (CRLF) or old Mac (CR) line endings; reading it anyway", where)
-    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    # "\r\r\n" too: "\r\n" written in text mode on Windows, one line end, not two.
+    lines = re.sub("\r+\n", "\n", text).replace("\r", "\n").split("\n")
     blank = 0
     while lines and not lines[-1].strip():
         lines.pop()
@@ -273,7 +284,8 @@ def numbered_images(source: Source, folder: str) -> ImageSet:
     """The images of `folder`, checked to be numbered 1..N without gaps or duplicates."""
     where = source.describe(folder)
     if not source.is_dir(folder):
-        raise FaceAttrError(f"image folder {where} does not exist")
+        state = "is not a folder" if source.exists(folder) else "does not exist"
+        raise FaceAttrError(f"image folder {where} {state}")
     files, others = source.scan(folder)
     odd = sorted(n for n in others if _is_image(n))
     if odd:  # a folder left out silently, or a pipe's image taken for a gap in the numbering

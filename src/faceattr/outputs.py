@@ -78,7 +78,7 @@ def _running(pid: int) -> bool:
 def write_text(target: str | Path, text: str) -> Path:
     """Atomically write `text` to `target`."""
     with atomic_path(target) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8", errors="backslashreplace")  # a Latin-1 path
     return Path(target)
 
 
