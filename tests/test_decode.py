@@ -124,11 +124,14 @@ print(sorted(audit.damaged))
 
 def test_a_python_warning_while_decoding_is_shown_not_taken_for_damage(tmp_path):
     """Python writes its warnings to fd 2 as well: while libjpeg's messages are caught there,
-    they are held back, then shown as usual (a process of its own: pytest captures warnings)."""
-    write_image(tmp_path / "v" / "1.jpg", (1, 2, 3))
+    they are held back, then shown (a process of its own: pytest captures warnings): once, as
+    the first image that gave it, not as PIL's source line, which had been named instead."""
+    for i in (1, 2, 3):
+        write_image(tmp_path / "v" / f"{i}.jpg", (1, 2, 3))
     result = run_python("-c", WARNS_WHILE_DECODING, str(tmp_path))
     assert result.returncode == 0 and result.stdout == "[]\n", result.stderr
-    assert "UserWarning: a decoder's own warning" in result.stderr
+    said = f"{tmp_path / 'v' / '1.jpg'}: a decoder's own warning (and 2 more)"
+    assert result.stderr.splitlines() == [said], result.stderr
 
 
 def test_other_sizes_and_modes_are_converted():
@@ -159,6 +162,19 @@ def test_corrupt_image_is_named(tmp_path):
     (tmp_path / "v" / "1.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     with pytest.raises(FaceAttrError, match=r"1\.jpg: cannot decode image"):
         decode_images(numbered_images(open_source(tmp_path), "v"))
+
+
+def test_a_file_pil_reads_as_another_format_it_cannot_decode_is_named():
+    """PIL tells the format by content: a file that begins like a Blizzard texture with an
+    unknown compression raised BLPFormatError, a NotImplementedError, past the catch."""
+    import struct
+
+    buffer = io.BytesIO()
+    Image.new("P", (64, 64)).save(buffer, format="BLP")
+    blp = bytearray(buffer.getvalue())
+    struct.pack_into("<I", blp, 4, 64001)  # its compression
+    with pytest.raises(FaceAttrError, match=r"x\.jpg: cannot decode image \(Unknown BLP"):
+        decode_image(bytes(blp), "x.jpg")
 
 
 def test_high_bit_depth_grey_is_scaled_not_clipped():

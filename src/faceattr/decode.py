@@ -53,6 +53,8 @@ class Audit:
     bad: dict[int, str] = field(default_factory=dict)  # index -> why it could not be decoded
     # index -> what libjpeg said of an image it decoded all the same ("Corrupt JPEG data: ...")
     damaged: dict[int, str] = field(default_factory=dict)
+    # index -> (the image, a warning Python's libraries gave while decoding it: PIL's, say)
+    warned: dict[int, tuple[str, str]] = field(default_factory=dict)
 
     def add(self, size: tuple[int, int], mode: str) -> None:
         self.sizes[f"{size[0]}x{size[1]}"] += 1
@@ -67,6 +69,7 @@ class Audit:
         self.converted += other.converted
         self.bad.update(other.bad)
         self.damaged.update(other.damaged)
+        self.warned.update(other.warned)
 
     def to_dict(self) -> dict:
         return {
@@ -76,14 +79,16 @@ class Audit:
             "converted": self.converted,
             "bad": {str(i): why for i, why in sorted(self.bad.items())},
             "damaged": {str(i): why for i, why in sorted(self.damaged.items())},
+            "warned": {str(i): list(said) for i, said in sorted(self.warned.items())},
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> Audit:
         bad = {int(i): why for i, why in d.get("bad", {}).items()}
         damaged = {int(i): why for i, why in d.get("damaged", {}).items()}
+        warned = {int(i): tuple(said) for i, said in d.get("warned", {}).items()}
         counts = (Counter(d["sizes"]), Counter(d["modes"]), d["resized"], d["converted"])
-        return cls(*counts, bad, damaged)
+        return cls(*counts, bad, damaged, warned)
 
     def check(self, skip_bad: bool, hint: str = "") -> None:
         """Stop at images that could not be decoded, or, with `skip_bad`, warn about them.
@@ -109,6 +114,10 @@ class Audit:
                 len(self.damaged),
                 first_and_more(self.damaged),
             )
+        for text in dict.fromkeys(text for _, text in self.warned.values()):  # a line for each
+            images = [where for _, (where, said) in sorted(self.warned.items()) if said == text]
+            more = f" (and {len(images) - 1} more)" if len(images) > 1 else ""
+            log.warning("%s: %s%s", images[0], text, more)
         if self.resized or self.converted:
             log.warning(
                 "%s: %d images resized to %dx%d, %d converted to RGB",
@@ -160,6 +169,8 @@ _UNDECODABLE = (
     OSError,
     SyntaxError,
     ValueError,
+    NotImplementedError,  # BLPFormatError: a file that begins like a Blizzard texture
+    EOFError,
 )
 
 
@@ -259,23 +270,23 @@ def _libjpeg_messages() -> Iterator[Callable[[], str]]:
 
 def _decode_range(source: Source, paths: list[str], out: np.ndarray, start: int, end: int) -> Audit:
     audit = Audit()
-    # Python's warnings (PIL's, say) are held back while stderr is libjpeg's, then shown.
-    with (
-        warnings.catch_warnings(record=True) as held,
-        _quiet_torchvision(),
-        _libjpeg_messages() as printed,
-    ):
-        for i in range(start, end):
-            where = source.describe(paths[i])
-            try:
-                audit.add(*decode_into(source.read(paths[i]), where, out[i]))
-            except FaceAttrError as e:  # collected, so that every broken file can be named
-                out[i] = 0
-                audit.bad[i] = str(e)
-            if said := " ".join(printed().split()):
-                audit.damaged[i] = f"{where}: {said}"
-    for w in held:
-        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    # Python's warnings (PIL's, say) are held back while stderr is libjpeg's, then told as the
+    # image's (`Audit.warn`): shown as such, they had named their library's source line instead.
+    with warnings.catch_warnings(record=True) as held:
+        warnings.simplefilter("always")  # each image's, not the first's only
+        with _quiet_torchvision(), _libjpeg_messages() as printed:
+            for i in range(start, end):
+                where = source.describe(paths[i])
+                seen = len(held)
+                try:
+                    audit.add(*decode_into(source.read(paths[i]), where, out[i]))
+                except FaceAttrError as e:  # collected, so that every broken file can be named
+                    out[i] = 0
+                    audit.bad[i] = str(e)
+                if said := " ".join(printed().split()):
+                    audit.damaged[i] = f"{where}: {said}"
+                for w in held[seen:]:
+                    audit.warned[i] = (where, " ".join(str(w.message).split()))
     return audit
 
 
