@@ -38,3 +38,24 @@ def test_the_audit_counts_images_decoded_despite_damage(dataset_dir, tmp_path):
     summary = explore(load_dataset(data, need="any"), tmp_path / "ex")
     assert list(summary["test_audit"]["damaged"]) == ["0"] and not summary["train_audit"]["damaged"]
     assert format_summary(summary).endswith("0 converted, 1 decoded despite damage")
+
+
+def test_explore_refuses_before_decoding_what_it_would_stop_at(dataset_dir, tmp_path):
+    """A --cache in the test images' folder had been found only once the training images were
+    cached there (their .npy among the test images) and two pictures drawn; a folder in the
+    place of explore.json only after every image was decoded."""
+    import pytest
+
+    from faceattr.errors import FaceAttrError
+
+    data = tmp_path / "data"
+    shutil.copytree(dataset_dir, data)
+    before = sorted(p.name for p in (data / "val_img").iterdir())
+    with pytest.raises(FaceAttrError, match=r"--cache .*val_img is inside the image folder"):
+        explore(load_dataset(data, need="any"), tmp_path / "ex", cache=data / "val_img")
+    assert sorted(p.name for p in (data / "val_img").iterdir()) == before
+    assert not (tmp_path / "ex").exists()
+    (tmp_path / "ex2" / "explore.json").mkdir(parents=True)
+    with pytest.raises(FaceAttrError, match=r"explore.json: it exists and is not a regular file"):
+        explore(load_dataset(data, need="any"), tmp_path / "ex2")
+    assert [p.name for p in (tmp_path / "ex2").iterdir()] == ["explore.json"]

@@ -298,3 +298,14 @@ def test_what_a_run_left_without_its_run_json_is_no_part_of_a_new_run(
     assert (run / "models" / "fold_1.safetensors").read_bytes() != before[
         run / "models" / "fold_1.safetensors"
     ]
+
+
+def test_a_cache_among_the_test_images_is_refused_before_training(dataset_dir, tmp_path):
+    """Only the training images' own folder had been checked: their cache entry then joined the
+    test images, which every later command warned of."""
+    cfg = TrainConfig(arch="simple", folds=2, epochs=1, cache=str(dataset_dir / "val_img"))
+    data = load_dataset(dataset_dir, need="any")
+    with pytest.raises(FaceAttrError, match=r"--cache .*val_img is inside the image folder"):
+        train_run(data, cfg, tmp_path / "run", torch.device("cpu"))
+    assert not (tmp_path / "run").exists()
+    assert all(p.suffix == ".jpg" for p in (dataset_dir / "val_img").iterdir())

@@ -7,7 +7,10 @@ from pathlib import Path
 from faceattr import plots
 from faceattr.cache import load_images
 from faceattr.data import Dataset
+from faceattr.errors import FaceAttrError
 from faceattr.outputs import ensure_writable_dir, refuse_inside, write_json
+
+OUTPUTS = ("explore.json", "class_balance.png", "samples.png", "audit.png")
 
 
 def imbalance_verdict(counts: dict[int, int]) -> str:
@@ -37,7 +40,12 @@ def explore(
     Images are decoded through the same cache as `train` and `predict`, which then find them.
     """
     refuse_inside(out, dataset.image_folders(), "--out")
+    if cache is not None:  # every part's folder, before the first part is decoded and drawn
+        refuse_inside(cache, dataset.image_folders(), "--cache")
     out = ensure_writable_dir(out)
+    for name in OUTPUTS:  # a folder in the way is found now, not after decoding every image
+        if (out / name).exists() and not (out / name).is_file():
+            raise FaceAttrError(f"cannot write {out / name}: it exists and is not a regular file")
     summary: dict = {"data": dataset.where}
     if dataset.train is not None and dataset.labels is not None:
         labels = dataset.labels

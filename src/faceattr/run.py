@@ -109,6 +109,8 @@ def train_run(
     check_writable(out)
     _check_folders(out, cfg.folds)
     _check_apart(out, dataset)
+    if cfg.cache is not None:  # the training images' cache among the test images, say
+        refuse_inside(cfg.cache, dataset.image_folders(), "--cache")
     create_model(cfg.arch, cfg.pretrained)  # a missing or wrong weights file fails here, not later
     if cfg.compile:
         check_compiler(device)
