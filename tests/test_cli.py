@@ -5,6 +5,7 @@ A command's refusals, once one is seen from a real process, are checked in this 
 
 import csv
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -167,6 +168,14 @@ def test_evaluate(dataset_dir, tmp_path):
     assert_user_error(
         here("evaluate", "--pred", str(pred), "--truth", str(truth)), "has 2 lines but", "has 40"
     )
+    # --scores that is no file: a named pipe had waited for a writer forever.
+    os.mkfifo(tmp_path / "fifo")
+    pred.write_text("".join(f"{v}\n" for v in flipped))
+    for scores, said in ((tmp_path / "fifo", "is not a file"), (tmp_path / "no", "does not exist")):
+        result = here(
+            "evaluate", "--pred", str(pred), "--truth", str(truth), "--scores", str(scores)
+        )
+        assert_user_error(result, f"--scores {scores} {said}")
 
 
 def test_evaluate_a_labelled_test_set_with_pictures(trained_run, dataset_dir, tmp_path):

@@ -270,6 +270,9 @@ def read_scores(path: str | Path, n: int) -> tuple[np.ndarray, float]:
     """The ensemble scores of a predictions.csv, and the threshold its labels imply."""
     import numpy as np
 
+    if not Path(path).is_file():  # a named pipe would wait for a writer forever
+        state = "is not a file" if Path(path).exists() else "does not exist"
+        raise FaceAttrError(f"--scores {path} {state}")
     try:
         with open(path) as f:
             rows = list(csv.DictReader(f))
