@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_python, with_stray_bytes, write_image
+from conftest import assert_user_error, run_python, with_stray_bytes, write_image
 from faceattr import decode
 from faceattr.data import load_dataset, numbered_images, open_source
 from faceattr.decode import decode_image, decode_images
@@ -77,6 +77,29 @@ def test_an_error_in_a_worker_reaches_the_user(dataset_dir, tmp_path, monkeypatc
     monkeypatch.setattr(decode, "PARALLEL_FROM", 16)
     with pytest.raises(FaceAttrError, match=r"50\.jpg: cannot decode image"):
         decode_images(numbered_images(open_source(tmp_path), "imgs"), workers=2)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="worker processes decode on Linux only")
+def test_a_worker_that_dies_is_one_line_not_a_wait_forever(dataset_dir, tmp_path):
+    """multiprocessing's Pool replaced a worker killed midway (the OOM killer's, a decoder's
+    crash) and waited forever for its chunk; SIGTERM did not end that either."""
+    script = """
+import os, signal, sys
+from faceattr import cli, decode
+decode.CHUNK, decode.PARALLEL_FROM = 8, 16  # worker processes, even for a small set
+task = decode._worker_task
+def dies(chunk):
+    if chunk[0] == 48:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return task(chunk)
+decode._worker_task = dies
+sys.exit(cli.main(["explore", sys.argv[1], "--out", sys.argv[2], "--no-cache", "-q"]))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(dataset_dir), str(tmp_path / "ex")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert_user_error(result, "a process decoding the images died")
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -20,7 +20,9 @@ import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -308,6 +310,29 @@ def _worker_task(bounds: tuple[int, int]) -> Audit:
     return _decode_range(_JOB["source"], _JOB["paths"], _JOB["out"], *bounds)
 
 
+def _in_workers(workers: int, chunks: list[tuple[int, int]]) -> Iterator[Audit]:
+    """Each chunk's audit, decoded by `workers` forked processes, as they finish. A worker that
+    dies (killed for memory, say) is one line: multiprocessing's Pool would wait for its chunk
+    forever, an executor says it is broken."""
+    # Forked with Ctrl-C blocked, so no worker sees it before it ignores it; one meant for this
+    # process arrives as the block ends, and the chunks not begun are then dropped.
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        pool = ProcessPoolExecutor(workers, mp.get_context("fork"), initializer=_worker_init)
+        futures = [pool.submit(_worker_task, chunk) for chunk in chunks]  # they fork here
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    try:
+        for future in as_completed(futures):
+            yield future.result()
+    except BrokenProcessPool:
+        raise FaceAttrError(
+            "a process decoding the images died (out of memory?); --workers 1 decodes in this one"
+        ) from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def shared_array(n: int) -> np.ndarray:
     """An (n, 64, 64, 3) uint8 array in shared anonymous memory, writable by forked workers."""
     shape = (n, SIZE, SIZE, 3)
@@ -349,19 +374,9 @@ def decode_images(
             # fork, as DataLoader does: workers start at once and share `out` with the parent.
             _JOB.update(path=images.source.path, paths=paths, out=out)
             jpeg_decoder()  # imported once here, not once in every worker
-            try:
-                # Forked with Ctrl-C blocked, so no worker sees it before it ignores it; one
-                # meant for this process arrives as the block ends, inside `with`, which then
-                # ends the workers.
-                previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-                try:
-                    pool = mp.get_context("fork").Pool(workers, initializer=_worker_init)
-                except BaseException:
-                    signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-                    raise
-                with pool:
-                    signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-                    for part in pool.imap_unordered(_worker_task, chunks):
+            try:  # closed as it ends, however: a traceback would keep the workers otherwise
+                with closing(_in_workers(workers, chunks)) as parts:
+                    for part in parts:
                         audit.merge(part)
                         shown.update(sum(part.sizes.values()) + len(part.bad))
             finally:
