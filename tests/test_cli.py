@@ -168,6 +168,11 @@ def test_evaluate(dataset_dir, tmp_path):
     assert_user_error(
         here("evaluate", "--pred", str(pred), "--truth", str(truth)), "has 2 lines but", "has 40"
     )
+    # --plots or --images without --scores: nothing to draw, which had gone without a word.
+    for given in (["--plots", str(tmp_path / "ev")], ["--images", str(dataset_dir)]):
+        result = here("evaluate", "--pred", str(pred), "--truth", str(truth), *given)
+        assert_user_error(result, f"{given[0]}: there are plots only with --scores")
+    assert not (tmp_path / "ev").exists()
     # --scores that is no file: a named pipe had waited for a writer forever.
     os.mkfifo(tmp_path / "fifo")
     pred.write_text("".join(f"{v}\n" for v in flipped))

@@ -227,6 +227,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from faceattr.ensemble import with_interval
     from faceattr.metrics import auc, equal_error_rate, scores_to_labels
 
+    lonely = [f"--{o}" for o in ("plots", "images") if getattr(args, o) and not args.scores]
+    if lonely:  # they would be left unused without a word
+        raise FaceAttrError(
+            f"{' and '.join(lonely)}: there are plots only with --scores (the predictions.csv "
+            "beside --pred); give it too"
+        )
+    args.plots = args.plots or "evaluation"
     pred, truth = read_labels(args.pred), read_labels(args.truth)
     if len(set(truth.tolist())) < 2:
         raise FaceAttrError(
@@ -527,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--scores", type=path, help="the predictions.csv beside --pred: adds AUC, EER and plots"
     )
     p.add_argument(
-        "--plots", type=path, default="evaluation", help="folder for the plots (with --scores)"
+        "--plots", type=path, help="folder for the plots (with --scores; default: evaluation)"
     )
     p.add_argument(
         "--images", type=path, help="the test images (dataset or folder): adds the worst errors"
