@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from faceattr.checkpoints import load_fold_models
+from faceattr.checkpoints import load_fold_models, weights_digest
 from faceattr.data import load_dataset
 from faceattr.errors import FaceAttrError
 from faceattr.metrics import best_threshold, error_rates
@@ -53,6 +53,9 @@ def test_train_run_writes_the_whole_run(trained_run, dataset_dir):
         "vote": "soft",
         "tta": True,
         "folds": [1, 2],
+        "sha256": {
+            str(k): weights_digest(run / "models" / f"fold_{k}.safetensors") for k in (1, 2)
+        },
     }
     folds = list(csv.DictReader((run / "folds.csv").open()))
     assert [int(r["fold"]) for r in folds] == [int(r["fold"]) for r in oof]  # both from 1
