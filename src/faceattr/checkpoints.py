@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from faceattr.ensemble import VOTES
 from faceattr.errors import FaceAttrError, first_line
 from faceattr.models import create_model
 from faceattr.outputs import atomic_path, write_json
-from faceattr.runfolder import ASIDE, REPLACED, REPLACEMENT, existing_run
+from faceattr.runfolder import ASIDE, REPLACED, REPLACEMENT, existing_run, fold_files
 
 log = logging.getLogger("faceattr")
 
@@ -67,16 +66,6 @@ def _save_file(tensors: dict, tmp: Path, target: Path, meta: dict) -> None:
         raise FaceAttrError(f"cannot write {target}: {first_line(e)}") from None
 
 
-def fold_files(folder: Path, suffix: str) -> list[tuple[int, Path]]:
-    """The `fold_K<suffix>` files of a folder with their fold numbers, in numeric order."""
-    pattern = re.compile(rf"fold_(\d+){re.escape(suffix)}")
-    return sorted(
-        (int(m.group(1)), p)
-        for p in folder.glob(f"fold_*{suffix}")
-        if (m := pattern.fullmatch(p.name))
-    )
-
-
 def load_fold_models(models_dir: str | Path) -> list[FoldModel]:
     """Every fold model of a run's models folder, in fold order, in eval mode on the CPU."""
     models_dir = Path(models_dir)
@@ -86,12 +75,11 @@ def load_fold_models(models_dir: str | Path) -> list[FoldModel]:
             f"{run} is half replaced by another run (a train --overwrite was killed while it "
             f"moved that run in): faceattr train DATA --out {run} finishes that first"
         )
-    found = fold_files(models_dir, ".safetensors") if models_dir.is_dir() else []
+    found = fold_files(models_dir, ".safetensors")
     if not found:
         _finished_run_folds(run / "run.json", [])  # a run before its first fold: say so
-    if not models_dir.is_dir():
-        raise FaceAttrError(f"model folder {models_dir} does not exist")
-    if not found:
+        if not models_dir.is_dir():
+            raise FaceAttrError(f"model folder {models_dir} does not exist")
         raise FaceAttrError(f"{models_dir} holds no fold_K.safetensors model")
     described = {fold for fold, _ in fold_files(models_dir, ".json")}
     missing = sorted(described - {fold for fold, _ in found})

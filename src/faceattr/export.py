@@ -16,15 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from faceattr.checkpoints import (
-    checked_settings,
-    fold_files,
-    load_ensemble_settings,
-    load_fold_models,
-)
+from faceattr.checkpoints import checked_settings, load_ensemble_settings, load_fold_models
 from faceattr.ensemble import batches_side_by_side, inference_batch_size
 from faceattr.errors import FaceAttrError, first_line
 from faceattr.outputs import atomic_path, ensure_writable_dir, write_json
+from faceattr.runfolder import fold_files
 
 PREPROCESSING = {
     "input": "images",

@@ -35,7 +35,6 @@ RUN_CONTENTS = ("run.json", "folds.csv", "oof.csv", "report.html", *RUN_FOLDERS)
 REPLACEMENT = ".replacement"  # where --overwrite trains the run that replaces OUT's
 ASIDE = ".replacing"  # where the old run's files go as they move out; then renamed...
 REPLACED = ".replaced"  # ...this, once they all have: now the new run's files move in
-MODEL_FILE = r"fold_\d+\.(safetensors|json)"  # a fold's model in RUN/models/, as predict finds it
 READERS_WAIT = 10.0  # s a train waits for readers of the run (predict) to let go of its lock
 
 
@@ -48,12 +47,22 @@ def run_paths(out: Path, staging: bool = True) -> list[Path]:
     return [*(out / name for name in (*RUN_CONTENTS, *staged)), *folds]
 
 
+def fold_files(folder: Path, suffix: str) -> list[tuple[int, Path]]:
+    """The `fold_K<suffix>` files of a folder with their fold numbers, in numeric order."""
+    pattern = re.compile(rf"fold_(\d+){re.escape(suffix)}")
+    return sorted(
+        (int(m.group(1)), p)
+        for p in folder.glob(f"fold_*{suffix}")
+        if (m := pattern.fullmatch(p.name))
+    )
+
+
 def remains(out: Path) -> list[Path]:
     """The files of a run whose run.json is gone (deleted, or lost) that a new run in `out`
     would take for its own: its folds (a finished one is kept, a saved state resumed), its fold
     models and ensemble settings (predict votes them) and predict's section of its report."""
     folds = [p for p in run_paths(out, staging=False) if p.name.startswith("fold_")]
-    models = [p for p in (out / "models").glob("fold_*.*") if re.fullmatch(MODEL_FILE, p.name)]
+    models = [p for kind in (".safetensors", ".json") for _, p in fold_files(out / "models", kind)]
     extra = (out / "models" / "ensemble.json", out / "prediction" / "prediction.json")
     return [*folds, *models, *(p for p in extra if p.is_file())]
 
