@@ -54,7 +54,8 @@ def test_train_run_writes_the_whole_run(trained_run, dataset_dir):
         "tta": True,
         "folds": [1, 2],
         "sha256": {
-            str(k): weights_digest(run / "models" / f"fold_{k}.safetensors") for k in (1, 2)
+            str(k): weights_digest((run / "models" / f"fold_{k}.safetensors").read_bytes())
+            for k in (1, 2)
         },
     }
     folds = list(csv.DictReader((run / "folds.csv").open()))

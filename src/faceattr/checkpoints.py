@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 from torch import nn
 
 from faceattr.ensemble import VOTES
@@ -32,6 +32,7 @@ class FoldModel:
     fold: int
     model: nn.Module
     config: dict
+    sha256: str  # of the file's bytes the model was loaded from
 
 
 def save_fold_model(models_dir: str | Path, fold: int, model: nn.Module, config: dict) -> Path:
@@ -48,14 +49,10 @@ def save_fold_model(models_dir: str | Path, fold: int, model: nn.Module, config:
     return weights
 
 
-def weights_digest(weights: Path) -> str:
+def weights_digest(raw: bytes) -> str:
     """The sha256 of a fold model's file: ensemble.json holds each, so that a fold model from
     another run (of the same model or not) cannot join this run's ensemble unseen."""
-    digest = hashlib.sha256()
-    with open(weights, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return hashlib.sha256(raw).hexdigest()
 
 
 def _save_file(tensors: dict, tmp: Path, target: Path, meta: dict) -> None:
@@ -99,8 +96,9 @@ def load_fold_models(models_dir: str | Path) -> list[FoldModel]:
             model = create_model(arch)
         except FaceAttrError as e:
             raise FaceAttrError(f"{config_path}: {e}") from None
-        try:
-            state = load_file(str(weights))
+        try:  # the bytes read once: the digest checked is that of the weights loaded
+            raw = weights.read_bytes()
+            state = load(raw)
         except Exception as e:  # a truncated or foreign file is the user's to fix
             raise FaceAttrError(f"cannot load {weights}: {first_line(e)}") from None
         try:
@@ -110,7 +108,7 @@ def load_fold_models(models_dir: str | Path) -> list[FoldModel]:
                 f"cannot load {weights}: its tensors are not those of the {arch} model "
                 f"{config_path.name} names"
             ) from None
-        loaded.append(FoldModel(fold, model.eval(), config))
+        loaded.append(FoldModel(fold, model.eval(), config, weights_digest(raw)))
     return loaded
 
 
@@ -134,7 +132,7 @@ def load_ensemble_settings(models_dir: str | Path, models: list[FoldModel]) -> d
         if not isinstance(saved, dict):
             raise FaceAttrError(f"{path} does not hold the ensemble's settings")
         settings.update(saved)
-        _check_digests(Path(models_dir), folds, saved.get("sha256"), path)
+        _check_digests(Path(models_dir), models, saved.get("sha256"), path)
     else:
         path = Path(models_dir) / f"fold_{models[0].fold}.json"
         run = Path(models_dir).parent
@@ -156,16 +154,16 @@ def load_ensemble_settings(models_dir: str | Path, models: list[FoldModel]) -> d
     return checked
 
 
-def _check_digests(models_dir: Path, folds: list[int], digests: object, path: Path) -> None:
+def _check_digests(models_dir: Path, models: list[FoldModel], digests: object, path: Path) -> None:
     """Refuse a fold model that is not the one the run trained (ensemble.json's `digests`; a
     run from before they were kept has none)."""
     if digests is None:
         return
     if not (isinstance(digests, dict) and all(isinstance(d, str) for d in digests.values())):
         raise FaceAttrError(f"{path}: sha256 must map folds to digests, got {digests!r}")
-    for fold in folds:
-        weights = models_dir / f"fold_{fold}.safetensors"
-        if weights_digest(weights) != digests.get(str(fold)):
+    for m in models:
+        if m.sha256 != digests.get(str(m.fold)):
+            weights = models_dir / f"fold_{m.fold}.safetensors"
             raise FaceAttrError(
                 f"{weights} is not the model this run trained (its sha256 is not the one {path} "
                 "holds): a fold model from another run, or one changed since"

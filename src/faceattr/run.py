@@ -326,7 +326,7 @@ def _finish_run(
             "tta": cfg.tta,
             "folds": list(range(1, cfg.folds + 1)),
             "sha256": {
-                str(k): weights_digest(out / "models" / f"fold_{k}.safetensors")
+                str(k): weights_digest((out / "models" / f"fold_{k}.safetensors").read_bytes())
                 for k in range(1, cfg.folds + 1)
             },
         },
