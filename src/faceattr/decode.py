@@ -116,8 +116,10 @@ class Audit:
                 len(self.damaged),
                 first_and_more(self.damaged),
             )
-        for text in dict.fromkeys(text for _, text in self.warned.values()):  # a line for each
-            images = [where for _, (where, said) in sorted(self.warned.items()) if said == text]
+        said: dict[str, list[str]] = {}  # a warning's text -> the images that gave it
+        for _, (where, text) in sorted(self.warned.items()):
+            said.setdefault(text, []).append(where)
+        for text, images in said.items():  # a line for each
             more = f" (and {len(images) - 1} more)" if len(images) > 1 else ""
             log.warning("%s: %s%s", images[0], text, more)
         if self.resized or self.converted:
