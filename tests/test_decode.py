@@ -35,6 +35,49 @@ def test_fast_jpeg_path_matches_pil():
         assert np.abs(fast.astype(int) - reference).max() <= 1
 
 
+def sideways(size: tuple[int, int], fmt: str, exif: bytes | None = None) -> bytes:
+    """A picture red along its top, saved with EXIF orientation 6: a viewer turns it 90°
+    clockwise, so upright its red is along the right-hand side."""
+    a = np.zeros((64, 64, 3), dtype=np.uint8)
+    a[:16, :, 0] = 255
+    if exif is None:
+        tags = Image.Exif()
+        tags[0x0112] = 6
+        exif = tags.tobytes()
+    buffer = io.BytesIO()
+    Image.fromarray(a).resize(size).save(buffer, format=fmt, exif=exif, quality=95)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "size, fmt", [((64, 64), "JPEG"), ((64, 48), "JPEG"), ((64, 64), "PNG")]
+)  # libjpeg-turbo's path, and PIL's for other sizes and formats
+def test_an_image_is_turned_upright_as_its_exif_orientation_says(size, fmt):
+    image, original, _ = decode_image(sideways(size, fmt))
+    assert original == size  # the size as stored
+    assert image[:, -8:, 0].mean() > 240  # red on the right
+    assert image[:8, :16, 0].mean() < 20  # not along the top
+
+
+def test_both_decoders_turn_an_image_alike():
+    raw = sideways((64, 64), "JPEG")
+    fast, _, _ = decode_image(raw)
+    slow = np.empty_like(fast)
+    decode._decode_with_pil(raw, "x", slow)
+    assert np.abs(fast.astype(int) - slow).max() <= 1
+
+
+def test_a_damaged_exif_tag_leaves_a_good_image_decoded_as_it_is():
+    cut = b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x05\x01\x12\x00\x03"  # ends mid-entry
+    bad_header = b"Exif\x00\x00MMj*\x00\x00\x00\x08\x00\x00"  # PIL: SyntaxError, not a TIFF
+    for exif in [cut, bad_header]:
+        for size, fmt in [((64, 64), "JPEG"), ((64, 48), "JPEG"), ((64, 64), "PNG")]:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # PIL's "Corrupt EXIF data"
+                image, original, _ = decode_image(sideways(size, fmt, exif=exif))
+            assert original == size and image[:8, :, 0].mean() > 240  # red along the top still
+
+
 def test_truncated_jpeg_is_named_not_padded():
     raw = jpeg_bytes(np.full((64, 64, 3), 128, dtype=np.uint8))
     with pytest.raises(FaceAttrError, match=r"broken\.jpg: cannot decode image"):

@@ -31,7 +31,7 @@ from faceattr.outputs import NO_ROOM, atomic_path, ensure_writable_dir, refuse_i
 
 log = logging.getLogger("faceattr")
 
-CACHE_VERSION = 1  # bump when decoding changes what lands in the array
+CACHE_VERSION = 2  # bump when decoding changes what lands in the array
 PATHS = "surrogateescape"  # a path not in UTF-8 (a Latin-1 name) is hashed as its bytes
 
 

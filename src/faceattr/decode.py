@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from faceattr import progress
 from faceattr.data import ImageSet, Source, open_source
@@ -141,13 +141,13 @@ def jpeg_decoder() -> Callable[[torch.Tensor], torch.Tensor] | None:
     torchvision takes some 2 s, which a command whose images are all cached need not pay.
 
     None where torchvision no longer has it (deprecated in 0.29 in favour of TorchCodec): PIL
-    then does the work.
+    then does the work. It turns each image as its EXIF orientation says, as PIL's path does.
     """
     try:
         from torchvision.io import ImageReadMode, decode_jpeg
     except ImportError:  # pragma: no cover - depends on the installed torchvision
         return None
-    return functools.partial(decode_jpeg, mode=ImageReadMode.UNCHANGED)
+    return functools.partial(decode_jpeg, mode=ImageReadMode.UNCHANGED, apply_exif_orientation=True)
 
 
 def decode_into(raw: bytes, where: str, dest: np.ndarray) -> tuple[tuple[int, int], str]:
@@ -179,10 +179,15 @@ _UNDECODABLE = (
 
 
 def _decode_with_pil(raw: bytes, where: str, dest: np.ndarray) -> tuple[tuple[int, int], str]:
-    """Any format PIL reads; non-square images are centre-cropped first so faces keep their shape."""
+    """Any format PIL reads; non-square images are centre-cropped first so faces keep their shape.
+
+    An image whose EXIF orientation says it was taken sideways (a phone's, say) is turned upright
+    first, as viewers show it: else its face would be cropped and learned lying on its side.
+    """
     try:
         with _large_images_quiet(), Image.open(io.BytesIO(raw)) as im:
             size, mode = im.size, im.mode
+            im = _upright(im)
             if mode.startswith("I") or mode == "F":  # I, I;16, I;16B, F...: not 8 bits
                 im = _to_8_bits(im)
             if im.mode != "RGB":
@@ -199,6 +204,15 @@ def _decode_with_pil(raw: bytes, where: str, dest: np.ndarray) -> tuple[tuple[in
     except _UNDECODABLE as e:
         raise FaceAttrError(f"{where}: cannot decode image ({e})") from None
     return size, mode
+
+
+def _upright(im: Image.Image) -> Image.Image:
+    """`im` turned as its EXIF orientation says; as it is where that tag is damaged: a camera's
+    metadata, not the pixels, which are still good (libjpeg-turbo's path ignores it alike)."""
+    try:
+        return ImageOps.exif_transpose(im)
+    except Exception:  # whatever a damaged tag raises: SyntaxError, struct.error...
+        return im
 
 
 @contextmanager
