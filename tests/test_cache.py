@@ -143,6 +143,28 @@ def test_unwritable_cache_folder_falls_back_to_memory(dataset_dir, tmp_path):
     assert not (dataset_dir / "train_img" / "cache").exists()
 
 
+def test_a_read_only_cache_folder_is_read(dataset_dir, tmp_path, monkeypatch, caplog):
+    """A cache shared read-only (decoded by another user, say) serves what it holds; what it
+    lacks is decoded in memory, with a warning."""
+    dataset = load_dataset(dataset_dir)
+    filled = np.array(load_images(dataset.train, tmp_path / "shared").array)
+    os.chmod(tmp_path / "shared", 0o555)  # root may write all the same: the check is stood in for
+
+    def refused(path):
+        raise FaceAttrError(f"cannot write to {path}: permission denied")
+
+    monkeypatch.setattr(cache, "ensure_writable_dir", refused)
+    caplog.set_level("INFO", logger="faceattr")
+    loaded = load_images(dataset.train, tmp_path / "shared")
+    assert loaded.cache == "hit" and np.array_equal(loaded.array, filled)
+    assert "not caching" not in caplog.text
+    missing = load_images(dataset.train, tmp_path / "shared", extra=b"other labels")
+    assert missing.cache == "off" and np.array_equal(missing.array, filled)
+    assert f"not caching decoded images: cannot write to {tmp_path / 'shared'}" in caplog.text
+    assert len(list((tmp_path / "shared").glob("*.npy"))) == 1  # nothing added
+    os.chmod(tmp_path / "shared", 0o755)
+
+
 def test_a_cache_folder_without_room_falls_back_to_memory(dataset_dir, tmp_path, monkeypatch):
     """The cache's .npy is written through a memory mapping, which on a full disk had killed the
     process (SIGBUS) without a word: its space is now taken first, and no room is a warning."""

@@ -169,17 +169,17 @@ def load_images(
     Images that cannot be decoded are an error (ended by `hint`, see `decode.SKIP_HINT`), or
     with `skip_bad` listed in `audit.bad` (the cache remembers them either way). With `cache_dir`
     None nothing is cached. A cache folder that cannot be written is a warning, not an error:
-    the images are decoded in memory instead.
+    its entries are read (one shared read-only, say), and images it lacks decoded in memory.
     """
     start = time.perf_counter()
+    unwritable = None  # why the cache folder cannot be written, if it cannot
     if cache_dir is not None:
         # Its .npy and .json files would join the images, and stop every later command.
         refuse_inside(cache_dir, [images.source.local(images.folder)], "--cache")
         try:
             cache_dir = ensure_writable_dir(cache_dir)
         except FaceAttrError as e:
-            log.warning("not caching decoded images: %s", e)
-            cache_dir = None
+            cache_dir, unwritable = Path(cache_dir), e
     if cache_dir is None:
         start += import_decoder()
         array, audit = decode_images(images, workers, skip_bad=skip_bad, hint=hint)
@@ -201,6 +201,9 @@ def load_images(
         except (OSError, ValueError, KeyError, TypeError, AttributeError):  # JSON errors too
             pass
         log.warning("cache entry %s is damaged; decoding again", npy)
+    if unwritable is not None:
+        log.warning("not caching decoded images: %s", unwritable)
+        return load_images(images, None, workers, extra, skip_bad, hint)
 
     start += import_decoder()
     shape = (len(images), SIZE, SIZE, 3)
