@@ -164,6 +164,13 @@ def test_evaluate(dataset_dir, tmp_path):
         "hter_ci"
     ]
     assert low < 1.0 and high == 1.0
+    # The truth given as its own prediction, by a link too: an HTER of 0, but a warning.
+    (tmp_path / "link.txt").symlink_to(truth)
+    for same in (truth, tmp_path / "link.txt"):
+        result = here("evaluate", "--pred", str(same), "--truth", str(truth))
+        assert result.returncode == 0 and json.loads(result.stdout)["hter"] == 0.0
+        assert "--pred and --truth are the same file" in result.stderr
+    assert "same file" not in here("evaluate", "--pred", str(pred), "--truth", str(truth)).stderr
     pred.write_text("1\n0\n")
     assert_user_error(
         here("evaluate", "--pred", str(pred), "--truth", str(truth)), "has 2 lines but", "has 40"

@@ -243,6 +243,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise FaceAttrError(
             f"{args.pred} has {len(pred)} lines but {args.truth} has {len(truth)}; they must agree"
         )
+    if os.path.samefile(args.pred, args.truth):  # read_labels found both: they exist
+        log.warning(
+            "--pred and --truth are the same file, %s: an HTER of 0 says nothing", args.pred
+        )
     result = with_interval(truth, pred)
     if args.scores:
         scores, threshold = read_scores(args.scores, len(truth))
