@@ -237,6 +237,21 @@ def test_an_empty_test_folder_is_left_out_where_it_is_optional(tmp_path, caplog)
         load_dataset(tmp_path, need="test")  # predict's: the test images are the point
 
 
+@pytest.mark.parametrize("use_zip", [False, True])
+def test_a_file_named_like_the_test_folder_is_named(tmp_path, caplog, use_zip):
+    """A file called val_img had been passed over without a word where the test part is
+    optional, and called missing where it is needed."""
+    make_layout(tmp_path / "d", [0, 1, 1], n_test=0)
+    (tmp_path / "d" / "val_img").write_text("not a folder")
+    data = zip_folder(tmp_path / "d", tmp_path / "d.zip", None) if use_zip else tmp_path / "d"
+    found = load_dataset(data, need="any")
+    assert found.test is None and len(found.train) == 3
+    assert "val_img is not a folder; leaving the test part out" in caplog.text
+    with pytest.raises(FaceAttrError, match="val_img is not a folder"):
+        load_dataset(data, need="test")
+    assert load_dataset(data).test is None  # train's: no word, the test part is not its concern
+
+
 def test_seed_style_paths(tmp_path):
     make_layout(tmp_path, [1, 0, 1])
     data = dataset_from_paths(

@@ -398,7 +398,14 @@ def load_dataset(path: str | Path, need: str = "train") -> Dataset:
     if has_train and need != "test":
         train, labels = _train_part(source, _join(root, TRAIN_DIR), _join(root, LABEL_FILE))
     test_dir = _join(root, TEST_DIR)
-    if source.is_dir(test_dir) and need != "train":
+    if (
+        need == "any"
+        and train is not None
+        and source.exists(test_dir)
+        and not source.is_dir(test_dir)
+    ):
+        log.warning("%s is not a folder; leaving the test part out", source.describe(test_dir))
+    elif source.exists(test_dir) and need != "train":  # a file named so: numbered_images says so
         if need == "any" and train is not None and not _holds_images(source, test_dir):
             # An empty test folder is no reason to stop exploring the training images.
             log.warning("%s has no images; leaving the test part out", source.describe(test_dir))
