@@ -2,12 +2,14 @@
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import assert_user_error, cli, train_args
 from faceattr.checkpoints import load_fold_models, weights_digest
 from faceattr.data import load_dataset
 from faceattr.errors import FaceAttrError
@@ -140,6 +142,15 @@ def test_compile_without_a_compiler_is_one_line(dataset_dir, tmp_path, monkeypat
     torch._dynamo.reset()
     with pytest.raises(FaceAttrError, match=r"--compile failed \(OSError: fatal error: Python.h"):
         train_run(data, cfg, tmp_path / "run", torch.device("cpu"))
+
+
+def test_inductors_own_compiler_failing_is_one_line(dataset_dir, tmp_path):
+    """Inductor's InductorError (torch 2.7 on), a subclass of BackendCompilerFailed that a test
+    of the class's name had missed: a traceback and exit 1, not the one line."""
+    env = {**os.environ, "CXX": "/bin/false"}  # found, but it compiles nothing
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "inductor")  # no kernel cached from before
+    result = cli(*train_args(dataset_dir, tmp_path / "run", "--compile"), env=env)
+    assert_user_error(result, "--compile failed (", "; train without --compile")
 
 
 @pytest.mark.parametrize(

@@ -532,7 +532,7 @@ def train_fold(
                 predicted[s : s + len(idx)] = torch.sigmoid(logits.float()) >= cfg.threshold
                 shown.update(len(idx))
         except RuntimeError as e:
-            if cfg.compile and type(e).__name__ == "BackendCompilerFailed":  # a missing header...
+            if cfg.compile and _compiler_failed(e):  # a missing header, a broken toolchain...
                 cause = getattr(e, "inner_exception", None) or e
                 raise FaceAttrError(
                     f"--compile failed ({type(cause).__name__}: {first_line(cause)}); train "
@@ -606,6 +606,15 @@ def _epoch_line(row: dict) -> str:
         f"{100 * row['val_hter']:5.2f}% (FAR {100 * row['val_far']:.2f}% "
         f"FRR {100 * row['val_frr']:.2f}%)  {row['seconds']:.1f}s"
     )
+
+
+def _compiler_failed(e: RuntimeError) -> bool:
+    """Whether torch.compile's backend failed: BackendCompilerFailed, or inductor's own subclass
+    of it (InductorError, torch 2.7 on), which a test of the class's name had missed. Asked
+    only with --compile: torch.compile has imported dynamo already."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    return isinstance(e, BackendCompilerFailed)
 
 
 def compile_model(net: nn.Module) -> nn.Module:
