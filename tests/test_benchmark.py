@@ -6,6 +6,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 import types
 from pathlib import Path
@@ -290,6 +291,24 @@ def test_device_script_prepares_what_the_gpu_machine_lacks(dataset_dir, tmp_path
         torch.testing.assert_close(own, full[key], rtol=1e-3, atol=1e-4)  # fp16 rounding only
 
 
+def test_device_script_counts_what_travels(tmp_path):
+    """Untracked files git does not ignore travel too; they had been left out of the count,
+    and a tracked file deleted had stopped it."""
+    from device import travelling_bytes
+
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / ".gitignore").write_text("ignored\n")  # 8 bytes
+    (tmp_path / "tracked").write_bytes(b"x" * 100)
+    (tmp_path / "gone").write_bytes(b"x" * 1000)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "files"], check=True)
+    (tmp_path / "gone").unlink()
+    (tmp_path / "new").write_bytes(b"x" * 10)
+    (tmp_path / "ignored").write_bytes(b"x" * 10_000)
+    assert travelling_bytes(tmp_path) == 8 + 100 + 10
+
+
 def test_device_script_lends_the_carried_weights_to_the_default_recipe(tmp_path, monkeypatch):
     from device import WEIGHTS, torch_home
 
@@ -309,10 +328,13 @@ def test_device_script_stops_at_its_budget(carry, tmp_path, capfd):
     start = time.monotonic()
     assert main(args) == 0
     assert time.monotonic() - start < 60
-    out, err = capfd.readouterr()
-    assert "deadline reached while default ran" in err
+    out, _ = capfd.readouterr()
+    assert "deadline reached while default ran" in out  # the step's stderr, passed on
     assert "the default recipe did not finish" in out
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["results"]  # no data, no runs
+    found = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert found == ["device.log", "results"]  # no data, no runs
+    log = (tmp_path / "out" / "device.log").read_text()  # what comes back whole: the steps' too
+    assert "deadline reached while default ran" in log and log.rstrip().endswith("done")
 
 
 def test_device_script_runs_the_holdout_apart_from_the_kept_runs(carry, tmp_path, monkeypatch):
@@ -352,6 +374,8 @@ def test_device_script_measures_eager_throughput_before_the_fixes(carry, tmp_pat
     assert scripts == ["recipes.py", "throughput.py", "recipes.py", "throughput.py", "recipes.py",
                        "recipes.py"]  # fmt: skip
     assert all("--deadline" in c for c in ran)
+    eager_seconds = float(ran[1][ran[1].index("--deadline") + 1])
+    assert eager_seconds == device.THROUGHPUT_SECONDS < 600  # a hang there leaves time for the rest
     assert "--no-compile" in ran[1] and "baseline" in ran[1] and "--compiled-only" in ran[3]
     assert "efficientnet_lite0_s1" in ran[1]  # the GPU default's model, eager, beside both archs
     fixes, holdout, rest = (
@@ -360,6 +384,47 @@ def test_device_script_measures_eager_throughput_before_the_fixes(carry, tmp_pat
     assert fixes == device.FIXES and holdout[0] == "default" and "--holdout" in ran[4]
     assert "lite0-imagenet-15" in device.PRIORITY and "lite0-imagenet-15" not in rest
     assert rest == [r for r in device.PRIORITY if r != "lite0-imagenet-15"]
+
+
+def test_a_cut_device_call_brings_back_the_runs_of_the_steps_done(carry, tmp_path, monkeypatch):
+    """The device tool brings back 8 files of $OUT at most: the runs each recipe keeps (2 files
+    each) had lain loose there until the end, to be packed then, so a call cut short lost some
+    of them; now they are packed after each step, and kept outside $OUT."""
+    import device
+
+    steps = []
+
+    def step(command: list[str], *options: object) -> None:
+        steps.append(command)
+        if len(steps) == 2:
+            raise KeyboardInterrupt  # the call cut in its second step
+        keep = Path(command[command.index("--keep") + 1])
+        assert not keep.is_relative_to(tmp_path / "out")
+        for recipe in command[command.index("--only") + 1 : command.index("--deadline")]:
+            (keep / recipe).mkdir(parents=True)  # as recipes.py --keep does
+            (keep / recipe / "run.json").write_text("{}")
+            (keep / recipe / "label_val.txt").write_text("1\n")
+
+    monkeypatch.setattr(device, "run_step", step)
+    monkeypatch.setattr(device.shutil, "which", lambda name: None)  # no nvidia-smi here
+    with pytest.raises(KeyboardInterrupt):
+        device.run(600, tmp_path / "out", carry, ("default", "recipes"))
+    out = tmp_path / "out"
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert files == ["device.log", "runs.tar.gz"]
+    with tarfile.open(out / "runs.tar.gz") as tar:
+        names = sorted(tar.getnames())
+    assert names == ["runs", "runs/default", "runs/default/label_val.txt", "runs/default/run.json"]
+
+
+def test_a_step_is_logged_as_it_prints(tmp_path, capfd):
+    from device import run_step
+
+    script = "import sys; print('to stdout'); print('to stderr', file=sys.stderr)"
+    with (tmp_path / "log").open("w") as log:
+        assert run_step([sys.executable, "-c", script], dict(os.environ), 30, log) is True
+    assert sorted((tmp_path / "log").read_text().splitlines()) == ["to stderr", "to stdout"]
+    assert "to stderr" in capfd.readouterr().out  # on the console too, where the tail is kept
 
 
 def test_a_step_past_its_time_goes_with_what_it_started(tmp_path):
