@@ -300,6 +300,12 @@ def add_end_to_end(results: Path, name: str) -> float | None:
     return line["seconds"]
 
 
+def _stopped(signum: int, frame: object) -> None:
+    """SIGTERM (the device tool's time up, say) unwinds: the running step's processes, in a
+    session of their own, go with it (run_step), and would else write on into $OUT."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -312,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     for q in (prep, r):
         q.add_argument("--carry", type=Path, default=CARRY, help="default: .carry/")
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, _stopped)
     if args.command == "prepare":
         prepare(args.zip, args.carry)
     else:

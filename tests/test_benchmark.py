@@ -4,6 +4,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -454,6 +455,19 @@ def test_a_step_past_its_time_goes_with_what_it_started(tmp_path):
         f"while not os.path.exists({str(pid_file)!r}): time.sleep(0.05)"
     )
     assert run_step([sys.executable, "-c", leaver], dict(os.environ), 30) is True
+    assert gone()
+    # The device tool stopping this script (SIGTERM): the step's processes go with it too.
+    pid_file.unlink()
+    stopper = (
+        f"import signal, sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import device; "
+        "signal.signal(signal.SIGTERM, device._stopped); "
+        f"device.run_step([sys.executable, '-c', {script!r}], {{}}, 100)"
+    )
+    script_process = subprocess.Popen([sys.executable, "-c", stopper])
+    while not pid_file.exists() or not pid_file.read_text():
+        time.sleep(0.05)
+    script_process.send_signal(signal.SIGTERM)
+    assert script_process.wait(timeout=30) == 128 + signal.SIGTERM
     assert gone()
 
 
