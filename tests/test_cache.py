@@ -26,6 +26,16 @@ def test_miss_then_hit_with_the_same_array(dataset_dir, tmp_path):
     assert len(list(tmp_path.glob("*.npy"))) == 1 and not list(tmp_path.glob(".*tmp"))
 
 
+def test_a_folder_reached_two_ways_is_one_entry(dataset_dir, tmp_path):
+    """predict DATA and predict DATA/val_img (the seed's --img_test_dir) read one folder: each
+    had decoded it again, into an entry of its own."""
+    first = load_images(load_dataset(dataset_dir, need="test").test, tmp_path)
+    again = load_images(load_test_images(dataset_dir / "val_img"), tmp_path)
+    assert (first.cache, again.cache) == ("miss", "hit")
+    assert np.array_equal(first.array, again.array)
+    assert len(list(tmp_path.glob("*.npy"))) == 1
+
+
 def test_a_hit_tells_again_what_was_decoded_all_the_same(tmp_path, caplog):
     """The warnings about resized, converted or damaged images had been the first decode's only."""
     from conftest import with_stray_bytes

@@ -62,14 +62,24 @@ def fingerprint(images: ImageSet, extra: bytes = b"") -> str:
     h = hashlib.sha256()
     source = Path(images.source.path).resolve()
     h.update(f"faceattr-cache v{CACHE_VERSION} {SIZE} {decoder_versions()}\n".encode())
-    h.update(f"{source} {images.folder}\n".encode(errors=PATHS))
+    h.update(f"{_place(images)}\n".encode(errors=PATHS))
     if source.is_file():  # a zip: its members' CRCs are its directory's word, not their bytes'
         st = source.stat()  # a zip rewritten with a damaged member keeps them, not its times
         h.update(f"{st.st_size} {st.st_mtime_ns} {st.st_ino} {st.st_ctime_ns}\n".encode())
-    for rel in images.paths():
-        h.update(f"{rel} {images.source.stat(rel)}\n".encode(errors=PATHS))
+    for name, rel in zip(images.names, images.paths(), strict=True):
+        h.update(f"{name} {images.source.stat(rel)}\n".encode(errors=PATHS))
     h.update(extra)
     return h.hexdigest()[:32]
+
+
+def _place(images: ImageSet) -> str:
+    """Where an image set lies, however its folder was reached: a folder's own path (DATA with
+    its val_img/, and DATA/val_img given alone, are one set, cached once), or the zip's with
+    the folder inside it."""
+    source = Path(images.source.path).resolve()
+    if source.is_file():
+        return f"{source} {images.folder}"
+    return str((source / images.folder).resolve())
 
 
 @dataclass
@@ -99,9 +109,8 @@ def _image_set(images: ImageSet, extra: bytes) -> str:
     """Which image set an entry holds, whatever version of its files: their place and names, and
     the caller's extra bytes (two label files for one folder, two attributes, keep an entry each
     rather than replace each other's at every switch)."""
-    where = f"{Path(images.source.path).resolve()} {images.folder}\n"
-    h = hashlib.sha256(where.encode(errors=PATHS))
-    h.update("\n".join(images.paths()).encode(errors=PATHS))
+    h = hashlib.sha256(f"{_place(images)}\n".encode(errors=PATHS))
+    h.update("\n".join(images.names).encode(errors=PATHS))
     h.update(extra)
     return h.hexdigest()[:32]
 
