@@ -637,11 +637,24 @@ def test_a_damaged_run_is_one_line_and_writes_nothing(tmp_path, dataset_dir, tra
             (run / "models" / name).write_bytes(text if isinstance(text, bytes) else text.encode())
         return run
 
+    def older_run() -> None:
+        """The run as one from before train chose a threshold and wrote ensemble.json."""
+        damaged("ensemble.json", None)
+        summary = json.loads((run / "run.json").read_text())
+        del summary["threshold"]
+        (run / "run.json").write_text(json.dumps(summary))
+
     for name, cases in DAMAGED_RUNS.items():
         for text, message in cases:
             code, err = predict(dataset_dir, damaged(name, text), "--output", str(labels))
             assert code == 2 and len(err) == 1 and message in err[0], (text, err)
-    damaged("ensemble.json", None)  # an older run: it votes at its folds' own threshold
+    # A finished run that lost its ensemble.json (and with it the models' sha256): its run.json
+    # holds the threshold train chose, so the file was there. It had voted at 0.5 with a warning.
+    damaged("ensemble.json", None)
+    code, err = predict(dataset_dir, run, "--output", str(labels))
+    assert code == 2 and len(err) == 1 and "ensemble.json is missing (its threshold" in err[0], err
+    assert err[0].endswith(f"faceattr train DATA --out {run} --resume writes it again"), err
+    older_run()  # an older run: it votes at its folds' own threshold
     (run / "models" / "fold_1.json").write_text('{"arch": "simple", "threshold": "x"}')
     code, err = predict(dataset_dir, run, "--output", str(labels))
     assert code == 2 and "fold_1.json: threshold must be a number, got 'x'" in err[0]
@@ -652,7 +665,7 @@ def test_a_damaged_run_is_one_line_and_writes_nothing(tmp_path, dataset_dir, tra
     code, err = predict(dataset_dir, run, "--output", str(labels))
     assert code == 2 and "lists folds [1, 2]: fold_2.safetensors is missing" in err[0], err
     # An older run, whose ensemble.json did not list them: its run.json says how many there are.
-    damaged("ensemble.json", None)
+    older_run()
     for name in ("fold_2.safetensors", "fold_2.json"):
         (run / "models" / name).unlink()
     code, err = predict(dataset_dir, run, "--output", str(labels))

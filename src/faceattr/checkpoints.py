@@ -119,7 +119,8 @@ def load_ensemble_settings(models_dir: str | Path, models: list[FoldModel]) -> d
     (0.5 unless they say otherwise), without test-time augmentation. In a finished run from
     before ensemble.json listed the folds, its run.json says how many were trained; a run that
     has not finished (still training, or interrupted) is refused: its fold models so far, at
-    0.5, would be a different ensemble from the one its train will choose a threshold for.
+    0.5, would be a different ensemble from the one its train will choose a threshold for. So
+    is a finished run whose run.json holds the threshold train chose: its ensemble.json is lost.
     """
     path = Path(models_dir) / "ensemble.json"
     settings = {"threshold": models[0].config.get("threshold", 0.5), "tta": False}
@@ -190,6 +191,13 @@ def _finished_run_folds(run_json: Path, found: list[int]) -> list[int] | None:
             )
         raise FaceAttrError(
             f"{said}training, or interrupted): faceattr train DATA --out {run} --resume finishes it"
+        )
+    if "threshold" in summary:  # it chose its rule, so it wrote ensemble.json: lost since
+        run = run_json.parent
+        raise FaceAttrError(
+            f"{run / 'models' / 'ensemble.json'} is missing (its threshold, and the fold models' "
+            f"sha256), which {run_json} says train wrote: faceattr train DATA --out {run} "
+            "--resume writes it again"
         )
     return list(range(1, folds + 1))
 
