@@ -330,6 +330,9 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     assert result.returncode == 0, result.stderr
     assert len(list((tmp_path / "demo" / "data" / "train_img").iterdir())) == 60
     assert len(read_lines(tmp_path / "demo" / "label_val.txt")) == 20
+    # No option that it would leave unused: --cache and --workers had been taken and ignored.
+    for unused in (["--cache", str(tmp_path / "c")], ["--workers", "1"], ["--no-cache"]):
+        assert_user_error(here("demo", *unused), f"unrecognized arguments: {unused[0]}")
 
 
 def test_pretrained_alone_means_the_installed_imagenet_weights():

@@ -573,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--epochs", type=int, default=6, help="epochs per fold of the 3-fold simple CNN (default 6)"
     )
-    add_common(p)
+    add_common(p, images=False)  # its images, made afresh each time, are decoded in memory
     p.set_defaults(func=cmd_demo)
     return parser
 
