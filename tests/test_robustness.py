@@ -317,7 +317,11 @@ def test_a_usage_error_is_one_line_that_points_to_help():
             " (see faceattr train --help)",
         ),
         ([], False, "faceattr: error: the following arguments are required: COMMAND"),
-        (["predict", "data", "--bogus"], False, "unrecognized arguments: --bogus"),
+        (  # told by the command's parser, pointing to its help: it had pointed to faceattr's
+            ["predict", "data", "--bogus"],
+            False,
+            "faceattr predict: error: unrecognized arguments: --bogus (see faceattr predict --help)",
+        ),
         (["--mode=foo"], True, "main.py: error: argument --mode: invalid choice: 'foo'"),
     ):
         result = here(*args, seed=seed)
