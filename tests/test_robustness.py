@@ -217,8 +217,14 @@ def test_a_run_folder_never_takes_the_datas_place(tmp_path, monkeypatch):
         code, err = in_process("train", str(source), "--out", str(tmp_path), "-q", *extra)
         assert code == 2 and len(err) == 1 and message in err[0], err
     # Nor a run or explore's pictures in an image folder, where they would join the images.
-    for command, folder in (("train", "train_img"), ("explore", "val_img/pictures")):
-        code, err = in_process(command, str(data), "--out", str(data / folder), "-q")
+    # train's among the test images too, which it does not read (they had been let in).
+    for command, option, folder in (
+        ("train", "--out", "train_img"),
+        ("train", "--out", "val_img/run"),
+        ("train", "--cache", "val_img/cache"),
+        ("explore", "--out", "val_img/pictures"),
+    ):
+        code, err = in_process(command, str(data), option, str(data / folder), "-q")
         assert code == 2 and len(err) == 1 and "is inside the image folder" in err[0], err
     assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
     assert not (tmp_path / "run.json").exists()

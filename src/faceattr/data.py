@@ -331,7 +331,8 @@ class Dataset:
     test: ImageSet | None
     where: str = ""
     label_folder: Path | None = None  # the label file's, when given on its own (the seed's)
-    empty_test: Path | None = None  # an empty test folder, left out
+    # A test folder not read (empty, or not the command's concern): no output goes there either.
+    unread_test: Path | None = None
 
     def require_train(self) -> tuple[ImageSet, np.ndarray]:
         if self.train is None or self.labels is None:
@@ -344,10 +345,10 @@ class Dataset:
         return self.test
 
     def image_folders(self) -> list[Path]:
-        """Its image folders on disk (a zip's: the archive, which no folder lies in), the empty
-        one left out too: pictures written there would be its images next time."""
+        """Its image folders on disk (a zip's: the archive, which no folder lies in), an unread
+        test folder too: what is written there would be among its images next time."""
         found = [p.source.local(p.folder) for p in (self.train, self.test) if p is not None]
-        return found + ([self.empty_test] if self.empty_test else [])
+        return found + ([self.unread_test] if self.unread_test else [])
 
     def locations(self) -> list[Path]:
         """Where on disk the data lives: its image folders (or zip), the folder they were found
@@ -355,7 +356,7 @@ class Dataset:
         seed's paths the one holding the label file."""
         parts = [p for p in (self.train, self.test) if p is not None]
         found = [where for p in parts for where in (p.source.local(p.folder), p.source.local(""))]
-        return found + [f for f in (self.empty_test, self.label_folder) if f is not None]
+        return found + [f for f in (self.unread_test, self.label_folder) if f is not None]
 
 
 def _find_root(source: Source) -> str | None:
@@ -393,26 +394,24 @@ def load_dataset(path: str | Path, need: str = "train") -> Dataset:
         raise FaceAttrError(
             f"{path}: expected {TRAIN_DIR}/, {LABEL_FILE} or {TEST_DIR}/ at the top or one folder down"
         )
-    train = labels = test = empty_test = None
+    train = labels = test = unread_test = None
     has_train = source.is_dir(_join(root, TRAIN_DIR)) or source.is_file(_join(root, LABEL_FILE))
     if has_train and need != "test":
         train, labels = _train_part(source, _join(root, TRAIN_DIR), _join(root, LABEL_FILE))
     test_dir = _join(root, TEST_DIR)
-    if (
-        need == "any"
-        and train is not None
-        and source.exists(test_dir)
-        and not source.is_dir(test_dir)
-    ):
+    optional = need == "any" and train is not None  # explore's: the test part may be left out
+    if need == "train" or not source.exists(test_dir):
+        if source.is_dir(test_dir):  # not read, but not to be written into either
+            unread_test = source.local(test_dir)
+    elif optional and not source.is_dir(test_dir):
         log.warning("%s is not a folder; leaving the test part out", source.describe(test_dir))
-    elif source.exists(test_dir) and need != "train":  # a file named so: numbered_images says so
-        if need == "any" and train is not None and not _holds_images(source, test_dir):
-            # An empty test folder is no reason to stop exploring the training images.
-            log.warning("%s has no images; leaving the test part out", source.describe(test_dir))
-            empty_test = source.local(test_dir)
-        else:
-            test = numbered_images(source, test_dir)
-    dataset = Dataset(train, labels, test, where=str(path), empty_test=empty_test)
+    elif optional and not _holds_images(source, test_dir):
+        # An empty test folder is no reason to stop exploring the training images.
+        log.warning("%s has no images; leaving the test part out", source.describe(test_dir))
+        unread_test = source.local(test_dir)
+    else:
+        test = numbered_images(source, test_dir)  # a file in its place: it says so
+    dataset = Dataset(train, labels, test, where=str(path), unread_test=unread_test)
     if need == "train":
         dataset.require_train()
     elif need == "test":
