@@ -113,6 +113,11 @@ def test_pretrained_errors(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"junk")
     with pytest.raises(FaceAttrError, match=r"junk\.pth as a PyTorch file \(\w+: "):
         create_model("resnet18", pretrained=tmp_path / "junk.pth")
+    # A whole module pickled: torch's refusal advised weights_only=False, code it would run.
+    torch.save({"model": torch.nn.ReLU()}, tmp_path / "module.pth")
+    with pytest.raises(FaceAttrError, match=r"module\.pth: it holds more than tensors") as e:
+        create_model("resnet18", pretrained=tmp_path / "module.pth")
+    assert "weights_only" not in str(e.value)
     with pytest.raises(FaceAttrError, match="does not apply to the simple CNN"):
         create_model("simple", pretrained=tmp_path / "r18.pth")
 

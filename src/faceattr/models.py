@@ -6,6 +6,7 @@ model carries its own preprocessing) and returns one logit per image: the log-od
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 
@@ -318,6 +319,12 @@ def load_imagenet_weights(net: nn.Module, path: Path, blocks: str, name: str) ->
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's text advises weights_only=False: code it would run
+        raise FaceAttrError(
+            f"cannot read pretrained weights {path}: it holds more than tensors (or is no "
+            "PyTorch file), which faceattr does not unpickle; save its state_dict alone, or "
+            "as .safetensors"
+        ) from None
     except Exception as e:  # any unreadable file is the user's to fix
         kind = "safetensors" if path.suffix == ".safetensors" else "PyTorch"
         raise FaceAttrError(  # the type too: torch.load's text can be a bare number
