@@ -114,11 +114,6 @@ def train_run(
     create_model(cfg.arch, cfg.pretrained)  # a missing or wrong weights file fails here, not later
     if cfg.compile:
         check_compiler(device)
-    weights = "" if cfg.pretrained is None else f" from {cfg.pretrained} weights"
-    log.info(
-        "training %s%s, %d folds x %d epochs on %s",
-        *(cfg.arch, weights, cfg.folds, cfg.epochs, device),
-    )
     started = time.perf_counter()
     train_images, labels = dataset.require_train()
     make_folds(labels, cfg.folds, cfg.seed)  # checks the labels before the long work
@@ -129,6 +124,11 @@ def train_run(
             f"--resume: the labels or images changed since {work} was started; "
             "--overwrite starts it again"
         )
+    weights = "" if cfg.pretrained is None else f" from {cfg.pretrained} weights"
+    log.info(  # once the labels are checked: an error in them is the only line, as others are
+        "training %s%s, %d folds x %d epochs on %s",
+        *(cfg.arch, weights, cfg.folds, cfg.epochs, device),
+    )
     # Under torchrun one process per machine decodes into the cache, on all its cores, and the
     # others then read the cache: G processes decoding the same images would do G times the work.
     # Without a cache each decodes its own copy, on its share of the cores.
