@@ -151,6 +151,12 @@ def test_unwritable_cache_folder_falls_back_to_memory(dataset_dir, tmp_path):
     with pytest.raises(FaceAttrError, match=r"--cache .* is inside the image folder"):
         load_images(images, dataset_dir / "train_img" / "cache")
     assert not (dataset_dir / "train_img" / "cache").exists()
+    # Nor among the layout's other images: predict reads val_img/ alone, train_img/ beside it.
+    test_images = load_test_images(dataset_dir)
+    for given in (dataset_dir / "train_img" / "cache", dataset_dir / "val_img" / "cache"):
+        with pytest.raises(FaceAttrError, match=r"--cache .* is inside the image folder"):
+            load_images(test_images, given)
+        assert not given.exists()
 
 
 def test_a_read_only_cache_folder_is_read(dataset_dir, tmp_path, monkeypatch, caplog):

@@ -184,7 +184,7 @@ def load_images(
     unwritable = None  # why the cache folder cannot be written, if it cannot
     if cache_dir is not None:
         # Its .npy and .json files would join the images, and stop every later command.
-        refuse_inside(cache_dir, [images.source.local(images.folder)], "--cache")
+        refuse_inside(cache_dir, images.layout_folders(), "--cache")
         try:
             cache_dir = ensure_writable_dir(cache_dir)
         except FaceAttrError as e:

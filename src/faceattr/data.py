@@ -279,6 +279,13 @@ class ImageSet:
     def describe(self) -> str:
         return self.source.describe(self.folder)
 
+    def layout_folders(self) -> list[Path]:
+        """Its folder on disk (a zip's: the archive) and the layout's image folders beside it:
+        predict reads only val_img/, but a cache written into train_img/ would join its images."""
+        here = self.source.local(self.folder)
+        beside = [here.parent / TRAIN_DIR, here.parent / TEST_DIR] if here.is_dir() else []
+        return [here, *(p for p in beside if p != here and p.is_dir())]
+
 
 def numbered_images(source: Source, folder: str) -> ImageSet:
     """The images of `folder`, checked to be numbered 1..N without gaps or duplicates."""
