@@ -78,6 +78,18 @@ def test_a_damaged_exif_tag_leaves_a_good_image_decoded_as_it_is():
             assert original == size and image[:8, :, 0].mean() > 240  # red along the top still
 
 
+def test_a_damaged_png_is_named_not_decoded_half():
+    """Turning an image upright loads its pixels: a broken stream there had been taken for a
+    damaged EXIF tag, and the half-decoded image kept without a word."""
+    buffer = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 255, (120, 100, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(buffer, format="PNG")
+    raw = bytearray(buffer.getvalue())
+    raw[len(raw) // 2 : len(raw) // 2 + 8] = bytes(8)
+    with pytest.raises(FaceAttrError, match=r"broken\.png: cannot decode image"):
+        decode_image(bytes(raw), "broken.png")
+
+
 def test_truncated_jpeg_is_named_not_padded():
     raw = jpeg_bytes(np.full((64, 64, 3), 128, dtype=np.uint8))
     with pytest.raises(FaceAttrError, match=r"broken\.jpg: cannot decode image"):

@@ -209,6 +209,8 @@ def _decode_with_pil(raw: bytes, where: str, dest: np.ndarray) -> tuple[tuple[in
 def _upright(im: Image.Image) -> Image.Image:
     """`im` turned as its EXIF orientation says; as it is where that tag is damaged: a camera's
     metadata, not the pixels, which are still good (libjpeg-turbo's path ignores it alike)."""
+    im.load()  # the pixels first: their errors are the image's, not the tag's (exif_transpose
+    # loads them inside, and a broken stream caught below was then read back half decoded)
     try:
         return ImageOps.exif_transpose(im)
     except Exception:  # whatever a damaged tag raises: SyntaxError, struct.error...
