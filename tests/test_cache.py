@@ -3,6 +3,7 @@ import json
 import os
 import time
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -179,6 +180,16 @@ def test_a_read_only_cache_folder_is_read(dataset_dir, tmp_path, monkeypatch, ca
     assert f"not caching decoded images: cannot write to {tmp_path / 'shared'}" in caplog.text
     assert len(list((tmp_path / "shared").glob("*.npy"))) == 1  # nothing added
     os.chmod(tmp_path / "shared", 0o755)
+    # One this user may not even look into (mode 000): a miss, not "Permission denied".
+    real_exists = Path.exists
+
+    def hidden(path, *args, **kwargs):
+        if path.parent == tmp_path / "shared":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_exists(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "exists", hidden)
+    assert load_images(dataset.train, tmp_path / "shared").cache == "off"
 
 
 def test_a_cache_folder_without_room_falls_back_to_memory(dataset_dir, tmp_path, monkeypatch):

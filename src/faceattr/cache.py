@@ -197,7 +197,11 @@ def load_images(
     key = fingerprint(images, extra)
     npy, meta = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
     log.debug("decoded-image cache for %s: %s", images.describe(), npy)
-    if npy.exists() and meta.exists():
+    try:
+        present = npy.exists() and meta.exists()
+    except OSError:  # a folder this user may not even look into: a miss
+        present = False
+    if present:
         try:
             # Copy-on-write: writable for torch, never written back to the file.
             array = np.load(npy, mmap_mode="c")
