@@ -252,6 +252,13 @@ def test_a_file_named_like_the_test_folder_is_named(tmp_path, caplog, use_zip):
     assert load_dataset(data).test is None  # train's: no word, the test part is not its concern
 
 
+def test_the_layouts_folders_are_found_from_inside_one(tmp_path, monkeypatch):
+    make_layout(tmp_path, [0, 1, 1])
+    monkeypatch.chdir(tmp_path / "val_img")
+    found = load_test_images(".").layout_folders()  # "." had been its own parent
+    assert sorted(found) == [tmp_path / "train_img", tmp_path / "val_img"]
+
+
 def test_seed_style_paths(tmp_path):
     make_layout(tmp_path, [1, 0, 1])
     data = dataset_from_paths(

@@ -282,7 +282,7 @@ class ImageSet:
     def layout_folders(self) -> list[Path]:
         """Its folder on disk (a zip's: the archive) and the layout's image folders beside it:
         predict reads only val_img/, but a cache written into train_img/ would join its images."""
-        here = self.source.local(self.folder)
+        here = Path(os.path.abspath(self.source.local(self.folder)))  # "." has a parent too
         beside = [here.parent / TRAIN_DIR, here.parent / TEST_DIR] if here.is_dir() else []
         return [here, *(p for p in beside if p != here and p.is_dir())]
 
