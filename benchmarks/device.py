@@ -207,6 +207,9 @@ def run(budget: float, out: Path, carry: Path = CARRY, steps: tuple[str, ...] = 
             step([*recipes, "--only", *rest])
         say(f"[{time.monotonic() - start:5.0f}s] done")
     finally:
+        if kept.exists():  # a step cut by SIGTERM: what it kept before, packed all the same
+            with contextlib.suppress(Exception):
+                pack(kept, out / "runs.tar.gz")
         shutil.rmtree(work)
         shutil.rmtree(hub)
         log.close()
