@@ -714,6 +714,14 @@ def test_a_damaged_run_is_one_line_and_writes_nothing(tmp_path, dataset_dir, tra
     (run / "fold_2" / "checkpoint.json").write_text("{}")
     code, err = predict(dataset_dir, run, "--output", str(labels))
     assert code == 2 and "has not finished (a fold's checkpoint is there)" in err[0], err
+    # Fold models copied to another folder of a finished run: theirs, not the run's models/.
+    damaged("ensemble.json", None)
+    (run / "models_copy").mkdir()
+    for fold_file in (run / "models").glob("fold_*"):
+        shutil.copy(fold_file, run / "models_copy")
+    code, err = in_process("predict", str(dataset_dir), "--model-dir", str(run / "models_copy"),
+                           "-q", "--output", str(assembled))  # fmt: skip
+    assert code == 0 and len(err) == 1 and "holds no ensemble.json" in err[0], err
 
 
 def test_a_damaged_run_json_costs_the_report_not_the_labels(tmp_path, dataset_dir, trained_run):

@@ -120,7 +120,7 @@ def load_ensemble_settings(models_dir: str | Path, models: list[FoldModel]) -> d
     before ensemble.json listed the folds, its run.json says how many were trained; a run that
     has not finished (still training, or interrupted) is refused: its fold models so far, at
     0.5, would be a different ensemble from the one its train will choose a threshold for. So
-    is a finished run whose run.json holds the threshold train chose: its ensemble.json is lost.
+    is a finished run's models/ whose run.json holds the threshold train chose: it lost the file.
     """
     path = Path(models_dir) / "ensemble.json"
     settings = {"threshold": models[0].config.get("threshold", 0.5), "tta": False}
@@ -138,6 +138,8 @@ def load_ensemble_settings(models_dir: str | Path, models: list[FoldModel]) -> d
         path = Path(models_dir) / f"fold_{models[0].fold}.json"
         run = Path(models_dir).parent
         trained = _finished_run_folds(run / "run.json", folds)
+        if trained is not None and Path(models_dir).resolve() == (run / "models").resolve():
+            _refuse_lost_rule(run / "run.json", Path(models_dir) / "ensemble.json")
         if trained is not None:
             check_folds(trained, folds, ".safetensors", f"{run / 'run.json'} trained folds")
         elif any(run.glob("fold_*/checkpoint.json")):  # a fold half-trained, its run.json lost
@@ -192,14 +194,22 @@ def _finished_run_folds(run_json: Path, found: list[int]) -> list[int] | None:
         raise FaceAttrError(
             f"{said}training, or interrupted): faceattr train DATA --out {run} --resume finishes it"
         )
-    if "threshold" in summary:  # it chose its rule, so it wrote ensemble.json: lost since
-        run = run_json.parent
+    return list(range(1, folds + 1))
+
+
+def _refuse_lost_rule(run_json: Path, ensemble: Path) -> None:
+    """Refuse a finished run's models folder without the `ensemble` file that its run.json,
+    holding the threshold train chose, says was written (runs from before that hold none)."""
+    try:
+        chosen = "threshold" in json.loads(run_json.read_text())
+    except (OSError, ValueError, TypeError):  # _finished_run_folds read it a moment ago
+        return
+    if chosen:
         raise FaceAttrError(
-            f"{run / 'models' / 'ensemble.json'} is missing (its threshold, and the fold models' "
-            f"sha256), which {run_json} says train wrote: faceattr train DATA --out {run} "
+            f"{ensemble} is missing (its threshold, and the fold models' sha256), which "
+            f"{run_json} says train wrote: faceattr train DATA --out {run_json.parent} "
             "--resume writes it again"
         )
-    return list(range(1, folds + 1))
 
 
 def _readable_run(folder: Path) -> bool:
