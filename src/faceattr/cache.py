@@ -115,19 +115,22 @@ def _image_set(images: ImageSet, extra: bytes) -> str:
     return h.hexdigest()[:32]
 
 
-def _drop_superseded(cache_dir: Path, key: str, image_set: str) -> None:
+def _drop_superseded(cache_dir: Path, key: str, image_set: str, source: str) -> None:
     """Delete the entries of the same image set's earlier versions: a file edited or touched
-    makes a new entry (245 MB for celeba64), and the old one would never be read again. A
-    process still reading one keeps its mapping; the file goes once it is done."""
+    makes a new entry (245 MB for celeba64), and the old one would never be read again. So
+    would one of an earlier CACHE_VERSION (whose "set" was reckoned otherwise) from the same
+    `source`. A process still reading one keeps its mapping; the file goes once it is done."""
     for meta in cache_dir.glob("*.json"):
         if meta.stem == key:
             continue
         try:
-            if json.loads(meta.read_text()).get("set") != image_set:
+            saved = json.loads(meta.read_text())
+            older = saved.get("version", 1) < CACHE_VERSION and saved.get("source") == source
+            if saved.get("set") != image_set and not older:
                 continue
             meta.with_suffix(".npy").unlink(missing_ok=True)
             meta.unlink(missing_ok=True)
-        except (OSError, ValueError, AttributeError):  # another's, damaged, or gone meanwhile
+        except (OSError, ValueError, AttributeError, TypeError):  # another's, damaged, gone
             continue
         log.debug("dropped %s, an earlier version of these images", meta.with_suffix(".npy"))
 
@@ -237,11 +240,12 @@ def load_images(
             "source": images.describe(),
             "images": len(images),
             "set": image_set,
+            "version": CACHE_VERSION,
             "audit": audit.to_dict(),
             "decode_s": seconds,
         },
     )
-    _drop_superseded(cache_dir, key, image_set)
+    _drop_superseded(cache_dir, key, image_set, images.describe())
     audit.check(skip_bad, hint)
     log.info(
         "decoded %d images of %s in %.1fs (%.0f images/s)",
