@@ -7,8 +7,7 @@ from pathlib import Path
 from faceattr import plots
 from faceattr.cache import load_images
 from faceattr.data import Dataset
-from faceattr.errors import FaceAttrError
-from faceattr.outputs import ensure_writable_dir, refuse_inside, write_json
+from faceattr.outputs import check_replaceable, ensure_writable_dir, refuse_inside, write_json
 
 OUTPUTS = ("explore.json", "class_balance.png", "samples.png", "audit.png")
 
@@ -44,8 +43,7 @@ def explore(
         refuse_inside(cache, dataset.image_folders(), "--cache")
     out = ensure_writable_dir(out)
     for name in OUTPUTS:  # a folder in the way is found now, not after decoding every image
-        if (out / name).exists() and not (out / name).is_file():
-            raise FaceAttrError(f"cannot write {out / name}: it exists and is not a regular file")
+        check_replaceable(out / name)
     summary: dict = {"data": dataset.where}
     if dataset.train is not None and dataset.labels is not None:
         labels = dataset.labels

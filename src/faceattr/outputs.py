@@ -28,8 +28,7 @@ NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a quota, a s
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `target`; rename it onto `target` only if the block succeeds."""
     target = Path(target)
-    if target.exists() and not target.is_file():  # a folder, /dev/null, a pipe: not ours to replace
-        raise FaceAttrError(f"cannot write {target}: it exists and is not a regular file")
+    check_replaceable(target)
     # Part of the name only: a name near the file system's 255 bytes must still have its own.
     tmp_path = target.parent / f".{target.name[:40]}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     check_writable(target.parent)  # a file where a folder should be is named as such
@@ -52,6 +51,13 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         raise
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def check_replaceable(target: Path) -> None:
+    """Refuse a `target` that exists and is no regular file (a folder, /dev/null, a pipe): not
+    ours to replace. `atomic_path` asks; a command may ask first, before its long work."""
+    if target.exists() and not target.is_file():
+        raise FaceAttrError(f"cannot write {target}: it exists and is not a regular file")
 
 
 def stale_temporaries(folder: str | Path) -> list[Path]:
