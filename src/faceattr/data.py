@@ -197,8 +197,7 @@ def open_source(path: str | Path) -> Source:
             raise FaceAttrError(f"{path}: cannot be read ({e.strerror or e})") from None
         if zipfile.is_zipfile(path):
             return ZipSource(path)
-        raise FaceAttrError(f"{path} is neither a folder nor a .zip file")
-    if path.exists():  # a named pipe, a device: not read, they could wait forever
+    if path.exists():  # another file, or a named pipe, a device: not read, they could wait forever
         raise FaceAttrError(f"{path} is neither a folder nor a .zip file")
     raise FaceAttrError(f"{path} does not exist")
 
