@@ -74,7 +74,7 @@ def load_fold_models(models_dir: str | Path) -> list[FoldModel]:
         )
     found = fold_files(models_dir, ".safetensors")
     if not found:
-        _finished_run_folds(run / "run.json", [])  # a run before its first fold: say so
+        _finished_run(run / "run.json", [])  # a run before its first fold: say so
         if not models_dir.is_dir():
             raise FaceAttrError(f"model folder {models_dir} does not exist")
         raise FaceAttrError(f"{models_dir} holds no fold_K.safetensors model")
@@ -137,10 +137,16 @@ def load_ensemble_settings(models_dir: str | Path, models: list[FoldModel]) -> d
     else:
         path = Path(models_dir) / f"fold_{models[0].fold}.json"
         run = Path(models_dir).parent
-        trained = _finished_run_folds(run / "run.json", folds)
-        if trained is not None and Path(models_dir).resolve() == (run / "models").resolve():
-            _refuse_lost_rule(run / "run.json", Path(models_dir) / "ensemble.json")
-        if trained is not None:
+        summary = _finished_run(run / "run.json", folds)
+        own = Path(models_dir).resolve() == (run / "models").resolve()  # not a copy beside them
+        if summary is not None and own and "threshold" in summary:  # train chose it: wrote it
+            raise FaceAttrError(
+                f"{Path(models_dir) / 'ensemble.json'} is missing (its threshold, and the fold "
+                f"models' sha256), which {run / 'run.json'} says train wrote: faceattr train "
+                f"DATA --out {run} --resume writes it again"
+            )
+        if summary is not None:
+            trained = list(range(1, summary["config"]["folds"] + 1))
             check_folds(trained, folds, ".safetensors", f"{run / 'run.json'} trained folds")
         elif any(run.glob("fold_*/checkpoint.json")):  # a fold half-trained, its run.json lost
             raise FaceAttrError(
@@ -173,9 +179,9 @@ def _check_digests(models_dir: Path, models: list[FoldModel], digests: object, p
             )
 
 
-def _finished_run_folds(run_json: Path, found: list[int]) -> list[int] | None:
-    """The folds 1..N of the finished run whose summary is `run_json` (None: no such run);
-    an unfinished one, whose `found` fold models are not yet its ensemble, is refused."""
+def _finished_run(run_json: Path, found: list[int]) -> dict | None:
+    """The summary `run_json` holds of a finished run of 1..N folds (None: no such run); an
+    unfinished one, whose `found` fold models are not yet its ensemble, is refused."""
     try:
         summary = json.loads(run_json.read_text())
         status, folds = summary.get("status"), summary["config"]["folds"]
@@ -194,22 +200,7 @@ def _finished_run_folds(run_json: Path, found: list[int]) -> list[int] | None:
         raise FaceAttrError(
             f"{said}training, or interrupted): faceattr train DATA --out {run} --resume finishes it"
         )
-    return list(range(1, folds + 1))
-
-
-def _refuse_lost_rule(run_json: Path, ensemble: Path) -> None:
-    """Refuse a finished run's models folder without the `ensemble` file that its run.json,
-    holding the threshold train chose, says was written (runs from before that hold none)."""
-    try:
-        chosen = "threshold" in json.loads(run_json.read_text())
-    except (OSError, ValueError, TypeError):  # _finished_run_folds read it a moment ago
-        return
-    if chosen:
-        raise FaceAttrError(
-            f"{ensemble} is missing (its threshold, and the fold models' sha256), which "
-            f"{run_json} says train wrote: faceattr train DATA --out {run_json.parent} "
-            "--resume writes it again"
-        )
+    return summary
 
 
 def _readable_run(folder: Path) -> bool:
