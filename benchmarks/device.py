@@ -175,10 +175,12 @@ def run(budget: float, out: Path, carry: Path = CARRY, steps: tuple[str, ...] = 
     def step(command: list[str], most: float = float("inf")) -> None:
         seconds = max(1.0, min(left(), most))
         say(f"[{time.monotonic() - start:5.0f}s] {' '.join(command[1:])}")
-        if not run_step([*command, "--deadline", f"{seconds:.0f}"], env, seconds + 30, log):
-            say("stopped at the end of its time")
-        if kept.exists():
-            pack(kept, out / "runs.tar.gz")
+        try:
+            if not run_step([*command, "--deadline", f"{seconds:.0f}"], env, seconds + 30, log):
+                say("stopped at the end of its time")
+        finally:  # cut by SIGTERM too: what the step kept so far is packed all the same
+            if kept.exists():
+                pack(kept, out / "runs.tar.gz")
 
     try:
         gpu = device_name(torch.device("cuda")) if torch.cuda.is_available() else "cpu"
@@ -207,9 +209,6 @@ def run(budget: float, out: Path, carry: Path = CARRY, steps: tuple[str, ...] = 
             step([*recipes, "--only", *rest])
         say(f"[{time.monotonic() - start:5.0f}s] done")
     finally:
-        if kept.exists():  # a step cut by SIGTERM: what it kept before, packed all the same
-            with contextlib.suppress(Exception):
-                pack(kept, out / "runs.tar.gz")
         shutil.rmtree(work)
         shutil.rmtree(hub)
         log.close()
