@@ -19,8 +19,8 @@ from faceattr.export import OnnxEnsemble
 from faceattr.metrics import scores_to_labels
 from faceattr.models import for_inference
 from faceattr.outputs import (
+    check_writable,
     csv_text,
-    ensure_writable_dir,
     within,
     write_json,
     write_together,
@@ -59,7 +59,7 @@ def predict(
         raise FaceAttrError(f"--threshold must be in [0, 1], got {threshold}")
     if batch_size is not None and batch_size < 1:
         raise FaceAttrError(f"--batch-size must be at least 1, got {batch_size}")
-    ensure_writable_dir(output.parent)
+    check_writable(output.parent)  # made when the labels are written: bad input leaves nothing
     run = Path(models_dir).parent
     found = _run_json(run)  # a `train --overwrite` may put another run there meanwhile
     ensemble = OnnxEnsemble(models_dir) if onnx else TorchEnsemble(models_dir, device)
