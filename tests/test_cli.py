@@ -248,9 +248,20 @@ def test_user_errors_are_one_line_and_leave_no_output(dataset_dir, trained_run, 
     )
     assert_user_error(here("predict", str(dataset_dir), "--output", str(out)), "--run")
     assert not out.exists()
+    deep = tmp_path / "new" / "sub" / "label_val.txt"  # its folders are made only to be written
+    assert_user_error(
+        here("predict", str(dataset_dir), "--run", str(tmp_path / "norun"), "--output", str(deep)),
+        "does not exist",
+    )
+    assert not (tmp_path / "new").exists()
     result = here("train", str(dataset_dir), "--out", str(tmp_path / "r"), "--folds", "500")
     assert_user_error(result, "fewer than the 500 folds")
     assert len(result.stderr.splitlines()) == 1  # not after "training ...", as it had been
+    # The folds are checked before --out, whose check looks at every fold's folder in turn.
+    (tmp_path / "r2").mkdir()
+    (tmp_path / "r2" / "fold_1").write_text("a file where a fold's folder goes")
+    result = here("train", str(dataset_dir), "--out", str(tmp_path / "r2"), "--folds", "500")
+    assert_user_error(result, "fewer than the 500 folds")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")

@@ -106,6 +106,8 @@ def train_run(
     if resume:
         cfg = _resumed_config(cfg, previous["config"], given, work)
     cfg.check()
+    train_images, labels = dataset.require_train()
+    fold_of = make_folds(labels, cfg.folds, cfg.seed)  # checks the labels and --folds first
     check_writable(out)
     _check_folders(out, cfg.folds)
     _check_apart(out, dataset)
@@ -115,8 +117,6 @@ def train_run(
     if cfg.compile:
         check_compiler(device)
     started = time.perf_counter()
-    train_images, labels = dataset.require_train()
-    make_folds(labels, cfg.folds, cfg.seed)  # checks the labels before the long work
     identity = data_identity(train_images, labels)
     if resume and previous.get("data_identity", identity) != identity:
         # Its finished folds were split and trained on other labels or images.
@@ -156,7 +156,7 @@ def train_run(
             )
         keep = np.setdiff1d(np.arange(len(labels)), sorted(loaded.audit.bad))
         array, labels, names = array[keep], labels[keep], [names[i] for i in keep]
-    fold_of = make_folds(labels, cfg.folds, cfg.seed)
+        fold_of = make_folds(labels, cfg.folds, cfg.seed)
     if resume and previous.get("n_train") != len(labels):
         raise FaceAttrError(
             f"--resume: {work} was trained on {previous.get('n_train')} images, "
