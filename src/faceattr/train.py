@@ -213,7 +213,6 @@ def config_for(device: torch.device, given: dict) -> TrainConfig:
 class FoldResult:
     """What training one fold leaves: the best epoch's weights, scores and the full history."""
 
-    fold: int
     best_epoch: int
     state: dict[str, torch.Tensor]
     val_scores: np.ndarray
@@ -455,8 +454,10 @@ def train_fold(
     """
     device = labels.device
     parallel = cfg.ddp and ranks.world > 1
-    batch = max(2, cfg.batch_size // ranks.world) if parallel else cfg.batch_size
-    if images_per_epoch(len(train_idx), batch, cfg.compile, ranks.world if parallel else 1) == 0:
+    world = ranks.world if parallel else 1
+    batch = max(2, cfg.batch_size // world) if parallel else cfg.batch_size
+    per_epoch = images_per_epoch(len(train_idx), batch, cfg.compile, world)
+    if per_epoch == 0:
         raise FaceAttrError(
             f"fold {fold}: its {len(train_idx)} training images are too few to share among "
             f"{ranks.world} processes (each needs 2); use fewer processes, or no --ddp"
@@ -469,7 +470,7 @@ def train_fold(
     y_val = labels[val_t]
     weights = class_weights(labels[train_t])
     optimizer = make_optimizer(model, cfg)
-    steps_per_epoch = _steps_per_epoch(len(train_idx), batch, cfg, ranks.world if parallel else 1)
+    steps_per_epoch = math.ceil(per_epoch / batch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_factor, cfg.schedule, steps_per_epoch=steps_per_epoch, cfg=cfg)
     )  # stepped after every optimiser step
@@ -594,9 +595,7 @@ def train_fold(
             saved_at = time.perf_counter()
             log.debug("fold %d: epoch %d state saved to %s", fold, epoch, checkpoint)
     seconds = time.perf_counter() - start
-    return FoldResult(
-        fold, state.best_epoch, state.best_state, state.best_scores, state.history, seconds
-    )
+    return FoldResult(state.best_epoch, state.best_state, state.best_scores, state.history, seconds)
 
 
 def _epoch_line(row: dict) -> str:
@@ -641,8 +640,3 @@ def images_per_epoch(n: int, batch: int, compiled: bool, world: int = 1) -> int:
     if compiled and n >= batch:
         n = n // batch * batch
     return n - 1 if n % batch == 1 else n
-
-
-def _steps_per_epoch(n: int, batch: int, cfg: TrainConfig, world: int) -> int:
-    """Optimiser steps in one epoch of `n` training images."""
-    return max(1, math.ceil(images_per_epoch(n, batch, cfg.compile, world) / batch))
