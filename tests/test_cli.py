@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from conftest import assert_user_error, cli, here, labels_of, read_lines, seed_main
-from faceattr.errors import FaceAttrError
 from faceattr.models import weights_file
 
 
@@ -393,16 +392,3 @@ def test_train_options_given_override_the_devices_recipe_and_only_they():
         "simple", 15, None, None, True,
     )  # fmt: skip
     assert config("--pretrained", "none").pretrained is None
-
-
-def test_a_predictions_csv_cut_short_or_foreign_is_one_line(tmp_path):
-    from faceattr.cli import read_scores
-
-    table = tmp_path / "predictions.csv"
-    whole = "image,soft_score,soft_label\n1.jpg,0.2,0\n2.jpg,0.9,1\n"
-    table.write_text(whole)
-    assert read_scores(table, 2)[0].tolist() == [0.2, 0.9]
-    for text in (whole[:-4], whole + "3.jpg," + "x" * 200_000 + "\n"):
-        table.write_text(text)
-        with pytest.raises(FaceAttrError, match=r"is not a predictions\.csv written by predict"):
-            read_scores(table, 2)

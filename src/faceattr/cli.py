@@ -6,7 +6,6 @@ Errors a user can cause arrive as `FaceAttrError` and leave as one line on stder
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import os
@@ -23,7 +22,6 @@ from faceattr.errors import FaceAttrError, first_line, printable
 # torch (and what imports it) loads inside `main`, where Ctrl-C during its second of loading is
 # caught like any other: "interrupted", not a traceback.
 if TYPE_CHECKING:
-    import numpy as np
     import torch
 
     from faceattr.train import TrainConfig
@@ -222,10 +220,7 @@ def run_predict(images, models_dir: str | Path, args: argparse.Namespace) -> int
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from faceattr import plots
-    from faceattr.data import read_labels
-    from faceattr.ensemble import with_interval
-    from faceattr.metrics import auc, equal_error_rate, scores_to_labels
+    from faceattr.evaluate import evaluate
 
     lonely = [f"--{o}" for o in ("plots", "images") if getattr(args, o) and not args.scores]
     if lonely:  # they would be left unused without a word
@@ -233,70 +228,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             f"{' and '.join(lonely)}: there are plots only with --scores (the predictions.csv "
             "beside --pred); give it too"
         )
-    args.plots = args.plots or "evaluation"
-    pred, truth = read_labels(args.pred), read_labels(args.truth)
-    if len(set(truth.tolist())) < 2:
-        raise FaceAttrError(
-            f"{args.truth} holds label {truth[0]} only: HTER weighs both classes, so it needs both"
-        )
-    if len(pred) != len(truth):
-        raise FaceAttrError(
-            f"{args.pred} has {len(pred)} lines but {args.truth} has {len(truth)}; they must agree"
-        )
-    if os.path.samefile(args.pred, args.truth):  # read_labels found both: they exist
-        log.warning(
-            "--pred and --truth are the same file, %s: an HTER of 0 says nothing", args.pred
-        )
-    result = with_interval(truth, pred)
-    if args.scores:
-        scores, threshold = read_scores(args.scores, len(truth))
-        differ = int((pred != scores_to_labels(scores, threshold)).sum())
-        if differ:  # --vote majority, or another --threshold: the plots are the soft vote's
-            log.warning(
-                "%s differs from the soft vote of %s on %d image(s): the plots show the soft "
-                "vote; the metrics printed and the confusion matrix are %s's",
-                *(args.pred, args.scores, differ, args.pred),
-            )
-        result.update(auc=auc(truth, scores), eer=equal_error_rate(truth, scores))
-        images = None
-        if args.images:
-            from faceattr.cache import load_images
-            from faceattr.data import load_test_images
-            from faceattr.outputs import refuse_inside
-
-            test_images = load_test_images(args.images)
-            refuse_inside(args.plots, [test_images.source.local(test_images.folder)], "--plots")
-            images = load_images(test_images, cache_dir(args), args.workers).array
-            if len(images) != len(truth):
-                raise FaceAttrError(
-                    f"{args.images} has {len(images)} images, the truth {len(truth)}"
-                )
-        plots.evaluation(truth, scores, threshold, args.plots, images)
-        plots.confusion(truth, pred, Path(args.plots) / "confusion.png")
+    result = evaluate(
+        args.pred, args.truth, args.scores, args.plots or "evaluation", args.images,
+        cache_dir(args), args.workers,
+    )  # fmt: skip
     print(json.dumps(result))
     return 0
-
-
-def read_scores(path: str | Path, n: int) -> tuple[np.ndarray, float]:
-    """The ensemble scores of a predictions.csv, and the threshold its labels imply."""
-    import numpy as np
-
-    if not Path(path).is_file():  # a named pipe would wait for a writer forever
-        state = "is not a file" if Path(path).exists() else "does not exist"
-        raise FaceAttrError(f"--scores {path} {state}")
-    try:
-        with open(path) as f:
-            rows = list(csv.DictReader(f))
-        scores = np.array([float(r["soft_score"]) for r in rows])
-        labels = np.array([int(r["soft_label"]) for r in rows])
-    except (OSError, KeyError, ValueError, TypeError, csv.Error) as e:  # TypeError: a row cut short
-        raise FaceAttrError(f"{path} is not a predictions.csv written by predict ({e})") from None
-    if len(scores) != n:
-        raise FaceAttrError(f"{path} has {len(scores)} rows but the truth has {n} labels")
-    if not ((scores >= 0) & (scores <= 1)).all():  # NaN too
-        raise FaceAttrError(f"{path}: soft_score must be probabilities in [0, 1]")
-    above = scores[labels == 1]
-    return scores, float(above.min()) if len(above) else 1.0
 
 
 def plural(n: int, word: str) -> str:

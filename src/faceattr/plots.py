@@ -334,15 +334,21 @@ def evaluation(
     out: str | Path,
     images: np.ndarray | None = None,
     names: list[str] | None = None,
+    predictions: np.ndarray | None = None,
 ) -> list[Path]:
-    """All evaluation pictures of scored, labelled images into the folder `out`."""
+    """All evaluation pictures of scored, labelled images into the folder `out`; the confusion
+    matrix is that of `predictions` (default: the scores at `threshold`)."""
     out = Path(out)
     labels, scores = np.asarray(labels), np.asarray(scores)
     paths = [
         roc_det(labels, scores, threshold, out / "roc_det.png"),
         threshold_sweep(labels, scores, threshold, out / "threshold.png"),
         score_histograms(labels, scores, threshold, out / "scores.png"),
-        confusion(labels, scores_to_labels(scores, threshold), out / "confusion.png"),
+        confusion(
+            labels,
+            scores_to_labels(scores, threshold) if predictions is None else predictions,
+            out / "confusion.png",
+        ),
     ]
     if images is not None:
         paths.append(
