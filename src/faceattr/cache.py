@@ -118,8 +118,8 @@ def _image_set(images: ImageSet, extra: bytes) -> str:
 def _drop_superseded(cache_dir: Path, key: str, image_set: str, source: str) -> None:
     """Delete the entries of the same image set's earlier versions: a file edited or touched
     makes a new entry (245 MB for celeba64), and the old one would never be read again. So
-    would one of an earlier CACHE_VERSION (whose "set" was reckoned otherwise) from the same
-    `source`. A process still reading one keeps its mapping; the file goes once it is done."""
+    would one of an earlier CACHE_VERSION from the same `source`: its key and "set" differ from
+    this version's, so only `source` tells it is the same set. A process still reading one keeps its mapping; the file goes once it is done."""
     for meta in cache_dir.glob("*.json"):
         if meta.stem == key:
             continue

@@ -210,7 +210,7 @@ def _upright(im: Image.Image) -> Image.Image:
     """`im` turned as its EXIF orientation says; as it is where that tag is damaged: a camera's
     metadata, not the pixels, which are still good (libjpeg-turbo's path ignores it alike)."""
     im.load()  # the pixels first: their errors are the image's, not the tag's (exif_transpose
-    # loads them inside, and a broken stream caught below was then read back half decoded)
+    # would load them inside, where the guard below would take a broken stream for a bad tag)
     try:
         return ImageOps.exif_transpose(im)
     except Exception:  # whatever a damaged tag raises: SyntaxError, struct.error...
@@ -291,7 +291,7 @@ def _libjpeg_messages() -> Iterator[Callable[[], str]]:
 def _decode_range(source: Source, paths: list[str], out: np.ndarray, start: int, end: int) -> Audit:
     audit = Audit()
     # Python's warnings (PIL's, say) are held back while stderr is libjpeg's, then told as the
-    # image's (`Audit.warn`): shown as such, they had named their library's source line instead.
+    # image's (`Audit.warn`): shown as such, they would name their library's source line instead.
     with warnings.catch_warnings(record=True) as held:
         warnings.simplefilter("always")  # each image's, not the first's only
         with _quiet_torchvision(), _libjpeg_messages() as printed:

@@ -163,7 +163,7 @@ def _resnet64(depth: int, pretrained: str | Path | None = None) -> nn.Module:
 
 @register("resnet18")
 def resnet18(pretrained: str | Path | None = None) -> nn.Module:
-    """ResNet18 for 64x64 faces (see `_resnet64`): 11.2M parameters, the GPU default before."""
+    """ResNet18 for 64x64 faces (see `_resnet64`): 11.2M parameters."""
     return _resnet64(18, pretrained)
 
 

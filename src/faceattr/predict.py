@@ -29,6 +29,7 @@ from faceattr.report import build_report
 from faceattr.runfolder import beside_the_run, run_paths
 
 log = logging.getLogger("faceattr")
+TABLE = "predictions.csv"  # written beside the label file
 
 
 def predict(
@@ -169,9 +170,6 @@ def _run_json(run: Path) -> bytes | None:
         return (run / "run.json").read_bytes()
     except OSError:
         return None
-
-
-TABLE = "predictions.csv"  # written beside the label file
 
 
 def check_output(output: Path, images: ImageSet, models_dir: Path) -> Path:

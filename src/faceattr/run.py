@@ -103,9 +103,10 @@ def train_run(
             f"{out} holds what a run left without its run.json ({', '.join(names[:3])}{more}), "
             "which this run would take for its own: --overwrite clears it, or choose another --out"
         )
-    if resume:
+    if resume:  # checks both: the options given and those saved
         cfg = _resumed_config(cfg, previous["config"], given, work)
-    cfg.check()
+    else:
+        cfg.check()
     train_images, labels = dataset.require_train()
     fold_of = make_folds(labels, cfg.folds, cfg.seed)  # checks the labels and --folds first
     check_writable(out)
@@ -187,7 +188,7 @@ def train_run(
         "class_counts": {str(c): int((labels == c).sum()) for c in (0, 1)},
         "audit": loaded.audit.to_dict(),
         "decode": loaded.summary(),
-        "resumed": (previous or {}).get("resumed", 0) + 1 if resume else 0,
+        "resumed": previous.get("resumed", 0) + 1 if resume else 0,
     }
     with writing(out, ranks.main, seen, overwrite):
         if ranks.main:
@@ -455,7 +456,8 @@ def _same_folds(path: Path, fold_of: np.ndarray) -> bool:
 
 
 def _finished_fold(out: Path, fold: int) -> dict | None:
-    """A fold finished by an earlier, interrupted invocation: its summary and validation scores."""
+    """A finished fold's summary and validation scores, read back from its result.json: one an
+    earlier, interrupted invocation trained, or this one (None: not finished, or damaged)."""
     result = out / f"fold_{fold}" / "result.json"
     if not (result.exists() and (out / "models" / f"fold_{fold}.safetensors").exists()):
         return None

@@ -609,8 +609,8 @@ def _epoch_line(row: dict) -> str:
 
 def _compiler_failed(e: RuntimeError) -> bool:
     """Whether torch.compile's backend failed: BackendCompilerFailed, or inductor's own subclass
-    of it (InductorError, torch 2.7 on), which a test of the class's name had missed. Asked
-    only with --compile: torch.compile has imported dynamo already."""
+    of it (InductorError, torch 2.7 on): isinstance catches both. Asked only with --compile:
+    torch.compile has imported dynamo already."""
     from torch._dynamo.exc import BackendCompilerFailed
 
     return isinstance(e, BackendCompilerFailed)
