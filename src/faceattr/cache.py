@@ -119,7 +119,8 @@ def _drop_superseded(cache_dir: Path, key: str, image_set: str, source: str) -> 
     """Delete the entries of the same image set's earlier versions: a file edited or touched
     makes a new entry (245 MB for celeba64), and the old one would never be read again. So
     would one of an earlier CACHE_VERSION from the same `source`: its key and "set" differ from
-    this version's, so only `source` tells it is the same set. A process still reading one keeps its mapping; the file goes once it is done."""
+    this version's, so only `source` tells it is the same set. A process still reading one
+    keeps its mapping; the file goes once it is done."""
     for meta in cache_dir.glob("*.json"):
         if meta.stem == key:
             continue
@@ -178,7 +179,7 @@ def load_images(
 ) -> Loaded:
     """The decoded (N, 64, 64, 3) array of `images`, from the cache when it is there.
 
-    Images that cannot be decoded are an error (ended by `hint`, see `decode.SKIP_HINT`), or
+    Images that cannot be decoded are an error (ended by `hint`, see `run.SKIP_HINT`), or
     with `skip_bad` listed in `audit.bad` (the cache remembers them either way). With `cache_dir`
     None nothing is cached. A cache folder that cannot be written is a warning, not an error:
     its entries are read (one shared read-only, say), and images it lacks decoded in memory.

@@ -37,26 +37,26 @@ class FolderSource:
     """Files under a folder on disk; paths are relative, with '/' separators."""
 
     def __init__(self, root: Path):
-        self.root = self.path = root
+        self.path = root
 
     def __str__(self) -> str:
-        return str(self.root)
+        return str(self.path)
 
     def is_dir(self, rel: str) -> bool:
-        return (self.root / rel).is_dir()
+        return (self.path / rel).is_dir()
 
     def is_file(self, rel: str) -> bool:
-        return (self.root / rel).is_file()
+        return (self.path / rel).is_file()
 
     def exists(self, rel: str) -> bool:
-        return (self.root / rel).exists()
+        return (self.path / rel).exists()
 
     def scan(self, rel: str) -> tuple[list[str], list[str]]:
         """The names in `rel`, hidden ones left out: its files, and the rest (folders, pipes,
         devices, broken links), in one pass over a folder that may hold 100,000 images."""
         files: list[str] = []
         others: list[str] = []
-        with os.scandir(self.root / rel) as it:
+        with os.scandir(self.path / rel) as it:
             for e in it:
                 if not e.name.startswith("."):
                     (files if e.is_file() else others).append(e.name)
@@ -66,28 +66,28 @@ class FolderSource:
         return self.scan(rel)[0]
 
     def subfolders(self) -> list[str]:
-        with os.scandir(self.root) as it:
+        with os.scandir(self.path) as it:
             return sorted(e.name for e in it if e.is_dir() and not e.name.startswith((".", "__")))
 
     def read(self, rel: str) -> bytes:
         try:
-            return (self.root / rel).read_bytes()
+            return (self.path / rel).read_bytes()
         except OSError as e:
-            raise FaceAttrError(f"{self.root / rel}: cannot be read ({e.strerror or e})") from None
+            raise FaceAttrError(f"{self.path / rel}: cannot be read ({e.strerror or e})") from None
 
     def local(self, rel: str) -> Path:
         """The path on disk that holds `rel`."""
-        return self.root / rel
+        return self.path / rel
 
     def stat(self, rel: str) -> tuple:
         """What identifies a file's version: size and modification time, and the inode and its
         change time, which a rename or `cp -p` also changes: two images of one size and time
         stamp (unpacked from one zip, say) swapped by name would otherwise keep their key."""
-        st = (self.root / rel).stat()
+        st = (self.path / rel).stat()
         return st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
 
     def describe(self, rel: str) -> str:
-        return str(self.root / rel)
+        return str(self.path / rel)
 
 
 # An encrypted member (RuntimeError), a bad CRC or a damaged stream, a method zipfile lacks: the

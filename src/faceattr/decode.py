@@ -41,9 +41,6 @@ CHUNK = 256  # images per task: large enough to amortise the hand-off, small eno
 PARALLEL_FROM = 4 * CHUNK  # fewer images decode faster than worker processes start
 
 
-SKIP_HINT = "; --skip-bad leaves such images out of training"  # train's option
-
-
 @dataclass
 class Audit:
     """What decoding found: original sizes and modes, and how many images had to be converted."""
@@ -95,7 +92,7 @@ class Audit:
     def check(self, skip_bad: bool, hint: str = "") -> None:
         """Stop at images that could not be decoded, or, with `skip_bad`, warn about them.
 
-        `hint` ends the error's line: how the command that met them may go on (SKIP_HINT).
+        `hint` ends the error's line: how the command that met them may go on (run.SKIP_HINT, say).
         """
         if not self.bad:
             return

@@ -28,7 +28,6 @@ from faceattr.batches import DeviceImages
 from faceattr.cache import load_images
 from faceattr.checkpoints import remove_training_state, save_fold_model, weights_digest
 from faceattr.data import Dataset, ImageSet
-from faceattr.decode import SKIP_HINT
 from faceattr.distributed import SINGLE, Ranks
 from faceattr.ensemble import decision_rule
 from faceattr.errors import FaceAttrError
@@ -60,6 +59,7 @@ from faceattr.runtime import check_compiler, cpu_cores, describe, seed_everythin
 from faceattr.train import HISTORY_COLUMNS, FoldResult, TrainConfig, fold_seed, train_fold
 
 log = logging.getLogger("faceattr")
+SKIP_HINT = "; --skip-bad leaves such images out of training"  # ends an undecodable image's error
 
 
 def train_run(
