@@ -24,6 +24,7 @@ from faceattr.errors import FaceAttrError, first_line, printable
 if TYPE_CHECKING:
     import torch
 
+    from faceattr.data import Dataset, ImageSet
     from faceattr.train import TrainConfig
 
 log = logging.getLogger("faceattr")
@@ -133,7 +134,7 @@ def _peer_stopped(e: RuntimeError) -> bool:
     )
 
 
-def run_train(dataset, args: argparse.Namespace) -> int:
+def run_train(dataset: Dataset, args: argparse.Namespace) -> int:
     """Shared by `faceattr train` and the seed's `--mode=train`."""
     from faceattr import distributed
     from faceattr.run import train_run
@@ -181,10 +182,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if len(given) != 1:
         raise FaceAttrError("give exactly one of --run RUN, --model-dir DIR or --onnx DIR")
     models_dir = args.onnx or args.model_dir or Path(args.run) / "models"
-    return run_predict(load_test_images(args.data), models_dir, args)
+    return run_predict(load_test_images(args.data), models_dir, args, onnx=args.onnx is not None)
 
 
-def run_predict(images, models_dir: str | Path, args: argparse.Namespace) -> int:
+def run_predict(
+    images: ImageSet, models_dir: str | Path, args: argparse.Namespace, onnx: bool = False
+) -> int:
     """Shared by `faceattr predict` and the seed's `--mode=test`."""
     from faceattr.predict import predict
     from faceattr.runtime import resolve_device
@@ -200,7 +203,7 @@ def run_predict(images, models_dir: str | Path, args: argparse.Namespace) -> int
         batch_size=args.batch_size,
         workers=args.workers,
         cache=cache_dir(args),
-        onnx=getattr(args, "onnx", None) is not None,
+        onnx=onnx,
     )
     print(
         f"{summary['images']:,} images, {plural(summary['models'], 'model')}, "
@@ -527,7 +530,7 @@ def _terminate(signum: int, frame: object) -> None:
     raise Terminated
 
 
-def run_command(func, args: argparse.Namespace) -> int:
+def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Run a command; a user's error becomes one line on stderr and exit code 2."""
     import torch
 
@@ -572,7 +575,9 @@ def run_script(main: Callable[[], int]) -> int:
     return run_command(lambda args: main(), argparse.Namespace(quiet=True, verbose=False))
 
 
-def parse(parser: Callable[[], argparse.ArgumentParser], argv: list[str] | None):
+def parse(
+    parser: Callable[[], argparse.ArgumentParser], argv: list[str] | None
+) -> argparse.Namespace:
     """The parsed command line, or exit 130 if Ctrl-C comes while the parser imports torch."""
     try:
         built = parser()
