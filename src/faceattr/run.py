@@ -144,12 +144,6 @@ def train_run(
         ranks.barrier()
     array, names = loaded.array, train_images.names
     digest = pixel_digest(array)
-    if resume and previous.get("pixel_digest", digest) != digest:
-        # Same names and sizes, other pixels: an image edited, two swapped, or a new decoder.
-        raise FaceAttrError(
-            f"--resume: the images decode to other pixels than when {work} was started (a file "
-            "changed, or pillow or torchvision did); --overwrite starts it again"
-        )
     if loaded.audit.bad:  # --skip-bad: leave them out
         if len(loaded.audit.bad) == len(labels):
             raise FaceAttrError(
@@ -158,22 +152,8 @@ def train_run(
         keep = np.setdiff1d(np.arange(len(labels)), sorted(loaded.audit.bad))
         array, labels, names = array[keep], labels[keep], [names[i] for i in keep]
         fold_of = make_folds(labels, cfg.folds, cfg.seed)
-    if resume and previous.get("n_train") != len(labels):
-        raise FaceAttrError(
-            f"--resume: {work} was trained on {previous.get('n_train')} images, "
-            f"this data has {len(labels)}"
-        )
-    if resume and not (work / "folds.csv").is_file():
-        raise FaceAttrError(
-            f"--resume: {work / 'folds.csv'} is missing, so its finished folds' images are not "
-            "known; --overwrite starts it again"
-        )
-    if resume and not _same_folds(work / "folds.csv", fold_of):
-        # The finished folds' scores would land on other images: scikit-learn's shuffle changed?
-        raise FaceAttrError(
-            f"--resume: this data splits into other folds than {work / 'folds.csv'} holds; "
-            "--overwrite starts it again"
-        )
+    if resume:
+        _check_resumable(work, previous, digest, len(labels), fold_of)
     ranks.barrier()  # every process has checked the input: only now is the folder touched
     summary: dict = {
         "status": "running",
@@ -192,16 +172,7 @@ def train_run(
     }
     with writing(out, ranks.main, seen, overwrite):
         if ranks.main:
-            if resume:  # what a killed train was writing when it died
-                for path in stale_temporaries(work):
-                    path.unlink(missing_ok=True)
-            else:  # an interrupted replacement's work, if any, is not this run's; nor `left`
-                shutil.rmtree(out / REPLACEMENT, ignore_errors=True)
-                for path in left:
-                    if path.is_dir():
-                        shutil.rmtree(path)
-                    else:
-                        path.unlink(missing_ok=True)
+            _clear_leftovers(out, work, resume, left)
             if work != out:
                 log.info("the run in %s stays there until this one has finished", out)
             save_folds(work / "folds.csv", names, labels, fold_of)
@@ -211,33 +182,7 @@ def train_run(
                 write_json(work / "run.json", summary)
             data_pictures(array, labels, {"train": summary["audit"]}, work / "data")
         ranks.barrier()
-
-        images = DeviceImages(array, device)
-        labels_t = torch.from_numpy(labels).to(device)
-        for k in range(cfg.folds):
-            fold = k + 1
-            train_idx, val_idx = np.flatnonzero(fold_of != k), np.flatnonzero(fold_of == k)
-            if not (cfg.ddp or ranks.mine(k)):
-                continue  # another process trains this fold
-            if _finished_fold(work, fold) is not None:
-                log.info("fold %d/%d: finished before, kept", fold, cfg.folds)
-                continue
-            model = fold_model(cfg, fold, device)
-            log.info(
-                "fold %d/%d: %d training, %d validation images",
-                fold,
-                cfg.folds,
-                len(train_idx),
-                len(val_idx),
-            )
-            checkpoint = work / f"fold_{fold}" / "checkpoint"
-            result = train_fold(
-                model, images, labels_t, train_idx, val_idx, cfg, fold, checkpoint, ranks
-            )
-            if cfg.ddp and not ranks.main:
-                continue  # rank 0 writes the fold trained by all
-            _save_fold(work, fold, model, result, cfg)
-
+        _train_folds(work, cfg, array, labels, fold_of, device, ranks)
         ranks.barrier()
         if not ranks.main:
             return None
@@ -248,6 +193,87 @@ def train_run(
             put_in_place(work, out)
             log.info("replaced the run in %s", out)
         return summary
+
+
+def _check_resumable(
+    work: Path, previous: dict, digest: str, n_train: int, fold_of: np.ndarray
+) -> None:
+    """Refuse to resume a run on other data than it was started on, as decoding shows it (the
+    names, sizes and labels were compared before): its finished folds' scores would be another
+    data's."""
+    if previous.get("pixel_digest", digest) != digest:
+        # Same names and sizes, other pixels: an image edited, two swapped, or a new decoder.
+        raise FaceAttrError(
+            f"--resume: the images decode to other pixels than when {work} was started (a file "
+            "changed, or pillow or torchvision did); --overwrite starts it again"
+        )
+    if previous.get("n_train") != n_train:  # --skip-bad left out other images
+        raise FaceAttrError(
+            f"--resume: {work} was trained on {previous.get('n_train')} images, "
+            f"this data has {n_train}"
+        )
+    if not (work / "folds.csv").is_file():
+        raise FaceAttrError(
+            f"--resume: {work / 'folds.csv'} is missing, so its finished folds' images are not "
+            "known; --overwrite starts it again"
+        )
+    if not _same_folds(work / "folds.csv", fold_of):
+        # The finished folds' scores would land on other images: scikit-learn's shuffle changed?
+        raise FaceAttrError(
+            f"--resume: this data splits into other folds than {work / 'folds.csv'} holds; "
+            "--overwrite starts it again"
+        )
+
+
+def _clear_leftovers(out: Path, work: Path, resume: bool, left: list[Path]) -> None:
+    """Delete what is not this run's: a resumed run's temporaries, which a killed train was
+    writing when it died; else an interrupted replacement's work, and the files `left` by a run
+    whose run.json is gone (--overwrite)."""
+    if resume:
+        for path in stale_temporaries(work):
+            path.unlink(missing_ok=True)
+        return
+    shutil.rmtree(out / REPLACEMENT, ignore_errors=True)
+    for path in left:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _train_folds(
+    work: Path,
+    cfg: TrainConfig,
+    array: np.ndarray,
+    labels: np.ndarray,
+    fold_of: np.ndarray,
+    device: torch.device,
+    ranks: Ranks,
+) -> None:
+    """Train and save every fold this process trains that is not finished yet, one after the
+    other on one copy of the images on the device."""
+    images = DeviceImages(array, device)
+    labels_t = torch.from_numpy(labels).to(device)
+    for k in range(cfg.folds):
+        fold = k + 1
+        if not (cfg.ddp or ranks.mine(k)):
+            continue  # another process trains this fold
+        if _finished_fold(work, fold) is not None:
+            log.info("fold %d/%d: finished before, kept", fold, cfg.folds)
+            continue
+        train_idx, val_idx = np.flatnonzero(fold_of != k), np.flatnonzero(fold_of == k)
+        model = fold_model(cfg, fold, device)
+        log.info(
+            "fold %d/%d: %d training, %d validation images",
+            *(fold, cfg.folds, len(train_idx), len(val_idx)),
+        )
+        checkpoint = work / f"fold_{fold}" / "checkpoint"
+        result = train_fold(
+            model, images, labels_t, train_idx, val_idx, cfg, fold, checkpoint, ranks
+        )
+        if cfg.ddp and not ranks.main:
+            continue  # rank 0 writes the fold trained by all
+        _save_fold(work, fold, model, result, cfg)
 
 
 def _save_fold(
