@@ -14,6 +14,8 @@ import math
 import os
 import time
 import typing
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
@@ -511,7 +513,7 @@ def train_fold(
         first_bad = torch.full((), -1, device=device)  # first step whose loss was not finite
         predicted = torch.empty(len(order), dtype=torch.bool, device=device)
         shown = progress.bar(len(order), f"fold {fold} epoch {epoch}/{cfg.epochs}")
-        try:
+        with _step_errors(cfg, fold, epoch):
             for step, s in enumerate(range(0, len(order), batch), start=1):
                 idx = order[s : s + batch]
                 batch_images = images[gather[s : s + batch]]
@@ -532,19 +534,6 @@ def train_fold(
                 loss_sum += loss * len(idx)
                 predicted[s : s + len(idx)] = torch.sigmoid(logits.float()) >= cfg.threshold
                 shown.update(len(idx))
-        except RuntimeError as e:
-            if cfg.compile and _compiler_failed(e):  # a missing header, a broken toolchain...
-                cause = getattr(e, "inner_exception", None) or e
-                raise FaceAttrError(
-                    f"--compile failed ({type(cause).__name__}: {first_line(cause)}); train "
-                    "without --compile"
-                ) from None
-            if "without overflow" not in str(e):
-                raise
-            raise FaceAttrError(  # a setting beyond float32 (Adam's first step at --lr 3e38)
-                f"fold {fold}: a setting overflowed float32 at epoch {epoch} ({first_line(e)}); "
-                f"training stopped ({RETRY})"
-            ) from None
         shown.close()
         if parallel:
             dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
@@ -566,19 +555,12 @@ def train_fold(
                 f"fold {fold}: the model's outputs became infinite or NaN at epoch {epoch} "
                 f"(after step {step}); training stopped ({RETRY})"
             )
-        val_logits = torch.logit(torch.as_tensor(val_scores, device=device), eps=1e-7)
-        val_rates = error_rates(y_val.cpu().numpy(), scores_to_labels(val_scores, cfg.threshold))
         row = {
             "epoch": epoch,
             "lr": lr,
             "train_loss": loss_sum.item() / len(order),
-            "train_far": train_rates["far"],
-            "train_frr": train_rates["frr"],
-            "train_hter": train_rates["hter"],
-            "val_loss": weighted_bce(val_logits, y_val, weights).item(),
-            "val_far": val_rates["far"],
-            "val_frr": val_rates["frr"],
-            "val_hter": val_rates["hter"],
+            **{f"train_{k}": train_rates[k] for k in ("far", "frr", "hter")},
+            **_validation_row(val_scores, y_val, weights, cfg.threshold),
             "train_seconds": train_seconds,
             "seconds": time.perf_counter() - t0,
         }
@@ -596,6 +578,40 @@ def train_fold(
             log.debug("fold %d: epoch %d state saved to %s", fold, epoch, checkpoint)
     seconds = time.perf_counter() - start
     return FoldResult(state.best_epoch, state.best_state, state.best_scores, state.history, seconds)
+
+
+def _validation_row(
+    scores: np.ndarray, labels: torch.Tensor, weights: torch.Tensor, threshold: float
+) -> dict:
+    """An epoch's validation figures: the loss of its `scores`, and the error rates at
+    `threshold`."""
+    logits = torch.logit(torch.as_tensor(scores, device=labels.device), eps=1e-7)
+    rates = error_rates(labels.cpu().numpy(), scores_to_labels(scores, threshold))
+    return {
+        "val_loss": weighted_bce(logits, labels, weights).item(),
+        **{f"val_{k}": rates[k] for k in ("far", "frr", "hter")},
+    }
+
+
+@contextmanager
+def _step_errors(cfg: TrainConfig, fold: int, epoch: int) -> Iterator[None]:
+    """Training steps' errors a user can cause, as one line each: a compiler that fails under
+    --compile, a setting beyond float32. Any other is a bug, with its traceback."""
+    try:
+        yield
+    except RuntimeError as e:
+        if cfg.compile and _compiler_failed(e):  # a missing header, a broken toolchain...
+            cause = getattr(e, "inner_exception", None) or e
+            raise FaceAttrError(
+                f"--compile failed ({type(cause).__name__}: {first_line(cause)}); train "
+                "without --compile"
+            ) from None
+        if "without overflow" not in str(e):
+            raise
+        raise FaceAttrError(  # a setting beyond float32 (Adam's first step at --lr 3e38)
+            f"fold {fold}: a setting overflowed float32 at epoch {epoch} ({first_line(e)}); "
+            f"training stopped ({RETRY})"
+        ) from None
 
 
 def _epoch_line(row: dict) -> str:
