@@ -58,8 +58,7 @@ def explore(
             imbalance=imbalance_verdict(counts),
             train_audit=audit.to_dict(),
         )
-        plots.class_balance(counts, out / "class_balance.png")
-        plots.sample_grid(images, labels, out / "samples.png")
+        plots.training_set(images, labels, out)
     if dataset.test is not None:
         test_audit = load_images(dataset.test, cache, workers, skip_bad=True).audit
         summary.update(n_test=len(dataset.test), test_audit=test_audit.to_dict())

@@ -86,6 +86,16 @@ def sample_grid(
     return _save(fig, path)
 
 
+def training_set(images: np.ndarray, labels: np.ndarray, out: Path) -> list[Path]:
+    """The training set's pictures in the folder `out`, as explore and train both draw them (the
+    report shows train's): class_balance.png and samples.png."""
+    counts = {c: int((labels == c).sum()) for c in (0, 1)}
+    return [
+        class_balance(counts, out / "class_balance.png"),
+        sample_grid(images, labels, out / "samples.png"),
+    ]
+
+
 def image_audit(audits: dict[str, dict], path: str | Path) -> Path:
     """Original image sizes and colour modes per image set (train, test), before conversion."""
     fig, (ax_size, ax_mode) = plt.subplots(1, 2, figsize=(10, 3.4))

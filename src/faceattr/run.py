@@ -180,7 +180,8 @@ def train_run(
             # finished meanwhile: a kill then leaves it as it was, not "running".
             if not (resume and previous.get("status") == "complete"):
                 write_json(work / "run.json", summary)
-            data_pictures(array, labels, {"train": summary["audit"]}, work / "data")
+            plots.training_set(array, labels, work / "data")  # what explore draws of it too
+            plots.image_audit({"train": summary["audit"]}, work / "data" / "audit.png")
         ranks.barrier()
         _train_folds(work, cfg, array, labels, fold_of, device, ranks)
         ranks.barrier()
@@ -492,11 +493,3 @@ def _finished_fold(out: Path, fold: int) -> dict | None:
         return {"summary": done["summary"], "val_scores": np.asarray(done["val_scores"])}
     except (OSError, ValueError, KeyError, TypeError):  # damaged: the fold trains again
         return None
-
-
-def data_pictures(images: np.ndarray, labels: np.ndarray, audits: dict, out: Path) -> None:
-    """The run's data/ pictures: class balance, sample images and the image audit of the
-    training set (what explore draws of it too, for the report to show)."""
-    plots.class_balance({c: int((labels == c).sum()) for c in (0, 1)}, out / "class_balance.png")
-    plots.sample_grid(images, labels, out / "samples.png")
-    plots.image_audit(audits, out / "audit.png")
