@@ -101,18 +101,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return run_train(load_dataset(args.data, need="train"), args)
 
 
-# The TrainConfig fields `train` takes from the command line under the same names.
-TRAIN_OPTIONS = (
-    "arch", "folds", "epochs", "lr", "step", "gamma", "batch_size", "seed", "pretrained",
-    "workers", "compile", "skip_bad", "ddp", "optimizer", "schedule", "weight_decay",
-    "label_smoothing", "ema", "augment", "mix", "mix_alpha", "save_every",
-)  # fmt: skip
+def train_options() -> list[str]:
+    """The TrainConfig fields `train` takes from the command line under the same names: all but
+    those predict decides (--threshold, --no-tta) and the cache (--cache/--no-cache, see
+    cache_dir)."""
+    from dataclasses import fields
+
+    from faceattr.train import TrainConfig
+
+    return [f.name for f in fields(TrainConfig) if f.name not in ("threshold", "tta", "cache")]
 
 
 def given_options(args: argparse.Namespace) -> dict:
     """The training options given on the command line: those not given are None (flags: False),
     so that the recipe's values show through."""
-    given = {k: getattr(args, k) for k in TRAIN_OPTIONS}
+    given = {k: getattr(args, k) for k in train_options()}
     return {k: v for k, v in given.items() if v is not None and v is not False}
 
 
