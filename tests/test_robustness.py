@@ -583,6 +583,7 @@ def test_predict_never_writes_over_its_inputs(tmp_path, trained_run):
     shutil.copytree(trained_run, run)
     os.mkfifo(tmp_path / "pipe")
     inputs = [data / "label_train.txt", data / "val_img" / "000001.jpg", data / "val_img" / "new.txt",
+              data / "train_img" / "000001.jpg", data / "train_img" / "new.txt",
               run / "run.json", run / "models" / "labels.txt", run / "fold_1" / "labels.txt"]  # fmt: skip
     before = {p: p.read_bytes() for p in [*data.rglob("*.*"), *run.rglob("*.*")]}
     for output in inputs:

@@ -174,8 +174,8 @@ def _run_json(run: Path) -> bytes | None:
 
 def check_output(output: Path, images: ImageSet, models_dir: Path) -> Path:
     """The label file's path, if it can be one: a file name, not a folder, not the table's, and
-    none of the command's inputs: the test images' folder or zip, the training labels beside them,
-    the models and what train wrote beside them."""
+    none of the command's inputs or the layout's: the test images' folder or zip, the training
+    images and labels beside them, the models and what train wrote beside them."""
     if output.name in ("", ".", ".."):
         raise FaceAttrError("--output does not name a file")
     if output.is_dir():
@@ -185,7 +185,8 @@ def check_output(output: Path, images: ImageSet, models_dir: Path) -> Path:
     if output.name == TABLE:
         raise FaceAttrError(f"--output {output}: {TABLE} is the table written beside the labels")
     folder = images.source.local(images.folder)
-    inputs = [folder, models_dir, folder.parent / LABEL_FILE, images.source.local("") / LABEL_FILE]
+    inputs = [*images.layout_folders(), models_dir, folder.parent / LABEL_FILE]
+    inputs.append(images.source.local("") / LABEL_FILE)
     run = models_dir.parent
     if (run / "run.json").exists():  # what train wrote there; a label file may join them
         inputs += run_paths(run)
