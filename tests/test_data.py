@@ -185,6 +185,21 @@ def test_numbering_gaps_duplicates_and_names(tmp_path):
         numbered_images(source, "imgs")
 
 
+def test_every_format_pil_reads_is_an_image_and_a_number_in_another_is_refused(tmp_path):
+    folder = tmp_path / "imgs"
+    for n, (suffix, fmt) in enumerate([(".jpg", None), (".jfif", "JPEG"), (".ppm", None)], 1):
+        write_image(folder / f"{n}{suffix}", (n * 50, n, n), fmt=fmt)
+    source = open_source(tmp_path)
+    images = numbered_images(source, "imgs")
+    assert images.names == ["1.jpg", "2.jfif", "3.ppm"]
+    red = decode_images(images, workers=1)[0][:, 0, 0, 0].astype(int)
+    assert np.abs(red - [50, 100, 150]).max() <= 2  # JPEG's rounding
+    # Left out with a warning, the last one would have made the label file a line short.
+    (folder / "4.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    with pytest.raises(FaceAttrError, match=r"4\.heic is numbered like an image, but \.heic is"):
+        numbered_images(source, "imgs")
+
+
 @pytest.mark.parametrize("use_zip", [False, True])
 def test_an_entry_named_like_an_image_that_is_not_a_file_is_named(tmp_path, use_zip):
     """A folder "5.jpg" had been left out without a word; a named pipe, taken for a gap."""

@@ -21,12 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
+from PIL import Image
 
 from faceattr.errors import FaceAttrError
 
 log = logging.getLogger("faceattr")
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+# Every extension of a format PIL opens: .jpg, .png, .webp, .jfif, .ppm, ...
+IMAGE_SUFFIXES = frozenset(e for e, f in Image.registered_extensions().items() if f in Image.OPEN)
 TRAIN_DIR, LABEL_FILE, TEST_DIR = "train_img", "label_train.txt", "val_img"
 
 
@@ -300,10 +302,16 @@ def numbered_images(source: Source, folder: str) -> ImageSet:
         )
     numbered: dict[int, str] = {}
     for name in files:
+        stem, suffix = os.path.splitext(name)
         if not _is_image(name):
+            if stem.isdecimal():  # left out, the last one would leave the label file short
+                raise FaceAttrError(
+                    f"{source.describe(_join(folder, name))} is numbered like an image, but "
+                    f"{suffix or 'no extension'} is no image format PIL reads: convert it, or "
+                    "move it out"
+                )
             log.warning("ignoring %s: not an image", source.describe(_join(folder, name)))
             continue
-        stem = os.path.splitext(name)[0]
         if not stem.isdecimal():  # not isdigit(): it takes "²", which int() refuses
             raise FaceAttrError(
                 f"{source.describe(_join(folder, name))}: image name is not a number"
