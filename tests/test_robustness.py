@@ -214,7 +214,9 @@ def test_a_run_folder_never_takes_the_datas_place(tmp_path, monkeypatch):
         (data, ["--overwrite"], "choose another --out"),
         (archive, [], "the run's models/ where the data is"),
     ):
-        code, err = in_process("train", str(source), "--out", str(tmp_path), "-q", *extra)
+        code, err = in_process(
+            "train", str(source), "--out", str(tmp_path), "--folds", "2", "-q", *extra
+        )
         assert code == 2 and len(err) == 1 and message in err[0], err
     # Nor a run or explore's pictures in an image folder, where they would join the images.
     # train's among the test images too, which it does not read (they had been let in).
@@ -224,7 +226,8 @@ def test_a_run_folder_never_takes_the_datas_place(tmp_path, monkeypatch):
         ("train", "--cache", "val_img/cache"),
         ("explore", "--out", "val_img/pictures"),
     ):
-        code, err = in_process(command, str(data), option, str(data / folder), "-q")
+        folds = ["--folds", "2"] if command == "train" else []
+        code, err = in_process(command, str(data), option, str(data / folder), "-q", *folds)
         assert code == 2 and len(err) == 1 and "is inside the image folder" in err[0], err
     assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
     assert not (tmp_path / "run.json").exists()
