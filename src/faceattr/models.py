@@ -80,6 +80,11 @@ def normalise(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.T
     return rows.view(n, h, w, c).permute(0, 3, 1, 2)
 
 
+# torch.fx keeps `normalise` one call: torch 2.4's tracer cannot pass the Proxy sizes it unpacks
+# from x.shape to a real tensor's view/repeat (TypeError), which left a model unfolded.
+torch.fx.wrap("normalise")
+
+
 class Logit(nn.Linear):
     """The 1-logit head: nn.Linear(features, 1), summed in float32 even under bf16 autocast.
 
