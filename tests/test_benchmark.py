@@ -12,6 +12,7 @@ import time
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -192,7 +193,14 @@ def test_screening_trains_the_same_model_as_the_runs_fold(trained_run, dataset_d
     assert row["val_hter_by_epoch"] == [round(float(r.split(",")[column]), 4) for r in history[1:]]
     assert row["fold"] == 2 and row["args"] == options and 0 <= row["val_hter"] <= 0.5
     assert row["val_hter"] <= min(row["val_hter_by_epoch"])  # its own best threshold
-    assert 0.5 <= row["auc"] <= 1 and row["best_epoch"] in (1, 2)
+    # The run's fold-2 scores, not a bound: 2 epochs on 160 images can rank worse than chance, and
+    # dropout's CPU draws differ between torch releases (2.4.1: AUC 0.43; 2.14.1: 0.73).
+    from faceattr.metrics import auc
+
+    oof = [line.split(",") for line in (trained_run / "oof.csv").read_text().splitlines()[1:]]
+    y, scores = zip(*[(int(v), float(s)) for _, v, f, s, _ in oof if f == "2"], strict=True)
+    assert row["auc"] == pytest.approx(auc(np.array(y), np.array(scores)))
+    assert row["best_epoch"] in (1, 2)
 
 
 def test_holdout_is_a_stratified_labelled_test_set_and_is_scored_as_predicted(
