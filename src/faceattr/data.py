@@ -11,6 +11,7 @@ Decoding the images into one array is `decode`'s job; this module only finds and
 from __future__ import annotations
 
 import codecs
+import functools
 import logging
 import os
 import re
@@ -27,8 +28,6 @@ from faceattr.errors import FaceAttrError
 
 log = logging.getLogger("faceattr")
 
-# Every extension of a format PIL opens: .jpg, .png, .webp, .jfif, .ppm, ...
-IMAGE_SUFFIXES = frozenset(e for e, f in Image.registered_extensions().items() if f in Image.OPEN)
 TRAIN_DIR, LABEL_FILE, TEST_DIR = "train_img", "label_train.txt", "val_img"
 
 
@@ -434,7 +433,14 @@ def load_dataset(path: str | Path, need: str = "train") -> Dataset:
 
 
 def _is_image(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+    return os.path.splitext(name)[1].lower() in _image_suffixes()
+
+
+@functools.cache
+def _image_suffixes() -> frozenset[str]:
+    """Every extension of a format PIL opens: .jpg, .png, .webp, .jfif, .ppm, ... Asked once a
+    folder is scanned, not at import: PIL loads all its plugins to answer (50 ms)."""
+    return frozenset(e for e, f in Image.registered_extensions().items() if f in Image.OPEN)
 
 
 def _holds_images(source: Source, folder: str) -> bool:
