@@ -185,8 +185,8 @@ def check_output(output: Path, images: ImageSet, models_dir: Path) -> Path:
     if output.name == TABLE:
         raise FaceAttrError(f"--output {output}: {TABLE} is the table written beside the labels")
     folder = images.source.local(images.folder)
-    inputs = [*images.layout_folders(), models_dir, folder.parent / LABEL_FILE]
-    inputs.append(images.source.local("") / LABEL_FILE)
+    labels = [folder.parent / LABEL_FILE, images.source.local("") / LABEL_FILE]
+    inputs = [*images.layout_folders(), models_dir, *labels]
     run = models_dir.parent
     if (run / "run.json").exists():  # what train wrote there; a label file may join them
         inputs += run_paths(run)
