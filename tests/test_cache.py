@@ -279,3 +279,48 @@ def test_second_train_does_not_decode_again(dataset_dir, tmp_path):
         runs.append(json.loads((tmp_path / name / "run.json").read_text()))
     assert runs[0]["decode"]["cache"] == "miss" and runs[1]["decode"]["cache"] == "hit"
     assert runs[0]["oof"] == runs[1]["oof"]
+
+
+def test_a_zip_rewritten_in_place_with_its_time_stamp_kept_misses(tmp_path):
+    """Kills cache.py:68 without `st.st_ctime_ns`: the existing test moves the zip's mtime on,
+    so its change time, the one witness of a zip rewritten in place (same size, same inode,
+    same directory, its mtime put back, as `touch -r` or an unpacker's would), was never
+    needed."""
+    for i in (1, 2):
+        write_image(tmp_path / "d" / "val_img" / f"{i}.png", (i, i, i))
+    archive = tmp_path / "d.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for i in (1, 2):
+            z.write(tmp_path / "d" / "val_img" / f"{i}.png", f"val_img/{i}.png")
+    key = fingerprint(load_test_images(archive))
+    st = archive.stat()
+    archive.write_bytes(archive.read_bytes())  # rewritten in place: its inode is kept
+    os.utime(archive, ns=(st.st_atime_ns, st.st_mtime_ns))  # and its time stamp put back
+    assert archive.stat().st_ino == st.st_ino and archive.stat().st_mtime_ns == st.st_mtime_ns
+    assert fingerprint(load_test_images(archive)) != key
+
+
+def test_a_linked_test_folder_reached_two_ways_is_one_entry(tmp_path):
+    """Kills cache.py:82 without the last `.resolve()`: DATA/val_img a link to the images, and
+    the link's target given alone, are one folder; only the folder named in DATA was left
+    unresolved, so the same images were decoded into a second entry."""
+    for i in (1, 2):
+        write_image(tmp_path / "images" / f"{i}.png", (i, i, i))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "val_img").symlink_to(tmp_path / "images")
+    first = load_images(load_dataset(tmp_path / "data", need="test").test, tmp_path / "cache")
+    again = load_images(load_test_images(tmp_path / "images"), tmp_path / "cache")
+    assert (first.cache, again.cache) == ("miss", "hit")
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
+
+
+def test_other_files_in_the_cache_folder_are_left_alone(dataset_dir, tmp_path):
+    """Kills cache.py:133 narrowed to (OSError, ValueError): a .json in the cache folder that
+    is no entry's (a list, another tool's) or an entry hand-edited (version "x") had stopped
+    the command with a traceback (AttributeError, TypeError) when it dropped earlier entries."""
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "odd.json").write_text(json.dumps({"version": "x", "set": "y"}))
+    images = load_dataset(dataset_dir).train
+    assert load_images(images, tmp_path).cache == "miss"
+    assert (tmp_path / "list.json").exists() and (tmp_path / "odd.json").exists()
+    assert load_images(images, tmp_path).cache == "hit"

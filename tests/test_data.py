@@ -394,3 +394,23 @@ def test_names_must_be_plain_decimal_numbers(tmp_path):
     write_image(tmp_path / "v" / "\u00b92.jpg", (0, 0, 0))  # a superscript 1: isdigit() says yes
     with pytest.raises(FaceAttrError, match="image name is not a number"):
         numbered_images(open_source(tmp_path), "v")
+
+
+def test_the_layouts_folders_are_those_beside_that_are_there(tmp_path):
+    """Kills data.py:285-286 three ways: val_img/ left out of train_img/'s (TEST_DIR dropped),
+    folders that do not exist listed (`p.is_dir()` dropped), and a zip's neighbours taken for
+    its layout (`if here.is_dir()` dropped). The existing test looks from val_img/ only."""
+    make_layout(tmp_path / "d", [0, 1, 1])
+    train = load_dataset(tmp_path / "d").train
+    assert sorted(train.layout_folders()) == [
+        tmp_path / "d" / "train_img",
+        tmp_path / "d" / "val_img",
+    ]
+    # Test images with no train_img/ beside them: their own folder only.
+    make_layout(tmp_path / "t", [], n_test=2)
+    (tmp_path / "t" / "label_train.txt").unlink()
+    assert load_test_images(tmp_path / "t").layout_folders() == [tmp_path / "t" / "val_img"]
+    # A zip is its own layout, whatever folders lie beside it on disk.
+    archive = zip_folder(tmp_path / "d", tmp_path / "d.zip", None)
+    archive = archive.rename(tmp_path / "d" / "d.zip")
+    assert load_test_images(archive).layout_folders() == [archive]

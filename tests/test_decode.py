@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import assert_user_error, run_python, with_stray_bytes, write_image
 from faceattr import decode
 from faceattr.data import load_dataset, numbered_images, open_source
-from faceattr.decode import decode_image, decode_images
+from faceattr.decode import Audit, decode_image, decode_images
 from faceattr.errors import FaceAttrError
 
 
@@ -321,3 +321,75 @@ def test_a_large_image_decodes_without_pils_warning(monkeypatch):
         warnings.simplefilter("error")
         array, size, _ = decode_image(buffer.getvalue())
     assert size == (40, 40) and array[0, 0].tolist() == [10, 20, 30]
+
+
+def test_an_exif_tag_cut_short_leaves_the_image_as_stored():
+    """Kills decode.py:216 `except Exception` -> `except SyntaxError`: PIL raises struct.error
+    for an IFD offset cut short (the docstring's second case), which the existing test's two
+    tags never reach (one only warns, the other is a SyntaxError)."""
+    cut = b"Exif\x00\x00MM\x00*\x00\x00\x01"  # the first IFD's offset cut short: struct.error
+    for size in [(64, 64), (64, 48)]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image, original, _ = decode_image(sideways(size, "PNG", exif=cut))
+        assert original == size and image[:8, :, 0].mean() > 240  # red along the top still
+
+
+def test_a_warning_is_told_as_the_image_that_gave_it_only(tmp_path, monkeypatch):
+    """Kills decode.py:308 `held[seen:]` -> `held`: one image's warning had been given to every
+    image decoded after it (the existing test has all three images warn)."""
+    for i in (1, 2, 3):
+        write_image(tmp_path / "v" / f"{i}.jpg", (1, 2, 3))
+    plain = decode.decode_into
+
+    def warns_on_the_first(raw, where, dest):
+        if where.endswith("1.jpg"):
+            warnings.warn("the first image's own warning", UserWarning, stacklevel=1)
+        return plain(raw, where, dest)
+
+    monkeypatch.setattr(decode, "decode_into", warns_on_the_first)
+    _, audit = decode_images(numbered_images(open_source(tmp_path), "v"), workers=1)
+    assert sorted(audit.warned) == [0], audit.warned
+
+
+def test_warn_names_the_first_image_of_each_warning_once(caplog):
+    """Kills decode.py:120 (the warned images not sorted: a worker's chunk that finished first
+    named its image, not the first one) and decode.py:123 (" (and 0 more)" for one image)."""
+    audit = Audit(warned={7: ("7.jpg", "text A"), 2: ("2.jpg", "text A"), 4: ("4.jpg", "text B")})
+    with caplog.at_level("WARNING", logger="faceattr"):
+        audit.warn("the set")
+    assert caplog.messages == ["2.jpg: text A (and 1 more)", "4.jpg: text B"], caplog.messages
+
+
+def test_an_image_left_out_is_zeros(tmp_path):
+    """Kills decode.py:304 `out[i] = 0` removed: the docstring's "left as zeros" for an image
+    --skip-bad leaves out held whatever `out` held before."""
+    for i in (1, 3):
+        write_image(tmp_path / "v" / f"{i}.png", (9, 9, 9))
+    (tmp_path / "v" / "2.png").write_bytes(b"not an image")
+    out = np.full((3, 64, 64, 3), 255, dtype=np.uint8)
+    array, audit = decode_images(
+        numbered_images(open_source(tmp_path), "v"), out=out, skip_bad=True
+    )
+    assert sorted(audit.bad) == [1]
+    assert (array[1] == 0).all() and (array[0] == 9).all() and (array[2] == 9).all()
+
+
+def test_an_image_resized_in_height_only_is_counted(tmp_path):
+    """Kills decode.py:64 `size != (SIZE, SIZE)` -> `size[0] != SIZE`: the existing tests
+    resize 80x80, 80x64 and 128x96 images, never one 64 wide."""
+    write_image(tmp_path / "v" / "1.png", (1, 2, 3), size=(64, 48))
+    write_image(tmp_path / "v" / "2.png", (1, 2, 3))
+    _, audit = decode_images(numbered_images(open_source(tmp_path), "v"))
+    assert audit.resized == 1 and audit.sizes == {"64x48": 1, "64x64": 1}
+
+
+def test_32_bit_grey_holding_8_bit_values_up_to_255_is_kept():
+    """Kills decode.py:237 `top > 255` -> `top >= 255`: an int32 image whose brightest pixel is
+    255 is 8-bit already (the existing test's is 200, far from the bound)."""
+    a = np.full((64, 64), 255, dtype=np.int32)
+    a[:, :32] = 10
+    buffer = io.BytesIO()
+    Image.fromarray(a).save(buffer, format="TIFF")
+    grey, _, mode = decode_image(buffer.getvalue(), "int tiff")
+    assert mode.startswith("I") and (grey[:, 40:] == 255).all() and (grey[:, :24] == 10).all()

@@ -12,7 +12,7 @@ from faceattr.ensemble import (
     to_model_input,
     vote,
 )
-from faceattr.metrics import best_threshold, error_rates
+from faceattr.metrics import best_threshold, error_rates, scores_to_labels
 
 
 def test_majority_vote_counts_models():
@@ -163,3 +163,14 @@ def test_decision_rule_reports_tuned_nested_and_untuned_errors():
         assert low <= d[key]["hter"] <= high
     assert d["eer"] == pytest.approx(d["oof"]["hter"], abs=0.03)
     assert 0.9 < d["auc"] < 1
+
+
+def test_the_untuned_rule_is_judged_at_0_5_not_at_the_tuned_threshold():
+    """Kills ensemble.py:170 `scores_to_labels(oof, 0.5)` -> `(oof, threshold)`: no test told
+    oof_at_0.5 from oof, the scores being such that both thresholds gave the same labels."""
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    oof = np.array([0.05, 0.1, 0.15, 0.2, 0.25, 0.3])  # all below 0.5; separable at ~0.175
+    rule = decision_rule(labels, oof, np.array([0, 1, 0, 1, 0, 1]))
+    assert rule["oof"]["hter"] == 0 and rule["threshold"] < 0.5
+    at_half = error_rates(labels, scores_to_labels(oof, 0.5))
+    assert rule["oof_at_0.5"]["hter"] == at_half["hter"] == 0.5

@@ -17,6 +17,7 @@ from faceattr.runfolder import (
     check_unlocked,
     finish_replacing,
     put_in_place,
+    remains,
     runs_in,
     unfinished_run,
     where_to_train,
@@ -226,3 +227,11 @@ def test_a_train_waits_for_a_predict_writing_beside_the_run(tmp_path):
         with pytest.raises(FaceAttrError, match="being written by another faceattr train"):
             _lock_from_readers(mine, run)
         assert time.monotonic() - started < 1
+
+
+def test_what_a_run_left_includes_predicts_report_section(tmp_path):
+    """Kills runfolder.py:66 without prediction/prediction.json: predict's section of a run
+    whose run.json is gone would be taken by the next run in that folder for its own."""
+    (tmp_path / "prediction").mkdir()
+    (tmp_path / "prediction" / "prediction.json").write_text("{}")
+    assert remains(tmp_path) == [tmp_path / "prediction" / "prediction.json"]
