@@ -106,6 +106,14 @@ def test_a_fold_model_from_another_run_is_refused(trained_run, tmp_path):
     save_fold_model(run / "models", 2, create_model("simple"), models[1].config)  # another's
     with pytest.raises(FaceAttrError, match=r"fold_2.safetensors is not the model this run"):
         load_ensemble_settings(run / "models", load_fold_models(run / "models"))
+    # ensemble.json without its list of folds: its digests still say which folds vote.
+    settings = json.loads((run / "models" / "ensemble.json").read_text())
+    del settings["folds"]
+    (run / "models" / "ensemble.json").write_text(json.dumps(settings))
+    (run / "models" / "fold_2.safetensors").unlink()
+    (run / "models" / "fold_2.json").unlink()
+    with pytest.raises(FaceAttrError, match=r"digests of folds \[1, 2\]: fold_2.safetensors is"):
+        load_ensemble_settings(run / "models", load_fold_models(run / "models"))
     # A run from before the digests were kept: no check, as before.
     settings = json.loads((run / "models" / "ensemble.json").read_text())
     del settings["sha256"]

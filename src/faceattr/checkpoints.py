@@ -168,8 +168,15 @@ def _check_digests(models_dir: Path, models: list[FoldModel], digests: object, p
     run from before they were kept has none)."""
     if digests is None:
         return
-    if not (isinstance(digests, dict) and all(isinstance(d, str) for d in digests.values())):
+    if not (
+        isinstance(digests, dict)
+        and all(isinstance(d, str) for d in digests.values())
+        and all(k.isdigit() for k in digests)
+    ):
         raise FaceAttrError(f"{path}: sha256 must map folds to digests, got {digests!r}")
+    # Each fold trained has a digest: one whose model is gone is a smaller ensemble.
+    trained = sorted(int(k) for k in digests)
+    check_folds(trained, [m.fold for m in models], ".safetensors", f"{path} holds digests of folds")
     for m in models:
         if m.sha256 != digests.get(str(m.fold)):
             weights = models_dir / f"fold_{m.fold}.safetensors"
