@@ -397,9 +397,9 @@ def test_names_must_be_plain_decimal_numbers(tmp_path):
 
 
 def test_the_layouts_folders_are_those_beside_that_are_there(tmp_path):
-    """Kills data.py:285-286 three ways: val_img/ left out of train_img/'s (TEST_DIR dropped),
-    folders that do not exist listed (`p.is_dir()` dropped), and a zip's neighbours taken for
-    its layout (`if here.is_dir()` dropped). The existing test looks from val_img/ only."""
+    """The layout's folders are those that exist beside each other: train_img/'s include
+    val_img/, test images alone are their own folder, and a zip is its own layout whatever
+    folders lie beside it on disk."""
     make_layout(tmp_path / "d", [0, 1, 1])
     train = load_dataset(tmp_path / "d").train
     assert sorted(train.layout_folders()) == [

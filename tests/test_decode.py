@@ -324,9 +324,8 @@ def test_a_large_image_decodes_without_pils_warning(monkeypatch):
 
 
 def test_an_exif_tag_cut_short_leaves_the_image_as_stored():
-    """Kills decode.py:216 `except Exception` -> `except SyntaxError`: PIL raises struct.error
-    for an IFD offset cut short (the docstring's second case), which the existing test's two
-    tags never reach (one only warns, the other is a SyntaxError)."""
+    """PIL raises struct.error for an EXIF block whose first IFD offset is cut short: the image
+    is kept as stored, unrotated, whatever its shape."""
     cut = b"Exif\x00\x00MM\x00*\x00\x00\x01"  # the first IFD's offset cut short: struct.error
     for size in [(64, 64), (64, 48)]:
         with warnings.catch_warnings():
@@ -336,8 +335,7 @@ def test_an_exif_tag_cut_short_leaves_the_image_as_stored():
 
 
 def test_a_warning_is_told_as_the_image_that_gave_it_only(tmp_path, monkeypatch):
-    """Kills decode.py:308 `held[seen:]` -> `held`: one image's warning had been given to every
-    image decoded after it (the existing test has all three images warn)."""
+    """A warning is told as the image's that gave it, not as every image decoded after it."""
     for i in (1, 2, 3):
         write_image(tmp_path / "v" / f"{i}.jpg", (1, 2, 3))
     plain = decode.decode_into
@@ -353,8 +351,8 @@ def test_a_warning_is_told_as_the_image_that_gave_it_only(tmp_path, monkeypatch)
 
 
 def test_warn_names_the_first_image_of_each_warning_once(caplog):
-    """Kills decode.py:120 (the warned images not sorted: a worker's chunk that finished first
-    named its image, not the first one) and decode.py:123 (" (and 0 more)" for one image)."""
+    """Each warning is told once, naming its lowest-numbered image (whichever worker's chunk
+    finished first), and "(and N more)" only when there are more."""
     audit = Audit(warned={7: ("7.jpg", "text A"), 2: ("2.jpg", "text A"), 4: ("4.jpg", "text B")})
     with caplog.at_level("WARNING", logger="faceattr"):
         audit.warn("the set")
@@ -362,8 +360,7 @@ def test_warn_names_the_first_image_of_each_warning_once(caplog):
 
 
 def test_an_image_left_out_is_zeros(tmp_path):
-    """Kills decode.py:304 `out[i] = 0` removed: the docstring's "left as zeros" for an image
-    --skip-bad leaves out held whatever `out` held before."""
+    """An image --skip-bad leaves out is zeros, whatever the array held before."""
     for i in (1, 3):
         write_image(tmp_path / "v" / f"{i}.png", (9, 9, 9))
     (tmp_path / "v" / "2.png").write_bytes(b"not an image")
@@ -376,8 +373,7 @@ def test_an_image_left_out_is_zeros(tmp_path):
 
 
 def test_an_image_resized_in_height_only_is_counted(tmp_path):
-    """Kills decode.py:64 `size != (SIZE, SIZE)` -> `size[0] != SIZE`: the existing tests
-    resize 80x80, 80x64 and 128x96 images, never one 64 wide."""
+    """An image resized in its height only (64 wide) is counted as resized."""
     write_image(tmp_path / "v" / "1.png", (1, 2, 3), size=(64, 48))
     write_image(tmp_path / "v" / "2.png", (1, 2, 3))
     _, audit = decode_images(numbered_images(open_source(tmp_path), "v"))
@@ -385,8 +381,7 @@ def test_an_image_resized_in_height_only_is_counted(tmp_path):
 
 
 def test_32_bit_grey_holding_8_bit_values_up_to_255_is_kept():
-    """Kills decode.py:237 `top > 255` -> `top >= 255`: an int32 image whose brightest pixel is
-    255 is 8-bit already (the existing test's is 200, far from the bound)."""
+    """A 32-bit grey image whose brightest pixel is 255 holds 8-bit values: kept, not scaled."""
     a = np.full((64, 64), 255, dtype=np.int32)
     a[:, :32] = 10
     buffer = io.BytesIO()

@@ -166,8 +166,7 @@ def test_decision_rule_reports_tuned_nested_and_untuned_errors():
 
 
 def test_the_untuned_rule_is_judged_at_0_5_not_at_the_tuned_threshold():
-    """Kills ensemble.py:170 `scores_to_labels(oof, 0.5)` -> `(oof, threshold)`: no test told
-    oof_at_0.5 from oof, the scores being such that both thresholds gave the same labels."""
+    """oof_at_0.5 is the untuned rule's error, at 0.5, not the tuned threshold's again."""
     labels = np.array([0, 0, 0, 1, 1, 1])
     oof = np.array([0.05, 0.1, 0.15, 0.2, 0.25, 0.3])  # all below 0.5; separable at ~0.175
     rule = decision_rule(labels, oof, np.array([0, 1, 0, 1, 0, 1]))

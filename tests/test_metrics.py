@@ -153,14 +153,13 @@ def test_bootstrap_interval_brackets_the_estimate_and_narrows_with_data():
 
 
 def test_accepting_everything_puts_the_threshold_below_the_lowest_score():
-    """Kills metrics.py:262 `values[0] - 1e-6` -> `values[0]`: the cut below the lowest score is
-    below it, so a test score a hair under it is still accepted (the docstring's "small shifts")."""
+    """The cut that accepts everything lies below the lowest score, so a test score a hair
+    under it is still accepted."""
     threshold, rates = best_threshold(np.array([0, 1, 1]), np.full(3, 0.5))
     assert (rates["far"], rates["frr"]) == (1, 0) and threshold < 0.5
 
 
 def test_bootstrap_of_a_single_class_is_nan():
-    """Kills metrics.py:308-309 (the early return for an absent class removed): numpy's binomial
-    then refuses p=nan instead of the documented undefined (NaN) interval."""
+    """With one class absent, the interval is undefined (NaN), not numpy's error."""
     low, high = bootstrap_hter(np.array([1, 1, 1]), np.array([1, 0, 1]))
     assert np.isnan(low) and np.isnan(high)

@@ -230,8 +230,8 @@ def test_a_train_waits_for_a_predict_writing_beside_the_run(tmp_path):
 
 
 def test_what_a_run_left_includes_predicts_report_section(tmp_path):
-    """Kills runfolder.py:66 without prediction/prediction.json: predict's section of a run
-    whose run.json is gone would be taken by the next run in that folder for its own."""
+    """predict's report section is part of what a run left: a run whose run.json is gone
+    would otherwise pass it to the next run in that folder as its own."""
     (tmp_path / "prediction").mkdir()
     (tmp_path / "prediction" / "prediction.json").write_text("{}")
     assert remains(tmp_path) == [tmp_path / "prediction" / "prediction.json"]
