@@ -337,15 +337,33 @@ def _in_workers(workers: int, chunks: list[tuple[int, int]]) -> Iterator[Audit]:
         futures = [pool.submit(_worker_task, chunk) for chunk in chunks]  # they fork here
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    done = False
     try:
         for future in as_completed(futures):
             yield future.result()
+        done = True
     except BrokenProcessPool:
         raise FaceAttrError(
             "a process decoding the images died (out of memory?); --workers 1 decodes in this one"
         ) from None
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        try:
+            if not done:  # Ctrl-C, or an image's error: the chunks begun are of no use now
+                _kill_workers(pool)
+            pool.shutdown(wait=True, cancel_futures=True)
+        except BaseException:  # Ctrl-C again while they finish: waited for, they never end
+            _kill_workers(pool)
+            raise
+
+
+def _kill_workers(pool: ProcessPoolExecutor) -> None:
+    """End `pool`'s workers at once; the pool then finds them dead and winds itself down.
+    Python 3.14 has `kill_workers()`; before it, the processes are only in `_processes`."""
+    if hasattr(pool, "kill_workers"):
+        pool.kill_workers()
+        return
+    for process in list((pool._processes or {}).values()):
+        process.kill()
 
 
 def shared_array(n: int) -> np.ndarray:
