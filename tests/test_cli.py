@@ -196,8 +196,9 @@ def test_evaluate_a_labelled_test_set_with_pictures(trained_run, dataset_dir, tm
     truth = dataset_dir.parent / "truth_val.txt"
     evaluate = ["evaluate", "--pred", str(out), "--truth", str(truth)]
     evaluate += ["--scores", str(tmp_path / "predictions.csv"), "--images", str(dataset_dir)]
-    result = here(*evaluate, "--plots", str(dataset_dir / "val_img"))
-    assert_user_error(result, "--plots", "is inside the image folder")
+    for folder in ("val_img", "train_img"):  # a picture in train_img/ would join its images
+        result = here(*evaluate, "--plots", str(dataset_dir / folder))
+        assert_user_error(result, "--plots", "is inside the image folder")
     result = cli(
         "evaluate",
         "--pred",

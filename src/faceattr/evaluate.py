@@ -59,7 +59,7 @@ def evaluate(
         from faceattr.cache import load_images
 
         test_images = load_test_images(images)
-        refuse_inside(out, [test_images.source.local(test_images.folder)], "--plots")
+        refuse_inside(out, test_images.layout_folders(), "--plots")
         array = load_images(test_images, cache, workers).array
         if len(array) != len(labels):
             raise FaceAttrError(f"{images} has {len(array)} images, the truth {len(labels)}")
