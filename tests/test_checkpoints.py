@@ -67,8 +67,12 @@ def test_folds_come_back_in_numeric_order(tmp_path):
 def test_missing_or_broken_models_are_user_errors(tmp_path):
     with pytest.raises(FaceAttrError, match="does not exist"):
         load_fold_models(tmp_path / "nope")
-    with pytest.raises(FaceAttrError, match=r"holds no fold_K\.safetensors"):
+    with pytest.raises(FaceAttrError, match=r"holds no fold_K\.safetensors model$"):
         load_fold_models(tmp_path)
+    # A run folder given for its models/ (--model-dir RUN): what would read it.
+    save_fold_model(tmp_path / "r" / "models", 1, create_model("simple"), {"arch": "simple"})
+    with pytest.raises(FaceAttrError, match=r"but its models/ does: .* as --run .*r$"):
+        load_fold_models(tmp_path / "r")
     # A run interrupted before its first fold had finished: had it a model folder or not, not
     # "does not exist", but what it is and what finishes it.
     (tmp_path / "run.json").write_text(json.dumps({"status": "running", "config": {"folds": 2}}))

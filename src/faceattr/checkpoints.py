@@ -77,6 +77,12 @@ def load_fold_models(models_dir: str | Path) -> list[FoldModel]:
         _finished_run(run / "run.json", [])  # a run before its first fold: say so
         if not models_dir.is_dir():
             raise FaceAttrError(f"model folder {models_dir} does not exist")
+        inner = models_dir / "models"  # a run folder given for its models/
+        if fold_files(inner, ".safetensors"):
+            raise FaceAttrError(
+                f"{models_dir} holds no fold_K.safetensors model, but its models/ does: it is a "
+                f"run folder, which predict reads as --run {models_dir}"
+            )
         raise FaceAttrError(f"{models_dir} holds no fold_K.safetensors model")
     described = {fold for fold, _ in fold_files(models_dir, ".json")}
     missing = sorted(described - {fold for fold, _ in found})
@@ -133,7 +139,6 @@ def load_ensemble_settings(models_dir: str | Path, models: list[FoldModel]) -> d
         if not isinstance(saved, dict):
             raise FaceAttrError(f"{path} does not hold the ensemble's settings")
         settings.update(saved)
-        _check_digests(Path(models_dir), models, saved.get("sha256"), path)
     else:
         path = Path(models_dir) / f"fold_{models[0].fold}.json"
         run = Path(models_dir).parent
@@ -154,6 +159,8 @@ def load_ensemble_settings(models_dir: str | Path, models: list[FoldModel]) -> d
                 f"its run.json is missing or damaged: train DATA --out {run} --overwrite again"
             )
     checked = checked_settings(settings, path, folds, ".safetensors")
+    if path.name == "ensemble.json":  # its folds checked first: a model gone is named as such
+        _check_digests(Path(models_dir), models, checked.get("sha256"), path)
     if path.name != "ensemble.json":
         log.warning(
             "%s holds no ensemble.json (train writes it when a run finishes): voting with its "
