@@ -85,7 +85,7 @@ def test_same_seed_same_weights_and_labels_on_cpu(dataset_dir, tmp_path):
         ({"epochs": 0}, "--epochs must be at least 1"),
         ({"batch_size": 1}, "--batch-size"),
         ({"step": 0}, "--step"),
-        ({"lr": 0.0}, "--lr, --gamma and --mix-alpha must be positive"),
+        ({"lr": 0.0}, "--lr must be positive, got 0.0"),
         ({"mix_alpha": 0.0}, "--mix-alpha must be positive"),
         ({"ema": 1.0}, "--ema must be in"),
         ({"augment": "heavy"}, "--augment 'heavy'"),
@@ -98,6 +98,17 @@ def test_impossible_settings_are_rejected_before_any_work(change, message, datas
     with pytest.raises(FaceAttrError, match=message):
         train_run(load_dataset(dataset_dir), cfg, tmp_path / "run", torch.device("cpu"))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_mixing_share_without_mixing_is_refused(dataset_dir, tmp_path):
+    """--mix-alpha without --mix shapes nothing: it had been accepted without a word."""
+    data, cpu = load_dataset(dataset_dir), torch.device("cpu")
+    with pytest.raises(FaceAttrError, match=r"--mix-alpha 0.5 shapes the blends of --mix"):
+        train_run(data, TrainConfig(mix_alpha=0.5), tmp_path / "run", cpu, given={"mix_alpha"})
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(FaceAttrError, match="fewer than the 1000 folds"):  # a later check's
+        cfg = TrainConfig(mix="mixup", mix_alpha=0.5, folds=1000)
+        train_run(data, cfg, tmp_path / "run", cpu, given={"mix_alpha", "mix"})
 
 
 def test_compiled_training_saves_plain_weights(dataset_dir, tmp_path, monkeypatch):

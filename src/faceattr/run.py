@@ -84,7 +84,7 @@ def train_run(
     one). Under torchrun (`ranks`), each process trains its share of the folds and rank 0
     writes everything else; the others return None.
     """
-    out = Path(out)
+    out, given = Path(out), list(given)  # looked through twice
     if resume and overwrite:
         raise FaceAttrError(
             "--resume continues the run in --out, --overwrite starts it again: give one"
@@ -107,6 +107,11 @@ def train_run(
         cfg = _resumed_config(cfg, previous["config"], given, work)
     else:
         cfg.check()
+    if "mix_alpha" in given and cfg.mix == "none":  # it would shape nothing, without a word
+        raise FaceAttrError(
+            f"--mix-alpha {cfg.mix_alpha} shapes the blends of --mix mixup or cutmix, and this "
+            "run blends none"
+        )
     train_images, labels = dataset.require_train()
     fold_of = make_folds(labels, cfg.folds, cfg.seed)  # checks the labels and --folds first
     check_writable(out)
