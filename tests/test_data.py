@@ -315,6 +315,12 @@ def test_not_a_dataset(tmp_path):
     zipfile.ZipFile(broken, "w").close()
     with pytest.raises(FaceAttrError, match="expected train_img/"):
         load_dataset(broken)
+    # A download cut short: a zip's first bytes, not its list of members.
+    make_layout(tmp_path / "d", [0, 1])
+    whole = zip_folder(tmp_path / "d", tmp_path / "d.zip", None).read_bytes()
+    (tmp_path / "cut.zip").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(FaceAttrError, match=r"cut.zip is a .zip file cut short or damaged"):
+        load_dataset(tmp_path / "cut.zip")
 
 
 def test_what_is_no_dataset_is_named_as_what_it_is(tmp_path):

@@ -26,7 +26,7 @@ def test_folds_depend_on_seed_only():
         ([1] * 10, 2, "only class 1"),
         ([], 2, "no labelled images"),
         ([0, 0] + [1] * 10, 5, "class 0 has 2 images, fewer than the 5 folds; use --folds 2"),
-        ([0] + [1] * 10, 2, "class 0 has 1 images, fewer than the 2 folds; at least 2 of each"),
+        ([0] + [1] * 10, 2, "class 0 has 1 image, fewer than the 2 folds; at least 2 of each"),
         ([0, 1] * 10, 1, "at least 2"),
     ],
 )

@@ -87,7 +87,7 @@ BAD_DATA = {
     ),
     "fewer examples than folds": (
         lambda d: (d / "label_train.txt").write_text("0\n" + "1\n" * 9),
-        "class 0 has 1 images, fewer than the 2 folds",
+        "class 0 has 1 image, fewer than the 2 folds",
     ),
 }
 
@@ -427,7 +427,7 @@ def test_a_run_json_that_is_not_a_runs_is_one_line(tmp_path):
         ("lr", "fast", "--lr must be a number, got 'fast'"),
         ("pretrained", 3, "--pretrained must be a string or null, got 3"),
         ("tta", 1, "--tta must be true or false, got 1"),
-        ("gamma", -1, "--gamma and --mix-alpha must be positive"),
+        ("gamma", -1, "--gamma must be positive, got -1"),
     ):
         config = {**summary["config"], key: value}
         (out / "run.json").write_text(

@@ -70,7 +70,10 @@ def test_step_and_gamma_without_the_step_schedule_are_a_warning(caplog):
     [
         ("epochs", 0, "--epochs must be at least 1"),
         ("batch_size", 1, "--batch-size must be at least 2"),
-        ("lr", -0.1, "--lr, --gamma and --mix-alpha must be positive"),
+        ("lr", -0.1, "--lr must be positive, got -0.1"),  # it alone named, not three
+        ("gamma", 0.0, "--gamma must be positive, got 0.0"),
+        ("mix_alpha", 0.0, "--mix-alpha must be positive, got 0.0"),
+        ("weight_decay", -1.0, "--weight-decay must be at least 0, got -1.0"),
         ("weight_decay", float("nan"), "--weight-decay must be a finite number, got nan"),
         ("lr", float("inf"), "--lr must be a finite number"),
         ("ema", float("nan"), "--ema must be a finite number"),
@@ -78,10 +81,12 @@ def test_step_and_gamma_without_the_step_schedule_are_a_warning(caplog):
         ("gamma", 1e308, "--gamma must be at most 3.4e+38"),
         ("epochs", "40", "--epochs must be an integer, got '40'"),  # a hand-edited run.json's
         ("tta", 1, "--tta must be true or false, got 1"),
-        ("label_smoothing", 1.0, "--label-smoothing and --ema must be in [0, 1)"),
+        ("label_smoothing", 1.0, "--label-smoothing must be in [0, 1), got 1.0"),
+        ("ema", 1.0, "--ema must be in [0, 1), got 1.0"),
         ("seed", -1, "--seed must be in 0..4294967295, got -1"),
         ("seed", 2**32, "--seed must be in 0..4294967295"),
-        ("optimizer", "lion", "unknown --optimizer 'lion'"),
+        ("optimizer", "lion", "unknown --optimizer 'lion': one of adam, adamw, sgd"),
+        ("mix", "blend", "unknown --mix 'blend': one of none, mixup, cutmix"),
         ("save_every", -1.0, "--save-every must be at least 0"),
         ("save_every", float("nan"), "--save-every must be a finite number"),
     ],

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 import faceattr
-from faceattr.errors import FaceAttrError, first_line, printable
+from faceattr.errors import FaceAttrError, first_line, plural, printable
 
 # torch (and what imports it) loads inside `main`, where Ctrl-C during its second of loading is
 # caught like any other: "interrupted", not a traceback.
@@ -240,10 +240,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print(json.dumps(result))
     return 0
-
-
-def plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def cmd_export(args: argparse.Namespace) -> int:

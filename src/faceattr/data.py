@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
-from faceattr.errors import FaceAttrError
+from faceattr.errors import FaceAttrError, plural
 
 log = logging.getLogger("faceattr")
 
@@ -198,6 +198,12 @@ def open_source(path: str | Path) -> Source:
             raise FaceAttrError(f"{path}: cannot be read ({e.strerror or e})") from None
         if zipfile.is_zipfile(path):
             return ZipSource(path)
+        with open(path, "rb") as f:
+            if f.read(4) == b"PK\x03\x04":  # a zip's first member, without the directory at its end
+                raise FaceAttrError(
+                    f"{path} is a .zip file cut short or damaged (its list of members, at its "
+                    "end, is missing): copy or download it again"
+                )
     if path.exists():  # another file, or a named pipe, a device: not read, they could wait forever
         raise FaceAttrError(f"{path} is neither a folder nor a .zip file")
     raise FaceAttrError(f"{path} does not exist")
@@ -455,7 +461,8 @@ def _train_part(source: Source, folder: str, label_rel: str) -> tuple[ImageSet, 
     images = numbered_images(source, folder)
     if len(images) != len(labels):
         raise FaceAttrError(
-            f"{where} has {len(labels)} labels but {images.describe()} has {len(images)} images"
+            f"{where} has {plural(len(labels), 'label')} but {images.describe()} has "
+            f"{plural(len(images), 'image')}"
         )
     return images, labels
 

@@ -16,6 +16,11 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def plural(n: int, word: str) -> str:
+    """`n word`, with an s unless n is 1: "1 images" reads as a mistake."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def first_line(e: BaseException) -> str:
     """The first line of a library's error message: some run to a paragraph of advice that does
     not apply here (torch.load's on weights_only, for one)."""

@@ -13,7 +13,7 @@ import numpy as np
 from faceattr import plots
 from faceattr.data import load_test_images, read_labels
 from faceattr.ensemble import with_interval
-from faceattr.errors import FaceAttrError
+from faceattr.errors import FaceAttrError, plural
 from faceattr.metrics import auc, equal_error_rate, scores_to_labels
 from faceattr.outputs import refuse_inside
 
@@ -62,7 +62,9 @@ def evaluate(
         refuse_inside(out, test_images.layout_folders(), "--plots")
         array = load_images(test_images, cache, workers).array
         if len(array) != len(labels):
-            raise FaceAttrError(f"{images} has {len(array)} images, the truth {len(labels)}")
+            raise FaceAttrError(
+                f"{images} has {plural(len(array), 'image')}, the truth {len(labels)}"
+            )
     plots.evaluation(labels, soft, threshold, out, array, predictions=predicted)
     return result
 

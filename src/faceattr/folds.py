@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from faceattr.errors import FaceAttrError
+from faceattr.errors import FaceAttrError, plural
 from faceattr.outputs import write_csv
 
 
@@ -23,7 +23,9 @@ def make_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
     if counts.min() < k:
         rare, n = classes[counts.argmin()], int(counts.min())
         hint = f"use --folds {n}" if n >= 2 else "at least 2 of each class are needed"
-        raise FaceAttrError(f"class {rare} has {n} images, fewer than the {k} folds; {hint}")
+        raise FaceAttrError(
+            f"class {rare} has {plural(n, 'image')}, fewer than the {k} folds; {hint}"
+        )
     from sklearn.model_selection import StratifiedKFold  # here: see faceattr.metrics
 
     fold = np.empty(len(labels), dtype=np.int64)

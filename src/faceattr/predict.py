@@ -14,7 +14,7 @@ from faceattr.cache import load_images
 from faceattr.checkpoints import load_ensemble_settings, load_fold_models
 from faceattr.data import LABEL_FILE, ImageSet
 from faceattr.ensemble import ensemble_scores, inference_batch_size, vote
-from faceattr.errors import FaceAttrError
+from faceattr.errors import FaceAttrError, plural
 from faceattr.export import OnnxEnsemble
 from faceattr.metrics import scores_to_labels
 from faceattr.models import for_inference
@@ -127,7 +127,12 @@ def predict(
             "total_s": time.perf_counter() - started,
         },
     }
-    log.info("scored %d images with %d models in %.1fs", len(labels), len(folds), score_s)
+    log.info(
+        "scored %s with %s in %.1fs",
+        plural(len(labels), "image"),
+        plural(len(folds), "model"),
+        score_s,
+    )
     if not onnx and found is not None:  # a run folder: its report gains a section
         try:
             _add_to_report(run, found, summary, soft_score, labels, votes, threshold, rule)

@@ -107,16 +107,14 @@ class TrainConfig:
         ):
             if value < low:
                 raise FaceAttrError(f"--{name} must be at least {low}, got {value}")
-        if (
-            self.optimizer not in OPTIMIZERS
-            or self.schedule not in SCHEDULES
-            or self.augment not in POLICIES
-            or self.mix not in MIXES
+        for name, value, known in (
+            ("optimizer", self.optimizer, OPTIMIZERS),
+            ("schedule", self.schedule, SCHEDULES),
+            ("augment", self.augment, POLICIES),
+            ("mix", self.mix, MIXES),
         ):
-            raise FaceAttrError(
-                f"unknown --optimizer {self.optimizer!r}, --schedule {self.schedule!r}, "
-                f"--augment {self.augment!r} or --mix {self.mix!r}"
-            )
+            if value not in known:  # the command line's choices are; a run.json's may not be
+                raise FaceAttrError(f"unknown --{name} {value!r}: one of {', '.join(known)}")
         numbers = {
             "lr": self.lr,
             "gamma": self.gamma,
@@ -133,15 +131,16 @@ class TrainConfig:
                 raise FaceAttrError(f"--{name} must be at most {FLOAT32_MAX:.3g}, got {value}")
         if not 0 <= self.seed < 2**32:  # scikit-learn's and numpy's seeds are 32-bit
             raise FaceAttrError(f"--seed must be in 0..{2**32 - 1}, got {self.seed}")
-        if not 0 <= self.label_smoothing < 1 or self.weight_decay < 0 or not 0 <= self.ema < 1:
-            raise FaceAttrError(
-                "--label-smoothing and --ema must be in [0, 1), --weight-decay >= 0"
-            )
-        if not (self.lr > 0 and self.gamma > 0 and self.mix_alpha > 0):
-            raise FaceAttrError(
-                f"--lr, --gamma and --mix-alpha must be positive, got {self.lr}, {self.gamma} "
-                f"and {self.mix_alpha}"
-            )
+        for name, value, ok, bound in (
+            ("label-smoothing", self.label_smoothing, 0 <= self.label_smoothing < 1, "in [0, 1)"),
+            ("ema", self.ema, 0 <= self.ema < 1, "in [0, 1)"),
+            ("weight-decay", self.weight_decay, self.weight_decay >= 0, "at least 0"),
+            ("lr", self.lr, self.lr > 0, "positive"),
+            ("gamma", self.gamma, self.gamma > 0, "positive"),
+            ("mix-alpha", self.mix_alpha, self.mix_alpha > 0, "positive"),
+        ):
+            if not ok:
+                raise FaceAttrError(f"--{name} must be {bound}, got {value}")
 
     def _check_types(self) -> None:
         """Each setting of its field's type: the command line's always are, a hand-edited
