@@ -16,8 +16,7 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from faceattr.data import load_dataset, read_labels
-from faceattr.ensemble import with_interval
-from faceattr.metrics import auc, best_threshold, error_rates
+from faceattr.metrics import auc, best_threshold, error_rates, with_interval
 
 TRUTH = "holdout_truth.txt"  # beside the split dataset, outside its layout
 

@@ -250,7 +250,7 @@ def checked_settings(settings: dict, path: Path, folds: list[int], suffix: str) 
     vote = settings.get("vote", "soft")  # the rule the threshold was chosen for
     if vote not in VOTES:
         raise FaceAttrError(f"{path}: vote must be one of {', '.join(VOTES)}, got {vote!r}")
-    return {**settings, "threshold": float(threshold)}
+    return {**settings, "threshold": float(threshold), "vote": vote}
 
 
 # --- epoch checkpoints: everything needed to continue a fold exactly where it stopped ----------

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 import faceattr
-from faceattr.errors import FaceAttrError, first_line, plural, printable
+from faceattr.errors import FaceAttrError, first_line, percent, plural, printable
 
 # torch (and what imports it) loads inside `main`, where Ctrl-C during its second of loading is
 # caught like any other: "interrupted", not a traceback.
@@ -76,10 +76,6 @@ def processes(text: str) -> int:
     return n
 
 
-def percent(x: float) -> str:
-    return f"{100 * x:.2f} %"
-
-
 # --- commands ----------------------------------------------------------------------------------
 
 
@@ -126,17 +122,6 @@ def train_config(args: argparse.Namespace, device: torch.device) -> TrainConfig:
     return config_for(device, {**given_options(args), "cache": cache_dir(args)})
 
 
-def _peer_stopped(e: RuntimeError) -> bool:
-    """Whether `e` is a collective that failed on a lost process: gloo raises a plain
-    RuntimeError naming itself, NCCL a torch.distributed.DistError."""
-    import torch.distributed
-
-    lost = ("gloo", "NCCL", "Connection closed by peer", "Connection reset by peer")
-    return isinstance(e, getattr(torch.distributed, "DistError", ())) or any(
-        text in str(e) for text in lost
-    )
-
-
 def run_train(dataset: Dataset, args: argparse.Namespace) -> int:
     """Shared by `faceattr train` and the seed's `--mode=train`."""
     from faceattr import distributed
@@ -151,7 +136,9 @@ def run_train(dataset: Dataset, args: argparse.Namespace) -> int:
             given=given_options(args).keys(),
         )  # fmt: skip
     except RuntimeError as e:  # under torchrun: a collective failed, as another process stopped
-        if ranks.world == 1 or not _peer_stopped(e):  # its own error, a bug's traceback and all
+        if ranks.world == 1 or not distributed.peer_stopped(
+            e
+        ):  # its own error, a bug's traceback and all
             raise
         raise FaceAttrError(
             f"another process of this torchrun job stopped, see its error ({first_line(e)})"

@@ -66,3 +66,10 @@ def from_environment(device: torch.device) -> tuple[Ranks, torch.device]:
 def finish() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def peer_stopped(e: RuntimeError) -> bool:
+    """Whether `e` is a collective that failed on a lost process: gloo raises a plain
+    RuntimeError naming itself, NCCL a torch.distributed.DistError."""
+    lost = ("gloo", "NCCL", "Connection closed by peer", "Connection reset by peer")
+    return isinstance(e, getattr(dist, "DistError", ())) or any(text in str(e) for text in lost)

@@ -14,10 +14,9 @@ from faceattr import progress
 from faceattr.metrics import (
     auc,
     best_threshold,
-    bootstrap_hter,
     equal_error_rate,
-    error_rates,
     scores_to_labels,
+    with_interval,
 )
 from faceattr.runtime import autocast
 
@@ -133,13 +132,6 @@ def vote(
     share = scores_to_labels(scores, threshold).mean(axis=0)
     labels = np.where(share == 0.5, scores_to_labels(mean, threshold), share > 0.5).astype(np.int64)
     return share, labels
-
-
-def with_interval(labels: np.ndarray, predictions: np.ndarray) -> dict:
-    """Error rates plus a 95 % bootstrap interval for the HTER."""
-    rates = error_rates(labels, predictions)
-    rates["hter_ci"] = list(bootstrap_hter(labels, predictions))
-    return rates
 
 
 def decision_rule(labels: np.ndarray, oof: np.ndarray, fold_of: np.ndarray) -> dict:

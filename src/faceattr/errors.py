@@ -1,4 +1,4 @@
-"""The one exception a user can cause.
+"""The one exception a user can cause, and the small helpers every message shares.
 
 Anything the user can get wrong (a path, a file's content, an option) raises `FaceAttrError` with a
 message that fits on one line; the CLI prints it and exits non-zero, never with a traceback.
@@ -14,6 +14,11 @@ def printable(text: str) -> str:
     with a newline in it, or an escape sequence, and an error naming it must still be one line
     that leaves the terminal as it was. Other characters, accents and all, stay as they are."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def percent(x: float) -> str:
+    """A rate as the summaries print it: 0.0123 as 1.23 %."""
+    return f"{100 * x:.2f} %"
 
 
 def plural(n: int, word: str) -> str:

@@ -12,9 +12,8 @@ import numpy as np
 
 from faceattr import plots
 from faceattr.data import load_test_images, read_labels
-from faceattr.ensemble import with_interval
 from faceattr.errors import FaceAttrError, plural
-from faceattr.metrics import auc, equal_error_rate, scores_to_labels
+from faceattr.metrics import auc, equal_error_rate, scores_to_labels, with_interval
 from faceattr.outputs import refuse_inside
 
 log = logging.getLogger("faceattr")

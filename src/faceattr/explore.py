@@ -45,26 +45,24 @@ def explore(
     for name in OUTPUTS:  # a folder in the way is found now, not after decoding every image
         check_replaceable(out / name)
     summary: dict = {"data": dataset.where}
+    audits: dict[str, dict] = {}  # audit.png's parts
     if dataset.train is not None and dataset.labels is not None:
         labels = dataset.labels
         counts = {c: int((labels == c).sum()) for c in (0, 1)}
         # Broken images are reported here, not fatal: finding them is what explore is for.
         loaded = load_images(dataset.train, cache, workers, labels.tobytes(), skip_bad=True)
-        images, audit = loaded.array, loaded.audit
+        images, audits["train"] = loaded.array, loaded.audit.to_dict()
         summary.update(
             n_train=len(labels),
             class_counts={str(c): n for c, n in counts.items()},
             class_percent={str(c): round(100 * n / len(labels), 2) for c, n in counts.items()},
             imbalance=imbalance_verdict(counts),
-            train_audit=audit.to_dict(),
+            train_audit=audits["train"],
         )
         plots.training_set(images, labels, out)
     if dataset.test is not None:
-        test_audit = load_images(dataset.test, cache, workers, skip_bad=True).audit
-        summary.update(n_test=len(dataset.test), test_audit=test_audit.to_dict())
-    audits = {
-        part: summary[f"{part}_audit"] for part in ("train", "test") if f"{part}_audit" in summary
-    }
+        audits["test"] = load_images(dataset.test, cache, workers, skip_bad=True).audit.to_dict()
+        summary.update(n_test=len(dataset.test), test_audit=audits["test"])
     plots.image_audit(audits, out / "audit.png")
     write_json(out / "explore.json", summary)
     return summary

@@ -70,7 +70,7 @@ def export_onnx(models_dir: str | Path, out: str | Path, opset: int = 17) -> lis
     write_json(out / "ensemble.json", {
         "folds": [m.fold for m in models], "arch": models[0].config.get("arch"),
         "threshold": settings["threshold"], "tta": settings["tta"],
-        "vote": settings.get("vote", "soft"),
+        "vote": settings["vote"],
         "preprocessing": PREPROCESSING,
     })  # fmt: skip
     return paths

@@ -139,3 +139,10 @@ def bootstrap_hter(
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(hters, [tail, 100 - tail])
     return float(low), float(high)
+
+
+def with_interval(labels: np.ndarray, predictions: np.ndarray) -> dict:
+    """Error rates plus a 95 % bootstrap interval for the HTER."""
+    rates = error_rates(labels, predictions)
+    rates["hter_ci"] = list(bootstrap_hter(labels, predictions))
+    return rates

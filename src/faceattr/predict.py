@@ -68,7 +68,7 @@ def predict(
         raise FaceAttrError(f"{run} was replaced while its models were read; predict again")
     threshold = ensemble.settings["threshold"] if threshold is None else threshold
     tta = ensemble.settings["tta"] if tta is None else tta
-    rule = ensemble.settings.get("vote", "soft") if rule is None else rule
+    rule = ensemble.settings["vote"] if rule is None else rule
     loaded = load_images(images, cache, workers)
     t0 = time.perf_counter()
     batch_size = batch_size or inference_batch_size(torch.device("cpu") if onnx else device)

@@ -13,7 +13,7 @@ import html
 import json
 from pathlib import Path
 
-from faceattr.errors import FaceAttrError
+from faceattr.errors import FaceAttrError, percent, plural
 from faceattr.outputs import write_text
 
 STYLE = """
@@ -37,7 +37,7 @@ window.addEventListener("load", () => { const imgs = [...document.images];
 
 
 def pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.2f} %"
+    return "–" if x is None else percent(x)
 
 
 def ci(rates: dict) -> str:
@@ -228,7 +228,7 @@ def _timings(s: dict) -> str:
     # A resumed run's folds count the time of every invocation that trained them; total_s, the
     # last invocation's only: its decode and the folds it trained (or finished), no whole run.
     resumed = s.get("resumed", 0)
-    times = f"{resumed} time{'s' if resumed > 1 else ''}"
+    times = plural(resumed, "time")
     whole = f"its last invocation (resumed {times})" if resumed else "whole run"
     rows += [[whole, f"{t.get('total_s', 0):.1f} s"]]
     return section("Timings", table(["step", "time"], rows))
