@@ -20,7 +20,7 @@ from faceattr.ensemble import VOTES
 from faceattr.errors import FaceAttrError, first_line
 from faceattr.models import create_model
 from faceattr.outputs import atomic_path, write_json
-from faceattr.runfolder import ASIDE, REPLACED, REPLACEMENT, existing_run, fold_files
+from faceattr.runfolder import check_whole, finished_run, fold_files
 
 log = logging.getLogger("faceattr")
 
@@ -67,14 +67,10 @@ def load_fold_models(models_dir: str | Path) -> list[FoldModel]:
     """Every fold model of a run's models folder, in fold order, in eval mode on the CPU."""
     models_dir = Path(models_dir)
     run = models_dir.parent
-    if any((run / name).is_dir() for name in (ASIDE, REPLACED)):  # some of each run there
-        raise FaceAttrError(
-            f"{run} is half replaced by another run (a train --overwrite was killed while it "
-            f"moved that run in): faceattr train DATA --out {run} finishes that first"
-        )
+    check_whole(run)
     found = fold_files(models_dir, ".safetensors")
     if not found:
-        _finished_run(run / "run.json", [])  # a run before its first fold: say so
+        finished_run(run, [])  # a run before its first fold: say so
         if not models_dir.is_dir():
             raise FaceAttrError(f"model folder {models_dir} does not exist")
         inner = models_dir / "models"  # a run folder given for its models/
@@ -142,7 +138,7 @@ def load_ensemble_settings(models_dir: str | Path, models: list[FoldModel]) -> d
     else:
         path = Path(models_dir) / f"fold_{models[0].fold}.json"
         run = Path(models_dir).parent
-        summary = _finished_run(run / "run.json", folds)
+        summary = finished_run(run, folds)
         own = Path(models_dir).resolve() == (run / "models").resolve()  # not a copy beside them
         if summary is not None and own and "threshold" in summary:  # train chose it: wrote it
             raise FaceAttrError(
@@ -191,37 +187,6 @@ def _check_digests(models_dir: Path, models: list[FoldModel], digests: object, p
                 f"{weights} is not the model this run trained (its sha256 is not the one {path} "
                 "holds): a fold model from another run, or one changed since"
             )
-
-
-def _finished_run(run_json: Path, found: list[int]) -> dict | None:
-    """The summary `run_json` holds of a finished run of 1..N folds (None: no such run); an
-    unfinished one, whose `found` fold models are not yet its ensemble, is refused."""
-    try:
-        summary = json.loads(run_json.read_text())
-        status, folds = summary.get("status"), summary["config"]["folds"]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # absent, or damaged:
-        return None  # that costs predict the report, not the labels
-    if not (isinstance(folds, int) and folds > 0):
-        return None
-    if status != "complete":
-        run = run_json.parent
-        said = f"{run} holds a run that has not finished ({len(found)} of {folds} fold models; "
-        if _readable_run(run / REPLACEMENT):  # what --resume would continue instead
-            raise FaceAttrError(
-                f"{said}interrupted), and an interrupted --overwrite left the run to replace it "
-                f"in {run / REPLACEMENT}: faceattr train DATA --out {run} --resume finishes that"
-            )
-        raise FaceAttrError(
-            f"{said}training, or interrupted): faceattr train DATA --out {run} --resume finishes it"
-        )
-    return summary
-
-
-def _readable_run(folder: Path) -> bool:
-    try:
-        return existing_run(folder) is not None
-    except FaceAttrError:
-        return False
 
 
 def check_folds(expected: object, found: list[int], suffix: str, source: str) -> None:

@@ -99,6 +99,46 @@ def unfinished_run(out: Path) -> bool:
     return any(run is not None and run.get("status") != "complete" for run in runs_in(out, True))
 
 
+def finished_run(run: Path, found: list[int]) -> dict | None:
+    """The summary run.json holds of the finished run of 1..N folds in `run` (None: no such run,
+    or a damaged one); an unfinished one, whose `found` fold models are not yet its ensemble, is
+    refused, with what finishes it."""
+    try:
+        summary = json.loads((run / "run.json").read_text())
+        status, folds = summary.get("status"), summary["config"]["folds"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # absent, or damaged:
+        return None  # that costs predict the report, not the labels
+    if not (isinstance(folds, int) and folds > 0):
+        return None
+    if status != "complete":
+        said = f"{run} holds a run that has not finished ({len(found)} of {folds} fold models; "
+        if _readable_run(run / REPLACEMENT):  # what --resume would continue instead
+            raise FaceAttrError(
+                f"{said}interrupted), and an interrupted --overwrite left the run to replace it "
+                f"in {run / REPLACEMENT}: faceattr train DATA --out {run} --resume finishes that"
+            )
+        raise FaceAttrError(
+            f"{said}training, or interrupted): faceattr train DATA --out {run} --resume finishes it"
+        )
+    return summary
+
+
+def _readable_run(folder: Path) -> bool:
+    try:
+        return existing_run(folder) is not None
+    except FaceAttrError:
+        return False
+
+
+def check_whole(run: Path) -> None:
+    """Refuse a run that a killed `train --overwrite` left half replaced: some files of each."""
+    if any((run / name).is_dir() for name in (ASIDE, REPLACED)):
+        raise FaceAttrError(
+            f"{run} is half replaced by another run (a train --overwrite was killed while it "
+            f"moved that run in): faceattr train DATA --out {run} finishes that first"
+        )
+
+
 def where_to_train(
     out: Path, current: dict | None, pending: dict | None, resume: bool, overwrite: bool
 ) -> tuple[Path, dict | None]:
