@@ -1,4 +1,5 @@
-"""Fold models on disk: weights as safetensors, settings and metrics as JSON beside them.
+"""Fold models on disk: weights as safetensors, settings and metrics as JSON beside them, and
+ensemble.json, how they decide together.
 
 Nothing is ever unpickled, so loading a model someone hands you cannot run their code.
 """
@@ -112,6 +113,24 @@ def load_fold_models(models_dir: str | Path) -> list[FoldModel]:
             ) from None
         loaded.append(FoldModel(fold, model.eval(), config, weights_digest(raw)))
     return loaded
+
+
+def save_ensemble_settings(models_dir: Path, folds: int, threshold: float, tta: bool) -> None:
+    """models/ensemble.json: how the `folds` fold models decide together (the soft vote at the
+    threshold train chose), and each one's sha256, so that no other model joins them unseen."""
+    write_json(
+        models_dir / "ensemble.json",
+        {
+            "threshold": threshold,
+            "vote": "soft",
+            "tta": tta,
+            "folds": list(range(1, folds + 1)),
+            "sha256": {
+                str(k): weights_digest((models_dir / f"fold_{k}.safetensors").read_bytes())
+                for k in range(1, folds + 1)
+            },
+        },
+    )
 
 
 def load_ensemble_settings(models_dir: str | Path, models: list[FoldModel]) -> dict:

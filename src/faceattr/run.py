@@ -26,7 +26,7 @@ import torch
 from faceattr import plots
 from faceattr.batches import DeviceImages
 from faceattr.cache import load_images
-from faceattr.checkpoints import remove_training_state, save_fold_model, weights_digest
+from faceattr.checkpoints import remove_training_state, save_ensemble_settings, save_fold_model
 from faceattr.data import Dataset, ImageSet
 from faceattr.distributed import SINGLE, Ranks
 from faceattr.ensemble import decision_rule
@@ -351,19 +351,7 @@ def _finish_run(
 
     decision = decision_rule(labels, oof, fold_of)
     oof_labels = scores_to_labels(oof, decision["threshold"])
-    write_json(
-        out / "models" / "ensemble.json",
-        {
-            "threshold": decision["threshold"],
-            "vote": "soft",
-            "tta": cfg.tta,
-            "folds": list(range(1, cfg.folds + 1)),
-            "sha256": {
-                str(k): weights_digest((out / "models" / f"fold_{k}.safetensors").read_bytes())
-                for k in range(1, cfg.folds + 1)
-            },
-        },
-    )
+    save_ensemble_settings(out / "models", cfg.folds, decision["threshold"], cfg.tta)
     write_csv(
         out / "oof.csv",
         ["image", "label", "fold", "score", "prediction"],
