@@ -125,7 +125,7 @@ def train_config(args: argparse.Namespace, device: torch.device) -> TrainConfig:
 def run_train(dataset: Dataset, args: argparse.Namespace) -> int:
     """Shared by `faceattr train` and the seed's `--mode=train`."""
     from faceattr import distributed
-    from faceattr.run import train_run
+    from faceattr.run import format_run, train_run
     from faceattr.runtime import resolve_device
 
     ranks, device = distributed.from_environment(resolve_device(args.device))
@@ -136,9 +136,7 @@ def run_train(dataset: Dataset, args: argparse.Namespace) -> int:
             given=given_options(args).keys(),
         )  # fmt: skip
     except RuntimeError as e:  # under torchrun: a collective failed, as another process stopped
-        if ranks.world == 1 or not distributed.peer_stopped(
-            e
-        ):  # its own error, a bug's traceback and all
+        if ranks.world == 1 or not distributed.peer_stopped(e):  # its own: a bug's traceback
             raise
         raise FaceAttrError(
             f"another process of this torchrun job stopped, see its error ({first_line(e)})"
@@ -147,21 +145,7 @@ def run_train(dataset: Dataset, args: argparse.Namespace) -> int:
         distributed.finish()
     if summary is None:  # a torchrun process other than rank 0: its folds are written
         return 0
-    oof, nested = summary["oof"], summary["oof_nested"]
-    low, high = oof["hter_ci"]
-    print(
-        f"out-of-fold HTER {percent(oof['hter'])} (95 % CI {percent(low)} to {percent(high)}; "
-        f"FAR {percent(oof['far'])}, FRR {percent(oof['frr'])}) at threshold "
-        f"{summary['threshold']:.4f} over {oof['n']:,} images"
-    )
-    print(
-        f"  {percent(nested['hter'])} with each fold's threshold chosen on the other folds; "
-        f"{percent(summary['oof_at_0.5']['hter'])} at 0.5; EER {percent(summary['eer'])}, "
-        f"AUC {summary['auc']:.4f}; {summary['timings']['total_s']:.1f}s"
-        f"{' (this invocation: the run was resumed)' if summary['resumed'] else ''}"
-    )
-    print(f"wrote {args.out}/: models/, oof.csv, folds.csv, run.json, fold_K/, evaluation/")
-    print(f"report: {Path(args.out) / 'report.html'}")
+    print(format_run(summary, args.out))
     return 0
 
 
@@ -179,7 +163,7 @@ def run_predict(
     images: ImageSet, models_dir: str | Path, args: argparse.Namespace, onnx: bool = False
 ) -> int:
     """Shared by `faceattr predict` and the seed's `--mode=test`."""
-    from faceattr.predict import predict
+    from faceattr.predict import format_prediction, predict
     from faceattr.runtime import resolve_device
 
     summary = predict(
@@ -195,20 +179,7 @@ def run_predict(
         cache=cache_dir(args),
         onnx=onnx,
     )
-    print(
-        f"{summary['images']:,} images, {plural(summary['models'], 'model')}, "
-        f"{summary['vote']} vote at threshold {summary['threshold']:.4f}"
-        f"{' with mirrored copies' if summary['tta'] else ''}:"
-        f" {summary['predicted_0']:,} x 0, {summary['predicted_1']:,} x 1"
-    )
-    print(
-        f"  soft vote {summary['soft_predicted_0']:,} x 0, majority vote "
-        f"{summary['majority_predicted_0']:,} x 0: they agree on {percent(summary['votes_agree'])}"
-        f"; the models are unanimous on {percent(summary['unanimous'])}"
-    )
-    print(f"wrote {summary['output']} and {summary['table']}")
-    if "report" in summary:
-        print(f"report: {summary['report']}")
+    print(format_prediction(summary))
     return 0
 
 

@@ -14,7 +14,7 @@ from faceattr.cache import load_images
 from faceattr.checkpoints import load_ensemble_settings, load_fold_models
 from faceattr.data import LABEL_FILE, ImageSet
 from faceattr.ensemble import ensemble_scores, inference_batch_size, vote
-from faceattr.errors import FaceAttrError, plural
+from faceattr.errors import FaceAttrError, percent, plural
 from faceattr.export import OnnxEnsemble
 from faceattr.metrics import scores_to_labels
 from faceattr.models import for_inference
@@ -175,6 +175,23 @@ def _run_json(run: Path) -> bytes | None:
         return (run / "run.json").read_bytes()
     except OSError:
         return None
+
+
+def format_prediction(summary: dict) -> str:
+    """The prediction's result as the lines `predict` prints."""
+    lines = [
+        f"{summary['images']:,} images, {plural(summary['models'], 'model')}, "
+        f"{summary['vote']} vote at threshold {summary['threshold']:.4f}"
+        f"{' with mirrored copies' if summary['tta'] else ''}:"
+        f" {summary['predicted_0']:,} x 0, {summary['predicted_1']:,} x 1",
+        f"  soft vote {summary['soft_predicted_0']:,} x 0, majority vote "
+        f"{summary['majority_predicted_0']:,} x 0: they agree on {percent(summary['votes_agree'])}"
+        f"; the models are unanimous on {percent(summary['unanimous'])}",
+        f"wrote {summary['output']} and {summary['table']}",
+    ]
+    if "report" in summary:
+        lines.append(f"report: {summary['report']}")
+    return "\n".join(lines)
 
 
 def check_output(output: Path, images: ImageSet, models_dir: Path) -> Path:

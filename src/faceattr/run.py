@@ -30,7 +30,7 @@ from faceattr.checkpoints import remove_training_state, save_ensemble_settings, 
 from faceattr.data import Dataset, ImageSet
 from faceattr.distributed import SINGLE, Ranks
 from faceattr.ensemble import decision_rule
-from faceattr.errors import FaceAttrError
+from faceattr.errors import FaceAttrError, percent
 from faceattr.folds import load_folds, make_folds, save_folds
 from faceattr.metrics import scores_to_labels
 from faceattr.models import count_parameters, create_model, weights_file
@@ -486,3 +486,20 @@ def _finished_fold(out: Path, fold: int) -> dict | None:
         return {"summary": done["summary"], "val_scores": np.asarray(done["val_scores"])}
     except (OSError, ValueError, KeyError, TypeError):  # damaged: the fold trains again
         return None
+
+
+def format_run(summary: dict, out: str | Path) -> str:
+    """The run's result as the lines `train` prints."""
+    oof, nested = summary["oof"], summary["oof_nested"]
+    low, high = oof["hter_ci"]
+    resumed = " (this invocation: the run was resumed)" if summary["resumed"] else ""
+    return "\n".join([
+        f"out-of-fold HTER {percent(oof['hter'])} (95 % CI {percent(low)} to {percent(high)}; "
+        f"FAR {percent(oof['far'])}, FRR {percent(oof['frr'])}) at threshold "
+        f"{summary['threshold']:.4f} over {oof['n']:,} images",
+        f"  {percent(nested['hter'])} with each fold's threshold chosen on the other folds; "
+        f"{percent(summary['oof_at_0.5']['hter'])} at 0.5; EER {percent(summary['eer'])}, "
+        f"AUC {summary['auc']:.4f}; {summary['timings']['total_s']:.1f}s{resumed}",
+        f"wrote {out}/: models/, oof.csv, folds.csv, run.json, fold_K/, evaluation/",
+        f"report: {Path(out) / 'report.html'}",
+    ])  # fmt: skip
