@@ -21,7 +21,12 @@ def test_a_gpu_times_its_convolutions(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     assert resolve_device("auto") == torch.device("cuda")
     assert torch.backends.cudnn.benchmark is True
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    # What torch would refuse with a traceback (or a GPU not there): one line each.
+    for name, said in (("cudax", "unknown device 'cudax'"), ("cuda:2", "no GPU 2, only 2")):
+        with pytest.raises(FaceAttrError, match=said):
+            resolve_device(name)
 
 
 @pytest.mark.parametrize("name", ["cuda", "tpu", "gpu"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import random
+import re
 import shutil
 
 import numpy as np
@@ -22,11 +23,15 @@ def resolve_device(name: str = "auto") -> torch.device:
     """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cpu" and not re.fullmatch(r"cuda(:\d+)?", name):  # torch's own: a traceback
+        raise FaceAttrError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise FaceAttrError("--device cuda was asked for but no CUDA GPU is available")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise FaceAttrError(f"unknown device {name!r}; use auto, cpu or cuda")
+        raise FaceAttrError(f"--device {name} was asked for but no CUDA GPU is available")
     device = torch.device(name)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise FaceAttrError(
+            f"--device {name}: there is no GPU {device.index}, only {torch.cuda.device_count()}"
+        )
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     return device
