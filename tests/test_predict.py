@@ -92,3 +92,22 @@ def test_a_run_replaced_while_predicting_keeps_its_own_report(
     with pytest.raises(FaceAttrError, match="was replaced while its models were read"):
         faceattr.predict.predict(data.test, run / "models", tmp_path / "l2.txt", cpu)
     assert not (tmp_path / "l2.txt").exists()
+
+
+def test_models_beside_a_run_leave_its_report_alone(trained_run, dataset_dir, tmp_path):
+    """--model-dir RUN/other (another run's models copied there): they are not the run's, and
+    its report had gained their prediction, at their threshold, as the run's own."""
+    import shutil
+
+    import faceattr.predict
+    from faceattr.data import load_dataset
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    shutil.rmtree(run / "prediction", ignore_errors=True)
+    shutil.copytree(run / "models", run / "models_other")
+    data, cpu = load_dataset(dataset_dir, need="any"), torch.device("cpu")
+    summary = faceattr.predict.predict(data.test, run / "models_other", tmp_path / "l.txt", cpu)
+    assert not (run / "prediction").exists() and "report" not in summary
+    summary = faceattr.predict.predict(data.test, run / "models", tmp_path / "l.txt", cpu)
+    assert (run / "prediction" / "prediction.json").exists() and "report" in summary

@@ -62,9 +62,10 @@ def predict(
         raise FaceAttrError(f"--batch-size must be at least 1, got {batch_size}")
     check_writable(output.parent)  # made when the labels are written: bad input leaves nothing
     run = Path(models_dir).parent
-    found = _run_json(run)  # a `train --overwrite` may put another run there meanwhile
+    own = Path(models_dir).resolve() == (run / "models").resolve()  # not models copied beside
+    found = _run_json(run) if own else None  # a `train --overwrite` may put another run there
     ensemble = OnnxEnsemble(models_dir) if onnx else TorchEnsemble(models_dir, device)
-    if _run_json(run) != found:  # some models of each run, or the threshold of the other
+    if own and _run_json(run) != found:  # some models of each run, or the threshold of the other
         raise FaceAttrError(f"{run} was replaced while its models were read; predict again")
     threshold = ensemble.settings["threshold"] if threshold is None else threshold
     tta = ensemble.settings["tta"] if tta is None else tta
