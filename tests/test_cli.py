@@ -225,14 +225,15 @@ def test_evaluate_a_labelled_test_set_with_pictures(trained_run, dataset_dir, tm
         "worst_errors.png",
     ]
     assert "differs from the soft vote" not in result.stderr
-    # Labels that are not the soft vote's (a majority vote, another threshold): said so.
+    # A label file that is not the one predict wrote with the table: refused.
     other = tmp_path / "other.txt"
     lines = read_lines(out)
     other.write_text("".join(f"{v}\n" for v in [1 - int(lines[0]), *map(int, lines[1:])]))
     table = str(tmp_path / "predictions.csv")
     result = here("evaluate", "--pred", str(other), "--truth", str(truth), "--scores", table,
                   "--plots", str(tmp_path / "ev2"))  # fmt: skip
-    assert result.returncode == 0 and "on 1 image(s): the plots show the soft vote" in result.stderr
+    assert_user_error(result, "is not the label file predict wrote with", "differ on 1 of 40")
+    assert not (tmp_path / "ev2").exists()
 
 
 def test_user_errors_are_one_line_and_leave_no_output(dataset_dir, trained_run, tmp_path):

@@ -15,20 +15,26 @@ def write(path, lines):
     return path
 
 
-def test_metrics_are_the_label_files_and_the_confusion_matrix_too(tmp_path, monkeypatch):
+def write_table(path, rows, written):
+    """A predictions.csv of (soft_score, soft_label) rows whose label file held `written`."""
+    pairs = zip(rows, written, strict=True)
+    lines = [f"{i}.jpg,{s},{v},{w}" for i, ((s, v), w) in enumerate(pairs, 1)]
+    path.write_text("\n".join(["image,soft_score,soft_label,label", *lines]) + "\n")
+    return path
+
+
+def test_metrics_are_the_label_files_and_the_confusion_matrix_too(tmp_path, monkeypatch, caplog):
     truth = write(tmp_path / "truth.txt", [0, 0, 1, 1, 1, 1])
     pred = write(tmp_path / "pred.txt", [0, 1, 1, 1, 1, 0])  # one error in each class
     rows = [(0.1, 0), (0.2, 0), (0.7, 1), (0.8, 1), (0.9, 1), (0.6, 1)]  # the soft vote: no errors
-    table = tmp_path / "predictions.csv"
-    table.write_text("image,soft_score,soft_label\n")
-    with table.open("a") as f:
-        f.writelines(f"{i}.jpg,{s},{v}\n" for i, (s, v) in enumerate(rows, 1))
+    table = write_table(tmp_path / "predictions.csv", rows, [0, 1, 1, 1, 1, 0])  # majority's
     drawn = []
     monkeypatch.setattr(plots, "confusion", lambda y, p, path: drawn.append(p.tolist()) or path)
     result = evaluate(pred, truth, table, tmp_path / "ev")
     assert result["far"] == 0.5 and result["frr"] == 0.25 and result["hter"] == 0.375
     assert result["auc"] == 1.0 and result["eer"] == 0.0  # the scores' own, not the labels'
     assert drawn == [[0, 1, 1, 1, 1, 0]]  # once, and of --pred, as the warning says
+    assert "differs from the soft vote of" in caplog.text and "on 2 image(s)" in caplog.text
     json.dumps(result)
 
 
@@ -42,23 +48,38 @@ def test_the_truth_needs_both_classes_and_the_files_must_agree(tmp_path):
 
 
 def test_scores_imply_the_threshold_of_their_labels(tmp_path):
-    table = tmp_path / "predictions.csv"
-    table.write_text("image,soft_score,soft_label\n1.jpg,0.2,0\n2.jpg,0.6,1\n3.jpg,0.9,1\n")
-    scores, threshold = read_scores(table, 3)
+    table = write_table(tmp_path / "predictions.csv", [(0.2, 0), (0.6, 1), (0.9, 1)], [0, 0, 1])
+    scores, threshold, written = read_scores(table, 3)
     assert np.allclose(scores, [0.2, 0.6, 0.9]) and threshold == 0.6
+    assert written.tolist() == [0, 0, 1]
     with pytest.raises(FaceAttrError, match="has 3 rows but the truth has 4"):
         read_scores(table, 4)
-    table.write_text("image,soft_score,soft_label\n1.jpg,nan,0\n")
+    write_table(table, [("nan", 0)], [0])
     with pytest.raises(FaceAttrError, match=r"probabilities in \[0, 1\]"):
         read_scores(table, 1)
 
 
 def test_a_predictions_csv_cut_short_or_foreign_is_one_line(tmp_path):
     table = tmp_path / "predictions.csv"
-    whole = "image,soft_score,soft_label\n1.jpg,0.2,0\n2.jpg,0.9,1\n"
-    table.write_text(whole)
+    whole = write_table(table, [(0.2, 0), (0.9, 1)], [0, 1]).read_text()
     assert read_scores(table, 2)[0].tolist() == [0.2, 0.9]
-    for text in (whole[:-4], whole + "3.jpg," + "x" * 200_000 + "\n"):
+    no_label = "image,soft_score,soft_label\n1.jpg,0.2,0\n2.jpg,0.9,1\n"
+    for text in (whole[:-4], whole + "3.jpg," + "x" * 200_000 + "\n", no_label):
         table.write_text(text)
         with pytest.raises(FaceAttrError, match=r"is not a predictions\.csv written by predict"):
             read_scores(table, 2)
+
+
+def test_a_label_file_from_another_predict_is_refused(tmp_path):
+    """A second predict into the folder replaces predictions.csv: an older label file beside it
+    would be scored against the new scores' pictures."""
+    truth = write(tmp_path / "truth.txt", [0, 1, 1])
+    table = write_table(tmp_path / "predictions.csv", [(0.1, 0), (0.7, 1), (0.9, 1)], [0, 1, 1])
+    assert evaluate(write(tmp_path / "p.txt", [0, 1, 1]), truth, table, tmp_path / "ev")["auc"]
+    with pytest.raises(
+        FaceAttrError,
+        match=r"is not the label file predict wrote with .*: they "
+        r"differ on 2 of 3 images; give both from the same predict",
+    ):
+        evaluate(write(tmp_path / "p.txt", [1, 0, 1]), truth, table, tmp_path / "ev2")
+    assert not (tmp_path / "ev2").exists()

@@ -814,7 +814,7 @@ def test_evaluate_needs_both_classes_and_probabilities(tmp_path):
     (tmp_path / "pred.txt").write_text("0\n1\n1\n")
     (tmp_path / "one_class.txt").write_text("1\n1\n1\n")
     (tmp_path / "truth.txt").write_text("0\n1\n1\n")
-    rows = ["image,soft_score,soft_label", "1,0.1,0", "2,nan,1", "3,0.9,1"]
+    rows = ["image,soft_score,soft_label,label", "1,0.1,0,0", "2,nan,1,1", "3,0.9,1,1"]
     (tmp_path / "predictions.csv").write_text("\n".join(rows) + "\n")
     pred = ["evaluate", "--pred", str(tmp_path / "pred.txt")]
     code, err = in_process(*pred, "--truth", str(tmp_path / "one_class.txt"))

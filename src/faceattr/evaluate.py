@@ -44,9 +44,14 @@ def evaluate(
     result = with_interval(labels, predicted)
     if scores is None:
         return result
-    soft, threshold = read_scores(scores, len(labels))
+    soft, threshold, written = read_scores(scores, len(labels))
+    if mismatch := int((predicted != written).sum()):
+        raise FaceAttrError(
+            f"{pred} is not the label file predict wrote with {scores}: they differ on "
+            f"{mismatch} of {plural(len(labels), 'image')}; give both from the same predict"
+        )
     differ = int((predicted != scores_to_labels(soft, threshold)).sum())
-    if differ:  # --vote majority, or another --threshold: the plots are the soft vote's
+    if differ:  # predict --vote majority: the plots are the soft vote's
         log.warning(
             "%s differs from the soft vote of %s on %d image(s): the plots show the soft "
             "vote; the metrics printed and the confusion matrix are %s's",
@@ -68,8 +73,9 @@ def evaluate(
     return result
 
 
-def read_scores(path: str | Path, n: int) -> tuple[np.ndarray, float]:
-    """The ensemble scores of a predictions.csv, and the threshold its labels imply."""
+def read_scores(path: str | Path, n: int) -> tuple[np.ndarray, float, np.ndarray]:
+    """The ensemble scores of a predictions.csv, the threshold its soft labels imply, and the
+    labels predict wrote to the label file beside it (soft or majority vote)."""
     if not Path(path).is_file():  # a named pipe would wait for a writer forever
         state = "is not a file" if Path(path).exists() else "does not exist"
         raise FaceAttrError(f"--scores {path} {state}")
@@ -78,6 +84,7 @@ def read_scores(path: str | Path, n: int) -> tuple[np.ndarray, float]:
             rows = list(csv.DictReader(f))
         scores = np.array([float(r["soft_score"]) for r in rows])
         labels = np.array([int(r["soft_label"]) for r in rows])
+        written = np.array([int(r["label"]) for r in rows])
     except (OSError, KeyError, ValueError, TypeError, csv.Error) as e:  # TypeError: a row cut short
         raise FaceAttrError(f"{path} is not a predictions.csv written by predict ({e})") from None
     if len(scores) != n:
@@ -85,4 +92,4 @@ def read_scores(path: str | Path, n: int) -> tuple[np.ndarray, float]:
     if not ((scores >= 0) & (scores <= 1)).all():  # NaN too
         raise FaceAttrError(f"{path}: soft_score must be probabilities in [0, 1]")
     above = scores[labels == 1]
-    return scores, float(above.min()) if len(above) else 1.0
+    return scores, float(above.min()) if len(above) else 1.0, written
