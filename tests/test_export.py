@@ -80,6 +80,12 @@ def test_an_export_missing_a_fold_or_edited_by_hand_is_refused(trained_run, tmp_
 
     export_onnx(trained_run / "models", tmp_path / "onnx")
     assert OnnxEnsemble(tmp_path / "onnx").folds == [1, 2]
+    saved = (tmp_path / "onnx" / "fold_2.onnx").read_bytes()
+    shutil.copy(tmp_path / "onnx" / "fold_1.onnx", tmp_path / "onnx" / "fold_2.onnx")
+    with pytest.raises(FaceAttrError, match=r"fold_2\.onnx is not the model this export wrote"):
+        OnnxEnsemble(tmp_path / "onnx")  # another model, though it loads and scores
+    (tmp_path / "onnx" / "fold_2.onnx").write_bytes(saved)
+    assert OnnxEnsemble(tmp_path / "onnx").folds == [1, 2]
     (tmp_path / "onnx" / "fold_2.onnx").unlink()
     with pytest.raises(FaceAttrError, match=r"lists folds \[1, 2\]: fold_2\.onnx is missing"):
         OnnxEnsemble(tmp_path / "onnx")

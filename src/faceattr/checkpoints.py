@@ -175,7 +175,8 @@ def load_ensemble_settings(models_dir: str | Path, models: list[FoldModel]) -> d
             )
     checked = checked_settings(settings, path, folds, ".safetensors")
     if path.name == "ensemble.json":  # its folds checked first: a model gone is named as such
-        _check_digests(Path(models_dir), models, checked.get("sha256"), path)
+        found = {m.fold: m.sha256 for m in models}
+        check_digests(Path(models_dir), found, ".safetensors", checked.get("sha256"), path)
     if path.name != "ensemble.json":
         log.warning(
             "%s holds no ensemble.json (train writes it when a run finishes): voting with its "
@@ -185,9 +186,10 @@ def load_ensemble_settings(models_dir: str | Path, models: list[FoldModel]) -> d
     return checked
 
 
-def _check_digests(models_dir: Path, models: list[FoldModel], digests: object, path: Path) -> None:
-    """Refuse a fold model that is not the one the run trained (ensemble.json's `digests`; a
-    run from before they were kept has none)."""
+def check_digests(folder: Path, found: dict[int, str], suffix: str, digests: object, path: Path):
+    """Refuse a fold model that is not the one the run trained or exported: `found` maps the
+    folds in `folder` to the sha256 of their `fold_K{suffix}` files, `digests` is what `path`
+    (an ensemble.json) holds; a run from before they were kept has none."""
     if digests is None:
         return
     if not (
@@ -198,13 +200,13 @@ def _check_digests(models_dir: Path, models: list[FoldModel], digests: object, p
         raise FaceAttrError(f"{path}: sha256 must map folds to digests, got {digests!r}")
     # Each fold trained has a digest: one whose model is gone is a smaller ensemble.
     trained = sorted(int(k) for k in digests)
-    check_folds(trained, [m.fold for m in models], ".safetensors", f"{path} holds digests of folds")
-    for m in models:
-        if m.sha256 != digests.get(str(m.fold)):
-            weights = models_dir / f"fold_{m.fold}.safetensors"
+    check_folds(trained, sorted(found), suffix, f"{path} holds digests of folds")
+    made = "this run trained" if suffix == ".safetensors" else "this export wrote"
+    for fold, digest in found.items():
+        if digest != digests.get(str(fold)):
             raise FaceAttrError(
-                f"{weights} is not the model this run trained (its sha256 is not the one {path} "
-                "holds): a fold model from another run, or one changed since"
+                f"{folder / f'fold_{fold}{suffix}'} is not the model {made} (its sha256 is not "
+                f"the one {path} holds): a fold model from another run, or one changed since"
             )
 
 

@@ -16,7 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from faceattr.checkpoints import checked_settings, load_ensemble_settings, load_fold_models
+from faceattr.checkpoints import (
+    check_digests,
+    checked_settings,
+    load_ensemble_settings,
+    load_fold_models,
+    weights_digest,
+)
 from faceattr.ensemble import batches_side_by_side, inference_batch_size
 from faceattr.errors import FaceAttrError, first_line
 from faceattr.outputs import atomic_path, ensure_writable_dir, write_json
@@ -67,10 +73,14 @@ def export_onnx(models_dir: str | Path, out: str | Path, opset: int = 17) -> lis
         # An earlier export's settings go before its models are replaced, these come after: an
         # export stopped between leaves a folder predict --onnx refuses, not one mixing two runs.
         (out / "ensemble.json").unlink(missing_ok=True)
+    digests = {
+        str(m.fold): weights_digest(p.read_bytes()) for m, p in zip(models, paths, strict=True)
+    }
     write_json(out / "ensemble.json", {
         "folds": [m.fold for m in models], "arch": models[0].config.get("arch"),
         "threshold": settings["threshold"], "tta": settings["tta"],
         "vote": settings["vote"],
+        "sha256": digests,  # predict --onnx refuses a model from another export
         "preprocessing": PREPROCESSING,
     })  # fmt: skip
     return paths
@@ -95,15 +105,22 @@ class OnnxEnsemble:
         if not isinstance(settings, dict):
             raise FaceAttrError(f"{folder / 'ensemble.json'} does not hold the ensemble's settings")
         self.folds = [fold for fold, _ in files]
-        self.settings = checked_settings(settings, folder / "ensemble.json", self.folds, ".onnx")
+        path = folder / "ensemble.json"
+        self.settings = checked_settings(settings, path, self.folds, ".onnx")
+        try:  # read once: the bytes digested are the bytes run
+            raw = {fold: p.read_bytes() for fold, p in files}
+        except OSError as e:
+            raise FaceAttrError(f"cannot read {e.filename}: {e.strerror}") from None
+        digests = {fold: weights_digest(b) for fold, b in raw.items()}
+        check_digests(folder, digests, ".onnx", self.settings.get("sha256"), path)
         options = ort.SessionOptions()
         # One thread a session: batches run side by side instead (see `scores`).
         options.intra_op_num_threads = options.inter_op_num_threads = 1
         self.sessions = []
-        for _, path in files:
+        for fold, path in files:
             try:
                 session = ort.InferenceSession(
-                    str(path), options, providers=["CPUExecutionProvider"]
+                    raw[fold], options, providers=["CPUExecutionProvider"]
                 )
             except Exception as e:  # onnxruntime's own errors: a truncated or foreign file
                 raise FaceAttrError(f"cannot load {path}: {first_line(e)}") from None
