@@ -314,6 +314,14 @@ def test_seed_commands_end_to_end(dataset_dir, tmp_path, monkeypatch):
     assert len(read_lines(tmp_path / "label_val.txt")) == 40
     assert (tmp_path / "predictions.csv").exists()
     assert_user_error(here("--mode=test", "--model_dir=RUN/models", seed=True), "--img_test_dir")
+    # --save_dir names the models as train's does; the training flags copied along, a warning.
+    given = ["--save_dir=RUN", "--output=again.txt", "--epochs=15", "--lr=0.001"]
+    result = here("--mode=test", f"--img_test_dir={test_dir}", *given, seed=True)
+    assert result.returncode == 0, result.stderr
+    assert read_lines(tmp_path / "again.txt") == read_lines(tmp_path / "label_val.txt")
+    assert "--mode=test ignores --epochs and --lr, other modes' flags" in result.stderr
+    result = here("--mode=test", f"--img_test_dir={test_dir}", "--batch_size=0", seed=True)
+    assert_user_error(result, "--batch-size must be at least 1, got 0")
 
 
 def test_demo_runs_the_whole_pipeline(tmp_path):

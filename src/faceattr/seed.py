@@ -21,6 +21,7 @@ from faceattr.cli import (
     run_command,
     run_predict,
     run_train,
+    train_options,
 )
 from faceattr.errors import FaceAttrError
 
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img_test_dir", type=path, help="folder of numbered test images")
     p.add_argument("--save_dir", type=path, default="run", help="train: run folder (default run/)")
     p.add_argument(
-        "--model_dir", type=path, default="run/models", help="test: folder of fold models"
+        "--model_dir", type=path, help="test: folder of fold models (default SAVE_DIR/models)"
     )
     p.add_argument("--output", type=path, default="label_val.txt", help="test: label file to write")
     p.add_argument(
@@ -53,11 +54,39 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# What each mode reads, beside -q/-v, --device and the image options every mode has.
+PREDICT = ["vote", "threshold", "no_tta"]
+USED = {
+    "explore": ["img_train_dir", "labels_txt", "img_test_dir", "out"],
+    "train": ["img_train_dir", "labels_txt", "save_dir", "out", "overwrite", "resume"],
+    "test": ["img_test_dir", "save_dir", "model_dir", "output", "batch_size", *PREDICT],
+}
+
+
+def unused_flags(args: argparse.Namespace) -> list[str]:
+    """The flags given that `args.mode` does nothing with, as the command line names them: the
+    seed's commands share one parser, so a --epochs in a test command parses without a word."""
+    used = {"mode", "quiet", "verbose", "device", "workers", "cache", "no_cache", *USED[args.mode]}
+    if args.mode == "train":
+        used |= set(train_options())
+    parser = build_parser()
+    return [
+        a.option_strings[-1]
+        for a in parser._actions
+        if a.option_strings
+        and a.dest not in used | {"help"}
+        and getattr(args, a.dest, None) != a.default
+    ]
+
+
 def run(args: argparse.Namespace) -> int:
     from faceattr.data import dataset_from_paths, image_folder
     from faceattr.explore import explore, format_summary
     from faceattr.runfolder import unfinished_run
 
+    if unused := unused_flags(args):
+        listed = ", ".join(unused[:-1]) + " and " * (len(unused) > 1) + unused[-1]
+        log.warning("--mode=%s ignores %s, other modes' flags", args.mode, listed)
     if args.mode == "explore":
         if not (args.img_train_dir or args.img_test_dir):
             raise FaceAttrError(
@@ -84,8 +113,9 @@ def run(args: argparse.Namespace) -> int:
         return run_train(dataset_from_paths(args.img_train_dir, args.labels_txt, None), args)
     if not args.img_test_dir:
         raise FaceAttrError("--mode=test needs --img_test_dir")
-    args.batch_size = None  # --batch_size is the training one; inference picks its own
-    return run_predict(image_folder(args.img_test_dir), args.model_dir, args)
+    # As the seed's test read its models from where its train wrote them, --save_dir's.
+    models_dir = args.model_dir or Path(args.save_dir) / "models"
+    return run_predict(image_folder(args.img_test_dir), models_dir, args)
 
 
 def main(argv: list[str] | None = None) -> int:
