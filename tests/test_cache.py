@@ -152,12 +152,15 @@ def test_damaged_entry_is_rebuilt(dataset_dir, tmp_path):
         assert again.cache == "miss" and np.array_equal(again.array, good)
 
 
-def test_unwritable_cache_folder_falls_back_to_memory(dataset_dir, tmp_path):
+def test_unwritable_cache_folder_falls_back_to_memory(dataset_dir, tmp_path, caplog):
     blocker = tmp_path / "file"
     blocker.write_text("a file where the cache folder should be")
+    caplog.set_level("INFO", logger="faceattr")
     loaded = load_images(load_dataset(dataset_dir).train, blocker / "cache")
     assert loaded.cache == "off" and loaded.array.shape == (160, 64, 64, 3)
     assert load_images(load_dataset(dataset_dir).train, None).cache == "off"
+    # Cached or not, the command says how many images it decoded, and how fast.
+    assert caplog.text.count("decoded 160 images of") == 2 and "images/s)" in caplog.text
     # Inside the image folder, its files would join the images: refused.
     images = load_dataset(dataset_dir).train
     with pytest.raises(FaceAttrError, match=r"--cache .* is inside the image folder"):

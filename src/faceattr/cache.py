@@ -26,7 +26,7 @@ import numpy as np
 from faceattr import decode
 from faceattr.data import ImageSet
 from faceattr.decode import SIZE, Audit, decode_images
-from faceattr.errors import FaceAttrError
+from faceattr.errors import FaceAttrError, plural
 from faceattr.outputs import NO_ROOM, atomic_path, ensure_writable_dir, refuse_inside, write_json
 
 log = logging.getLogger("faceattr")
@@ -196,7 +196,9 @@ def load_images(
     if cache_dir is None:
         start += import_decoder()
         array, audit = decode_images(images, workers, skip_bad=skip_bad, hint=hint)
-        return Loaded(array, audit, "off", time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        _log_decoded(images, seconds)
+        return Loaded(array, audit, "off", seconds)
 
     key = fingerprint(images, extra)
     npy, meta = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
@@ -248,11 +250,11 @@ def load_images(
     )
     _drop_superseded(cache_dir, key, image_set, images.describe())
     audit.check(skip_bad, hint)
-    log.info(
-        "decoded %d images of %s in %.1fs (%.0f images/s)",
-        len(images),
-        images.describe(),
-        seconds,
-        len(images) / max(seconds, 1e-9),
-    )
+    _log_decoded(images, seconds)
     return Loaded(np.load(npy, mmap_mode="c"), audit, "miss", seconds, str(npy))
+
+
+def _log_decoded(images: ImageSet, seconds: float) -> None:
+    rate = len(images) / max(seconds, 1e-9)
+    log.info("decoded %s of %s in %.1fs (%.0f images/s)", plural(len(images), "image"),
+             images.describe(), seconds, rate)  # fmt: skip
