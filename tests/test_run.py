@@ -111,6 +111,13 @@ def test_a_mixing_share_without_mixing_is_refused(dataset_dir, tmp_path):
         train_run(data, cfg, tmp_path / "run", cpu, given={"mix_alpha", "mix"})
 
 
+def test_ddp_outside_torchrun_is_said_to_do_nothing(dataset_dir, tmp_path, caplog):
+    cfg = TrainConfig(ddp=True, folds=1000)  # refused after the warning: nothing is trained
+    with pytest.raises(FaceAttrError, match="fewer than the 1000 folds"):
+        train_run(load_dataset(dataset_dir), cfg, tmp_path / "run", torch.device("cpu"))
+    assert "this one runs alone, outside torchrun: it trains as without --ddp" in caplog.text
+
+
 def test_compiled_training_saves_plain_weights(dataset_dir, tmp_path, monkeypatch):
     from torch._dynamo.utils import counters
 

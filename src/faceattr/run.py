@@ -112,6 +112,11 @@ def train_run(
             f"--mix-alpha {cfg.mix_alpha} shapes the blends of --mix mixup or cutmix, and this "
             "run blends none"
         )
+    if cfg.ddp and ranks.world == 1:  # kept in run.json all the same: a torchrun --resume uses it
+        log.warning(
+            "--ddp trains each fold across torchrun's processes, and this one runs alone, "
+            "outside torchrun: it trains as without --ddp"
+        )
     train_images, labels = dataset.require_train()
     fold_of = make_folds(labels, cfg.folds, cfg.seed)  # checks the labels and --folds first
     check_writable(out)
