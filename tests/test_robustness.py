@@ -152,9 +152,24 @@ def test_skip_bad_drops_the_image_with_a_warning(tmp_path):
     result = train(data, tmp_path / "run", "--skip-bad")
     assert result.returncode == 0, result.stderr
     assert "leaving out 1 image(s)" in result.stderr and "000005.jpg" in result.stderr
+    assert "names all" not in result.stderr  # the warning did
     summary = json.loads((tmp_path / "run" / "run.json").read_text())
     assert summary["n_train"] == 15
     assert "000005.jpg" not in (tmp_path / "run" / "oof.csv").read_text()
+    (data / "train_img" / "000002.jpg").write_bytes(b"junk")
+    result = train(data, tmp_path / "run", "--skip-bad", "--overwrite")
+    assert "leaving out 2 image(s)" in result.stderr and "(and 1 more)" in result.stderr
+    assert "run.json's audit.bad names all 2 images left out, and why" in result.stderr
+    bad = json.loads((tmp_path / "run" / "run.json").read_text())["audit"]["bad"]
+    assert [why.split(":")[0].rsplit("/")[-1] for why in bad.values()] == [
+        "000002.jpg",
+        "000005.jpg",
+    ]
+    for i in (1, 3, 7, 9, 11, 13):  # all of class 0 but 000015.jpg: too few for the folds
+        (data / "train_img" / f"{i:06d}.jpg").write_bytes(b"junk")
+    result = train(data, tmp_path / "r3", "--skip-bad")
+    assert_user_error(result, "--skip-bad left out 8 images that cannot be decoded, and then "
+                      "class 0 has 1 image, fewer than the 2 folds")  # fmt: skip
     for image in (data / "train_img").iterdir():  # none left to train on: said so, in one line
         image.write_bytes(b"junk")
     result = train(data, tmp_path / "r2", "--skip-bad")

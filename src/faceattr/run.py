@@ -30,7 +30,7 @@ from faceattr.checkpoints import remove_training_state, save_ensemble_settings, 
 from faceattr.data import Dataset, ImageSet
 from faceattr.distributed import SINGLE, Ranks
 from faceattr.ensemble import decision_rule
-from faceattr.errors import FaceAttrError, percent
+from faceattr.errors import FaceAttrError, percent, plural
 from faceattr.folds import load_folds, make_folds, save_folds
 from faceattr.metrics import scores_to_labels
 from faceattr.models import count_parameters, create_model, weights_file
@@ -161,7 +161,15 @@ def train_run(
             )
         keep = np.setdiff1d(np.arange(len(labels)), sorted(loaded.audit.bad))
         array, labels, names = array[keep], labels[keep], [names[i] for i in keep]
-        fold_of = make_folds(labels, cfg.folds, cfg.seed)
+        dropped = plural(len(loaded.audit.bad), "image")
+        try:
+            fold_of = make_folds(labels, cfg.folds, cfg.seed)
+        except FaceAttrError as e:  # the labels were fine: the images left out made it so
+            raise FaceAttrError(
+                f"--skip-bad left out {dropped} that cannot be decoded, and then {e}"
+            ) from None
+        if len(loaded.audit.bad) > 1:  # the warning named one
+            log.warning("run.json's audit.bad names all %s left out, and why", dropped)
     if resume:
         _check_resumable(work, previous, digest, len(labels), fold_of)
     ranks.barrier()  # every process has checked the input: only now is the folder touched
