@@ -286,6 +286,7 @@ def test_seed_commands_end_to_end(dataset_dir, tmp_path, monkeypatch):
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "explore" / "explore.json").exists() and "label 0:" in result.stdout
+    assert "wrote explore/explore.json and its pictures" in result.stdout
     result = seed_main(
         "--mode=train",
         f"--img_train_dir={train_dir}",

@@ -82,7 +82,12 @@ def processes(text: str) -> int:
 def cmd_explore(args: argparse.Namespace) -> int:
     from faceattr.data import load_dataset
 
-    data = load_dataset(args.data, need="any")  # a wrong path fails before the heavy imports
+    # A wrong path fails before the heavy imports.
+    return run_explore(load_dataset(args.data, need="any"), args)
+
+
+def run_explore(data: Dataset, args: argparse.Namespace) -> int:
+    """Shared by `faceattr explore` and the seed's `--mode=explore`."""
     from faceattr.explore import explore, format_summary
 
     summary = explore(data, args.out, args.workers, cache_dir(args))

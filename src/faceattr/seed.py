@@ -15,10 +15,10 @@ from faceattr.cli import (
     add_common,
     add_predict_options,
     add_train_options,
-    cache_dir,
     parse,
     path,
     run_command,
+    run_explore,
     run_predict,
     run_train,
     train_options,
@@ -81,7 +81,6 @@ def unused_flags(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from faceattr.data import dataset_from_paths, image_folder
-    from faceattr.explore import explore, format_summary
     from faceattr.runfolder import unfinished_run
 
     if unused := unused_flags(args):
@@ -92,9 +91,9 @@ def run(args: argparse.Namespace) -> int:
             raise FaceAttrError(
                 "--mode=explore needs --img_train_dir and --labels_txt, or --img_test_dir"
             )
-        data = dataset_from_paths(args.img_train_dir, args.labels_txt, args.img_test_dir)
-        print(format_summary(explore(data, args.out, args.workers, cache_dir(args))))
-        return 0
+        return run_explore(
+            dataset_from_paths(args.img_train_dir, args.labels_txt, args.img_test_dir), args
+        )
     if args.mode == "train":
         if not (args.img_train_dir and args.labels_txt):
             raise FaceAttrError("--mode=train needs --img_train_dir and --labels_txt")
