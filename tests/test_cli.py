@@ -179,6 +179,12 @@ def test_evaluate(dataset_dir, tmp_path):
         result = here("evaluate", "--pred", str(pred), "--truth", str(truth), *given)
         assert_user_error(result, f"{given[0]}: there are plots only with --scores")
     assert not (tmp_path / "ev").exists()
+    # The decoding options without --images: nothing to decode.
+    given = ["--workers", "1", "--cache", str(tmp_path / "c"), "--no-cache"]
+    result = here("evaluate", "--pred", str(pred), "--truth", str(truth), *given)
+    assert_user_error(result, "--workers, --cache and --no-cache: only --images")
+    result = here("evaluate", "--pred", str(pred), "--truth", str(truth), "--workers", "2")
+    assert_user_error(result, "--workers: only --images (the test images, for the worst errors)")
     # --scores that is no file: a named pipe had waited for a writer forever.
     os.mkfifo(tmp_path / "fifo")
     pred.write_text("".join(f"{v}\n" for v in flipped))

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 import faceattr
-from faceattr.errors import FaceAttrError, first_line, percent, plural, printable
+from faceattr.errors import FaceAttrError, first_line, listed, percent, plural, printable
 
 # torch (and what imports it) loads inside `main`, where Ctrl-C during its second of loading is
 # caught like any other: "interrupted", not a traceback.
@@ -194,8 +194,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     lonely = [f"--{o}" for o in ("plots", "images") if getattr(args, o) and not args.scores]
     if lonely:  # they would be left unused without a word
         raise FaceAttrError(
-            f"{' and '.join(lonely)}: there are plots only with --scores (the predictions.csv "
+            f"{listed(lonely)}: there are plots only with --scores (the predictions.csv "
             "beside --pred); give it too"
+        )
+    decoding = [f"--{o.replace('_', '-')}" for o in ("workers", "cache", "no_cache")
+                if getattr(args, o) not in (None, False)]  # fmt: skip
+    if decoding and not args.images:
+        raise FaceAttrError(
+            f"{listed(decoding)}: only --images (the test images, for the worst errors) "
+            "are decoded; give it too"
         )
     result = evaluate(
         args.pred, args.truth, args.scores, args.plots or "evaluation", args.images,

@@ -26,6 +26,11 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
+def listed(items: list[str]) -> str:
+    """`a`, `a and b`, `a, b and c`: the items as a sentence names them."""
+    return ", ".join(items[:-1]) + " and " * (len(items) > 1) + items[-1]
+
+
 def first_line(e: BaseException) -> str:
     """The first line of a library's error message: some run to a paragraph of advice that does
     not apply here (torch.load's on weights_only, for one)."""

@@ -23,7 +23,7 @@ from faceattr.cli import (
     run_train,
     train_options,
 )
-from faceattr.errors import FaceAttrError
+from faceattr.errors import FaceAttrError, listed
 
 log = logging.getLogger("faceattr")
 EXPLORE_OUT = "explore"
@@ -84,8 +84,7 @@ def run(args: argparse.Namespace) -> int:
     from faceattr.runfolder import unfinished_run
 
     if unused := unused_flags(args):
-        listed = ", ".join(unused[:-1]) + " and " * (len(unused) > 1) + unused[-1]
-        log.warning("--mode=%s ignores %s, other modes' flags", args.mode, listed)
+        log.warning("--mode=%s ignores %s, other modes' flags", args.mode, listed(unused))
     if args.mode == "explore":
         if not (args.img_train_dir or args.img_test_dir):
             raise FaceAttrError(
