@@ -168,14 +168,18 @@ def run_predict(
     images: ImageSet, models_dir: str | Path, args: argparse.Namespace, onnx: bool = False
 ) -> int:
     """Shared by `faceattr predict` and the seed's `--mode=test`."""
+    import torch
+
     from faceattr.predict import format_prediction, predict
     from faceattr.runtime import resolve_device
 
+    if onnx and args.device not in ("auto", "cpu"):  # not resolved: no GPU is needed for it
+        log.warning("--onnx runs on the CPU (onnxruntime's): --device %s does nothing", args.device)
     summary = predict(
         images,
         models_dir,
         args.output,
-        resolve_device(args.device),
+        torch.device("cpu") if onnx else resolve_device(args.device),
         rule=args.vote,
         threshold=args.threshold,
         tta=False if args.no_tta else None,
