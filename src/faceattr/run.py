@@ -25,7 +25,7 @@ import torch
 
 from faceattr import plots
 from faceattr.batches import DeviceImages
-from faceattr.cache import load_images
+from faceattr.cache import Loaded, load_images
 from faceattr.checkpoints import remove_training_state, save_ensemble_settings, save_fold_model
 from faceattr.data import Dataset, ImageSet
 from faceattr.distributed import SINGLE, Ranks
@@ -97,26 +97,8 @@ def train_run(
     work, previous = where_to_train(out, *seen, resume, overwrite)
     left = [] if resume or work != out else remains(out)  # a run's, its run.json gone
     if left and not overwrite:
-        names = [str(p.relative_to(out)) for p in left]
-        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
-        raise FaceAttrError(
-            f"{out} holds what a run left without its run.json ({', '.join(names[:3])}{more}), "
-            "which this run would take for its own: --overwrite clears it, or choose another --out"
-        )
-    if resume:  # checks both: the options given and those saved
-        cfg = _resumed_config(cfg, previous["config"], given, work)
-    else:
-        cfg.check()
-    if "mix_alpha" in given and cfg.mix == "none":  # it would shape nothing, without a word
-        raise FaceAttrError(
-            f"--mix-alpha {cfg.mix_alpha} shapes the blends of --mix mixup or cutmix, and this "
-            "run blends none"
-        )
-    if cfg.ddp and ranks.world == 1:  # kept in run.json all the same: a torchrun --resume uses it
-        log.warning(
-            "--ddp trains each fold across torchrun's processes, and this one runs alone, "
-            "outside torchrun: it trains as without --ddp"
-        )
+        _refuse_remains(out, left)
+    cfg = _checked_config(cfg, previous["config"] if resume else None, given, work, ranks)
     train_images, labels = dataset.require_train()
     fold_of = make_folds(labels, cfg.folds, cfg.seed)  # checks the labels and --folds first
     check_writable(out)
@@ -140,36 +122,13 @@ def train_run(
         "training %s%s, %d folds x %d epochs on %s",
         *(cfg.arch, weights, cfg.folds, cfg.epochs, device),
     )
-    # Under torchrun one process per machine decodes into the cache, on all its cores, and the
-    # others then read the cache: G processes decoding the same images would do G times the work.
-    # Without a cache each decodes its own copy, on its share of the cores.
-    leader = ranks.local_rank == 0
-    if cfg.cache is not None and not leader:
-        ranks.barrier()
-    workers = cfg.workers or max(1, cpu_cores() // (ranks.world if cfg.cache is None else 1))
-    loaded = load_images(
-        train_images, cfg.cache, workers, labels.tobytes(), cfg.skip_bad, SKIP_HINT
-    )
-    if cfg.cache is not None and leader:
-        ranks.barrier()
+    loaded = _decode_training_set(train_images, labels, cfg, ranks)
     array, names = loaded.array, train_images.names
     digest = pixel_digest(array)
     if loaded.audit.bad:  # --skip-bad: leave them out
-        if len(loaded.audit.bad) == len(labels):
-            raise FaceAttrError(
-                f"--skip-bad: none of the {len(labels)} training images could be decoded"
-            )
-        keep = np.setdiff1d(np.arange(len(labels)), sorted(loaded.audit.bad))
-        array, labels, names = array[keep], labels[keep], [names[i] for i in keep]
-        dropped = plural(len(loaded.audit.bad), "image")
-        try:
-            fold_of = make_folds(labels, cfg.folds, cfg.seed)
-        except FaceAttrError as e:  # the labels were fine: the images left out made it so
-            raise FaceAttrError(
-                f"--skip-bad left out {dropped} that cannot be decoded, and then {e}"
-            ) from None
-        if len(loaded.audit.bad) > 1:  # the warning named one
-            log.warning("run.json's audit.bad names all %s left out, and why", dropped)
+        array, labels, names, fold_of = _without_undecodable(
+            loaded.audit.bad, array, labels, names, cfg
+        )
     if resume:
         _check_resumable(work, previous, digest, len(labels), fold_of)
     ranks.barrier()  # every process has checked the input: only now is the folder touched
@@ -212,6 +171,76 @@ def train_run(
             put_in_place(work, out)
             log.info("replaced the run in %s", out)
         return summary
+
+
+def _refuse_remains(out: Path, left: list[Path]) -> None:
+    names = [str(p.relative_to(out)) for p in left]
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    raise FaceAttrError(
+        f"{out} holds what a run left without its run.json ({', '.join(names[:3])}{more}), "
+        "which this run would take for its own: --overwrite clears it, or choose another --out"
+    )
+
+
+def _checked_config(
+    cfg: TrainConfig, saved: dict | None, given: list[str], work: Path, ranks: Ranks
+) -> TrainConfig:
+    """The run's settings, once they are known to make sense: a resumed run's are its `saved`
+    ones, which the options `given` must agree with."""
+    if saved is not None:  # checks both: the options given and those saved
+        cfg = _resumed_config(cfg, saved, given, work)
+    else:
+        cfg.check()
+    if "mix_alpha" in given and cfg.mix == "none":  # it would shape nothing, without a word
+        raise FaceAttrError(
+            f"--mix-alpha {cfg.mix_alpha} shapes the blends of --mix mixup or cutmix, and this "
+            "run blends none"
+        )
+    if cfg.ddp and ranks.world == 1:  # kept in run.json all the same: a torchrun --resume uses it
+        log.warning(
+            "--ddp trains each fold across torchrun's processes, and this one runs alone, "
+            "outside torchrun: it trains as without --ddp"
+        )
+    return cfg
+
+
+def _decode_training_set(
+    images: ImageSet, labels: np.ndarray, cfg: TrainConfig, ranks: Ranks
+) -> Loaded:
+    """The decoded training images. Under torchrun one process per machine decodes into the
+    cache, on all its cores, and the others then read the cache: G processes decoding the same
+    images would do G times the work. Without a cache each decodes its own copy, on its share of
+    the cores."""
+    leader = ranks.local_rank == 0
+    if cfg.cache is not None and not leader:
+        ranks.barrier()
+    workers = cfg.workers or max(1, cpu_cores() // (ranks.world if cfg.cache is None else 1))
+    loaded = load_images(images, cfg.cache, workers, labels.tobytes(), cfg.skip_bad, SKIP_HINT)
+    if cfg.cache is not None and leader:
+        ranks.barrier()
+    return loaded
+
+
+def _without_undecodable(
+    bad: dict[int, str], array: np.ndarray, labels: np.ndarray, names: list[str], cfg: TrainConfig
+) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
+    """The training set without the images --skip-bad leaves out (`bad`), and its folds."""
+    if len(bad) == len(labels):
+        raise FaceAttrError(
+            f"--skip-bad: none of the {len(labels)} training images could be decoded"
+        )
+    keep = np.setdiff1d(np.arange(len(labels)), sorted(bad))
+    array, labels, names = array[keep], labels[keep], [names[i] for i in keep]
+    dropped = plural(len(bad), "image")
+    try:
+        fold_of = make_folds(labels, cfg.folds, cfg.seed)
+    except FaceAttrError as e:  # the labels were fine: the images left out made it so
+        raise FaceAttrError(
+            f"--skip-bad left out {dropped} that cannot be decoded, and then {e}"
+        ) from None
+    if len(bad) > 1:  # the warning named one
+        log.warning("run.json's audit.bad names all %s left out, and why", dropped)
+    return array, labels, names, fold_of
 
 
 def _check_resumable(
