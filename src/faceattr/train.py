@@ -484,17 +484,8 @@ def train_fold(
     step_model = compile_model(net) if cfg.compile else net
 
     state = FoldState(model, ema, optimizer, scheduler, order_gen, gen)
-    saved = load_training_state(checkpoint) if checkpoint else None
-    if saved is not None:
-        # Data-parallel, only rank 0's augmentation generator was saved: the others draw afresh.
-        # So does a fold saved on a GPU and resumed on a CPU, or the other way round: the two
-        # generators' states do not convert.
-        moved = ("rng.cuda" in saved[0]) != (device.type == "cuda")
-        state.restore(*saved, reseed=augment_seed if parallel or moved else None)
-        log.info("fold %d: resuming after epoch %d", fold, state.epoch)
-        if moved:
-            log.warning("fold %d was saved on another kind of device: it resumes with fresh "
-                        "augmentation draws, not bit for bit", fold)  # fmt: skip
+    if checkpoint is not None:
+        _resume(state, checkpoint, device, augment_seed, parallel, fold)
 
     start = time.perf_counter() - state.seconds
     saved_at = time.perf_counter()
@@ -502,10 +493,7 @@ def train_fold(
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         model.train()
-        order = train_t[torch.randperm(len(train_t), generator=order_gen).to(device)]
-        if parallel:  # the same order on every rank; each takes every world-th image
-            order = order[: len(order) // ranks.world * ranks.world][ranks.rank :: ranks.world]
-        order = order[: images_per_epoch(len(order), batch, cfg.compile)]
+        order = _epoch_order(train_t, order_gen, ranks if parallel else SINGLE, batch, cfg.compile)
         # Host-kept images gather from a host copy of the order, made once an epoch.
         gather = order.to(getattr(images, "index_device", device))
         loss_sum = torch.zeros((), device=device)
@@ -577,6 +565,39 @@ def train_fold(
             log.debug("fold %d: epoch %d state saved to %s", fold, epoch, checkpoint)
     seconds = time.perf_counter() - start
     return FoldResult(state.best_epoch, state.best_state, state.best_scores, state.history, seconds)
+
+
+def _resume(
+    state: FoldState,
+    checkpoint: Path,
+    device: torch.device,
+    augment_seed: int,
+    parallel: bool,
+    fold: int,
+) -> None:
+    """Continue the fold from `checkpoint`, if a state was saved there. Data-parallel, only rank
+    0's augmentation generator was saved: the others draw afresh, from `augment_seed`. So does a
+    fold saved on a GPU and resumed on a CPU, or the other way round: the two generators' states
+    do not convert."""
+    saved = load_training_state(checkpoint)
+    if saved is None:
+        return
+    moved = ("rng.cuda" in saved[0]) != (device.type == "cuda")
+    state.restore(*saved, reseed=augment_seed if parallel or moved else None)
+    log.info("fold %d: resuming after epoch %d", fold, state.epoch)
+    if moved:
+        log.warning("fold %d was saved on another kind of device: it resumes with fresh "
+                    "augmentation draws, not bit for bit", fold)  # fmt: skip
+
+
+def _epoch_order(
+    train_idx: torch.Tensor, gen: torch.Generator, ranks: Ranks, batch: int, compiled: bool
+) -> torch.Tensor:
+    """The training images of an epoch, in the order they are trained on: a fresh shuffle, the
+    same on every rank of a data-parallel fold, of which each takes every world-th image."""
+    order = train_idx[torch.randperm(len(train_idx), generator=gen).to(train_idx.device)]
+    order = order[: len(order) // ranks.world * ranks.world][ranks.rank :: ranks.world]
+    return order[: images_per_epoch(len(order), batch, compiled)]
 
 
 def _validation_row(
