@@ -208,17 +208,12 @@ def load_images(
     except OSError:  # a folder this user may not even look into: a miss
         present = False
     if present:
-        try:
-            # Copy-on-write: writable for torch, never written back to the file.
-            array = np.load(npy, mmap_mode="c")
-            audit = Audit.from_dict(json.loads(meta.read_text())["audit"])
-            if array.shape == (len(images), SIZE, SIZE, 3) and array.dtype == np.uint8:
-                audit.check(skip_bad, hint)
-                log.info("decoded images of %s found in the cache", images.describe())
-                audit.warn(images.describe())
-                return Loaded(array, audit, "hit", time.perf_counter() - start, str(npy))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # JSON errors too
-            pass
+        if (entry := _read_entry(npy, meta, len(images))) is not None:
+            array, audit = entry
+            audit.check(skip_bad, hint)
+            log.info("decoded images of %s found in the cache", images.describe())
+            audit.warn(images.describe())
+            return Loaded(array, audit, "hit", time.perf_counter() - start, str(npy))
         log.warning("cache entry %s is damaged; decoding again", npy)
     if unwritable is not None:
         log.warning("not caching decoded images: %s", unwritable)
@@ -252,6 +247,17 @@ def load_images(
     audit.check(skip_bad, hint)
     _log_decoded(images, seconds)
     return Loaded(np.load(npy, mmap_mode="c"), audit, "miss", seconds, str(npy))
+
+
+def _read_entry(npy: Path, meta: Path, n: int) -> tuple[np.ndarray, Audit] | None:
+    """A cache entry's images (memory-mapped copy-on-write: writable for torch, never written
+    back to the file) and audit; None if it is damaged."""
+    try:
+        array = np.load(npy, mmap_mode="c")
+        audit = Audit.from_dict(json.loads(meta.read_text())["audit"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # JSON errors too
+        return None
+    return (array, audit) if array.shape == (n, SIZE, SIZE, 3) and array.dtype == np.uint8 else None
 
 
 def _log_decoded(images: ImageSet, seconds: float) -> None:
