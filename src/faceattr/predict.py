@@ -81,32 +81,21 @@ def predict(
 
     csv_path = output.with_name(TABLE)
     folds = ensemble.folds
-    header = [
-        "image",
-        *(f"score_{f}" for f in folds),
-        *(f"vote_{f}" for f in folds),
-        "soft_score",
-        "soft_label",
-        "majority_share",
-        "majority_label",
-        "label",
-    ]
     votes = scores_to_labels(scores, threshold)
-    rows = [
-        [
-            name,
-            *map(float, scores[:, i]),
-            *map(int, votes[:, i]),
-            float(soft_score[i]),
-            int(soft_label[i]),
-            float(share[i]),
-            int(majority_label[i]),
-            int(labels[i]),
-        ]
-        for i, name in enumerate(images.names)
-    ]
+    columns = {  # of predictions.csv, after the image's name: one value per image each
+        **{f"score_{f}": scores[k] for k, f in enumerate(folds)},
+        **{f"vote_{f}": votes[k] for k, f in enumerate(folds)},
+        "soft_score": soft_score,
+        "soft_label": soft_label,
+        "majority_share": share,
+        "majority_label": majority_label,
+        "label": labels,
+    }
+    rows = [[name, *(c[i].item() for c in columns.values())] for i, name in enumerate(images.names)]
     labels_text = "".join(f"{v}\n" for v in labels)
-    write_together({output: labels_text, csv_path: csv_text(header, rows)})  # both, then renamed
+    write_together(
+        {output: labels_text, csv_path: csv_text(["image", *columns], rows)}
+    )  # both, then renamed
     summary = {
         "images": len(labels),
         "models": len(folds),
