@@ -413,23 +413,12 @@ def load_dataset(path: str | Path, need: str = "train") -> Dataset:
         raise FaceAttrError(
             f"{path}: expected {TRAIN_DIR}/, {LABEL_FILE} or {TEST_DIR}/ at the top or one folder down"
         )
-    train = labels = test = unread_test = None
+    train = labels = None
     has_train = source.is_dir(_join(root, TRAIN_DIR)) or source.is_file(_join(root, LABEL_FILE))
     if has_train and need != "test":
         train, labels = _train_part(source, _join(root, TRAIN_DIR), _join(root, LABEL_FILE))
-    test_dir = _join(root, TEST_DIR)
     optional = need == "any" and train is not None  # explore's: the test part may be left out
-    if need == "train" or not source.exists(test_dir):
-        if source.is_dir(test_dir):  # not read, but not to be written into either
-            unread_test = source.local(test_dir)
-    elif optional and not source.is_dir(test_dir):
-        log.warning("%s is not a folder; leaving the test part out", source.describe(test_dir))
-    elif optional and not _holds_images(source, test_dir):
-        # An empty test folder is no reason to stop exploring the training images.
-        log.warning("%s has no images; leaving the test part out", source.describe(test_dir))
-        unread_test = source.local(test_dir)
-    else:
-        test = numbered_images(source, test_dir)  # a file in its place: it says so
+    test, unread_test = _test_part(source, _join(root, TEST_DIR), need != "train", optional)
     dataset = Dataset(train, labels, test, where=str(path), unread_test=unread_test)
     if need == "train":
         dataset.require_train()
@@ -465,6 +454,23 @@ def _train_part(source: Source, folder: str, label_rel: str) -> tuple[ImageSet, 
             f"{plural(len(images), 'image')}"
         )
     return images, labels
+
+
+def _test_part(
+    source: Source, folder: str, read: bool, optional: bool
+) -> tuple[ImageSet | None, Path | None]:
+    """The test images if they are to be `read`, and the folder of those that are not: not read,
+    but not to be written into either. An `optional` part is left out, with a warning, where
+    it is no folder or holds no images: no reason to stop exploring the training images."""
+    if not read or not source.exists(folder):
+        return None, source.local(folder) if source.is_dir(folder) else None
+    if optional and not source.is_dir(folder):
+        log.warning("%s is not a folder; leaving the test part out", source.describe(folder))
+        return None, None
+    if optional and not _holds_images(source, folder):
+        log.warning("%s has no images; leaving the test part out", source.describe(folder))
+        return None, source.local(folder)
+    return numbered_images(source, folder), None  # a file in its place: it says so
 
 
 def dataset_from_paths(
