@@ -31,7 +31,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from faceattr import progress
 from faceattr.data import ImageSet, Source, open_source
-from faceattr.errors import FaceAttrError
+from faceattr.errors import FaceAttrError, some
 from faceattr.runtime import cpu_cores
 
 log = logging.getLogger("faceattr")
@@ -127,9 +127,8 @@ class Audit:
 
 
 def first_and_more(found: dict[int, str]) -> str:
-    """What was found of the first image, and how many more: one line for any number of them."""
-    more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
-    return f"{found[min(found)]}{more}"
+    """What was found of the first image, and how many more."""
+    return some([found[i] for i in sorted(found)])
 
 
 @functools.cache

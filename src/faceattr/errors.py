@@ -31,6 +31,12 @@ def listed(items: list[str]) -> str:
     return ", ".join(items[:-1]) + " and " * (len(items) > 1) + items[-1]
 
 
+def some(items: list[str], shown: int = 1) -> str:
+    """The first `shown` of `items`, and how many more: one line for any number of them."""
+    more = f" (and {len(items) - shown} more)" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more
+
+
 def first_line(e: BaseException) -> str:
     """The first line of a library's error message: some run to a paragraph of advice that does
     not apply here (torch.load's on weights_only, for one)."""

@@ -30,7 +30,7 @@ from faceattr.checkpoints import remove_training_state, save_ensemble_settings, 
 from faceattr.data import Dataset, ImageSet
 from faceattr.distributed import SINGLE, Ranks
 from faceattr.ensemble import decision_rule
-from faceattr.errors import FaceAttrError, percent, plural
+from faceattr.errors import FaceAttrError, percent, plural, some
 from faceattr.folds import load_folds, make_folds, save_folds
 from faceattr.metrics import scores_to_labels
 from faceattr.models import count_parameters, create_model, weights_file
@@ -175,10 +175,9 @@ def train_run(
 
 def _refuse_remains(out: Path, left: list[Path]) -> None:
     names = [str(p.relative_to(out)) for p in left]
-    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
     raise FaceAttrError(
-        f"{out} holds what a run left without its run.json ({', '.join(names[:3])}{more}), "
-        "which this run would take for its own: --overwrite clears it, or choose another --out"
+        f"{out} holds what a run left without its run.json ({some(names, 3)}), which this run "
+        "would take for its own: --overwrite clears it, or choose another --out"
     )
 
 
