@@ -123,13 +123,16 @@ def test_a_fold_learns_an_easy_rule_and_keeps_its_best_epoch():
 
 
 def test_learning_rate_schedules():
-    cfg = TrainConfig(epochs=10, step=5, gamma=0.7)
-    step = [lr_factor("step", i, 4, cfg) for i in range(40)]
+    def factors(schedule):
+        cfg = TrainConfig(epochs=10, step=5, gamma=0.7, schedule=schedule)
+        return [lr_factor(i, 4, cfg) for i in range(40)]
+
+    step = factors("step")
     assert step[:20] == [1.0] * 20 and step[20:] == [0.7] * 20  # StepLR: x0.7 after 5 epochs
-    cosine = [lr_factor("cosine", i, 4, cfg) for i in range(40)]
+    cosine = factors("cosine")
     assert cosine[:4] == [0.25, 0.5, 0.75, 1.0]  # one epoch of warm-up
     assert all(a >= b for a, b in itertools.pairwise(cosine[3:])) and cosine[-1] < 0.01
-    onecycle = [lr_factor("onecycle", i, 4, cfg) for i in range(40)]
+    onecycle = factors("onecycle")
     assert max(onecycle) == onecycle[11] == 1.0 and onecycle[0] < 0.1 and onecycle[-1] < 0.01
 
 

@@ -266,14 +266,14 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=lr, weight_decay=wd)
 
 
-def lr_factor(schedule: str, i: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
-    """The learning rate at optimiser step `i`, as a multiple of --lr.
+def lr_factor(i: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
+    """The learning rate at optimiser step `i`, as a multiple of --lr, by `cfg.schedule`:
 
     - step: the seed's StepLR, times `gamma` every `step` epochs;
     - cosine: one epoch of linear warm-up, then a cosine down to zero at the last step;
     - onecycle: up linearly over the first 30 % of the steps, then a cosine down to zero.
     """
-    total = max(1, cfg.epochs * steps_per_epoch)
+    schedule, total = cfg.schedule, max(1, cfg.epochs * steps_per_epoch)
     if schedule == "step":
         return cfg.gamma ** ((i // steps_per_epoch) // cfg.step)
     warm = steps_per_epoch if schedule == "cosine" else int(0.3 * total)
@@ -473,7 +473,7 @@ def train_fold(
     optimizer = make_optimizer(model, cfg)
     steps_per_epoch = math.ceil(per_epoch / batch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, partial(lr_factor, cfg.schedule, steps_per_epoch=steps_per_epoch, cfg=cfg)
+        optimizer, partial(lr_factor, steps_per_epoch=steps_per_epoch, cfg=cfg)
     )  # stepped after every optimiser step
     ema = WeightAverage(model, cfg.ema) if cfg.ema else None
     judged = ema.module if ema is not None else model  # the weights validated and kept
