@@ -5,6 +5,7 @@ import torch
 
 from faceattr.augment import (
     POLICIES,
+    Policy,
     augment,
     color_jitter,
     mix,
@@ -182,3 +183,40 @@ def test_mixing_shares_are_reproducible_from_the_seeds():
 
     first, second = run(), run()
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+def test_shifts_across_and_down_are_drawn_independently():
+    theta = random_affine(10_000, torch.Generator().manual_seed(0), torch.device("cpu"))
+    corr = torch.corrcoef(theta[:, :, 2].T)[0, 1]
+    assert abs(corr) < 0.05
+
+
+def test_random_erase_boxes_cover_2_to_8_percent_with_aspect_half_to_two():
+    x = torch.full((512, 3, 256, 256), -1.0)  # large images: whole-pixel rounding is small
+    y = random_erase(x, torch.Generator().manual_seed(0), 1.0)
+    mask = (y >= 0).all(1)
+    rows, cols = mask.any(2).sum(1).float(), mask.any(1).sum(1).float()
+    area = rows * cols / (256 * 256)
+    assert area.min() >= 0.02 * 0.9 and area.max() <= 0.08 * 1.1
+    assert area.min() < 0.025 and area.max() > 0.07  # the whole range is used
+    aspect = rows / cols
+    assert aspect.min() >= 0.5 * 0.9 and aspect.max() <= 2 * 1.1
+    assert aspect.min() < 0.6 and aspect.max() > 1.7
+
+
+def test_strong_policy_values():
+    assert POLICIES["strong"] == Policy(max_zoom=0.1, jitter=0.2, erase=0.25)
+    assert POLICIES["strong"].max_shift == 4 / 64 and POLICIES["strong"].max_degrees == 5.0
+
+
+def test_colour_jitter_keeps_a_colour_as_bright_as_the_grey_of_its_luma():
+    """Contrast keeps the mean luma, saturation each pixel's: a colour beside the grey of its
+    own (BT.601) luma stays as bright as that grey, whatever the factors."""
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    colour = torch.tensor([0.6, 0.4, 0.2]).view(1, 3, 1, 1)
+    x = torch.empty(64, 3, 8, 8)
+    x[..., :4] = colour
+    x[..., 4:] = (colour * luma).sum(1, keepdim=True)
+    out = color_jitter(x, torch.Generator().manual_seed(0), 0.2)
+    y = (out * luma).sum(1)
+    assert torch.allclose(y, y[..., 4:5].expand_as(y), atol=1e-5)

@@ -45,3 +45,7 @@ def test_a_set_too_large_for_the_gpus_free_memory_stays_on_the_host(monkeypatch)
     array = np.zeros((4, 64, 64, 3), dtype=np.uint8)  # 49 kB, over half of 1000 free bytes
     images = DeviceImages(array, torch.device("cuda"))
     assert images.where == "host" and images.data.device.type == "cpu"
+
+
+def test_exactly_half_the_free_memory_still_fits_on_the_device():
+    assert placement(40 * GB, torch.device("cuda"), 80 * GB) == "device"

@@ -173,3 +173,32 @@ def test_the_untuned_rule_is_judged_at_0_5_not_at_the_tuned_threshold():
     assert rule["oof"]["hter"] == 0 and rule["threshold"] < 0.5
     at_half = error_rates(labels, scores_to_labels(oof, 0.5))
     assert rule["oof_at_0.5"]["hter"] == at_half["hter"] == 0.5
+
+
+def test_vote_takes_one_models_scores_as_one_row():
+    share, labels = vote(np.array([0.2, 0.7, 0.5]), "majority")
+    assert share.tolist() == [0, 1, 1] and labels.tolist() == [0, 1, 1]
+    mean, labels = vote(np.array([0.2, 0.7]), "soft", 0.6)
+    assert mean.tolist() == [0.2, 0.7] and labels.tolist() == [0, 1]
+
+
+def test_scoring_puts_models_in_eval_mode():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Dropout(0.5), torch.nn.Linear(3 * 64 * 64, 1),
+        torch.nn.Flatten(0),
+    )  # fmt: skip
+    net.train()
+    images = torch.randint(0, 256, (8, 64, 64, 3), dtype=torch.uint8)
+    first = model_scores(net, images)
+    assert not net.training
+    np.testing.assert_array_equal(first, model_scores(net, images))  # no dropout: repeatable
+
+
+def test_no_images_give_an_empty_row_per_model():
+    class Half(torch.nn.Module):
+        def forward(self, x):
+            return torch.zeros(len(x))
+
+    scores = ensemble_scores([Half(), Half()], torch.zeros((0, 64, 64, 3), dtype=torch.uint8))
+    assert scores.shape == (2, 0)

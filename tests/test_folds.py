@@ -49,3 +49,8 @@ def test_save_and_load_roundtrip(tmp_path):
     old = "image,label,fold\n" + "".join(f"{a},{int(f) - 1}\n" for a, f in rows)
     (tmp_path / "old.csv").write_text(old)
     assert np.array_equal(load_folds(tmp_path / "old.csv"), fold)
+
+
+def test_as_many_of_the_rarer_class_as_folds_is_enough():
+    fold = make_folds(np.array([0, 0] + [1] * 10), 2, 0)
+    assert sorted(fold[:2].tolist()) == [0, 1]  # one of each image of class 0 per fold

@@ -163,3 +163,9 @@ def test_bootstrap_of_a_single_class_is_nan():
     """With one class absent, the interval is undefined (NaN), not numpy's error."""
     low, high = bootstrap_hter(np.array([1, 1, 1]), np.array([1, 0, 1]))
     assert np.isnan(low) and np.isnan(high)
+
+
+@pytest.mark.parametrize("labels", [[1, 1, 1], [0, 0]])
+def test_best_threshold_needs_both_classes(labels):
+    with pytest.raises(ValueError, match="both classes"):
+        best_threshold(np.array(labels), np.linspace(0.1, 0.9, len(labels)))

@@ -1,3 +1,5 @@
+import errno
+import json
 import os
 import stat
 from pathlib import Path
@@ -12,6 +14,7 @@ from faceattr.outputs import (
     atomic_path,
     check_writable,
     ensure_writable_dir,
+    stale_temporaries,
     write_csv,
     write_json,
     write_text,
@@ -146,3 +149,43 @@ def test_a_killed_writers_temporaries_are_told_from_a_running_ones(tmp_path):
         path.parent.mkdir(exist_ok=True)
         path.write_text("")
     assert stale_temporaries(tmp_path) == [dead]
+
+
+def test_a_full_disk_that_names_another_file_goes_on_as_it_is(tmp_path):
+    with pytest.raises(OSError) as raised, atomic_path(tmp_path / "labels.txt"):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "cache.npy"))
+    assert raised.value.filename == str(tmp_path / "cache.npy")
+    assert not (tmp_path / "labels.txt").exists()
+
+
+def test_csv_writes_a_float32_as_the_float64_it_widens_to(tmp_path):
+    write_csv(tmp_path / "t.csv", ["score"], [[np.float32(0.3)]])
+    text = (tmp_path / "t.csv").read_text()
+    assert text == f"score\n{float(np.float32(0.3))!r}\n" and text != "score\n0.3\n"
+
+
+def test_temporaries_of_other_dotted_names_are_left_alone(tmp_path):
+    (tmp_path / ".my.notes.v2.tmp").write_text("")  # four parts, no pid among them
+    assert stale_temporaries(tmp_path) == []
+
+
+def test_another_users_writer_counts_as_running(tmp_path, monkeypatch):
+    (tmp_path / ".run.json.1.0123abcd.tmp").write_text("")
+
+    def not_yours(pid, sig):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "kill", not_yours)
+    assert stale_temporaries(tmp_path) == []
+
+
+def test_a_folder_without_write_permission_is_refused(tmp_path, monkeypatch):
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: not mode & os.W_OK and real(p, mode))
+    with pytest.raises(FaceAttrError, match="permission denied"):
+        check_writable(tmp_path / "run")
+
+
+def test_json_takes_numpy_scalars_and_paths(tmp_path):
+    write_json(tmp_path / "a.json", {"t": np.float32(0.5), "n": np.int64(3), "p": Path("x/y")})
+    assert json.loads((tmp_path / "a.json").read_text()) == {"t": 0.5, "n": 3, "p": "x/y"}

@@ -4,6 +4,7 @@ import csv
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -111,3 +112,45 @@ def test_models_beside_a_run_leave_its_report_alone(trained_run, dataset_dir, tm
     assert not (run / "prediction").exists() and "report" not in summary
     summary = faceattr.predict.predict(data.test, run / "models", tmp_path / "l.txt", cpu)
     assert (run / "prediction" / "prediction.json").exists() and "report" in summary
+
+
+# Per image, by index mod 5, the three models' scores: majority and soft disagree on A and B.
+A, B, C, D = (0.6, 0.6, 0.0), (0.4, 0.4, 1.0), (0.9, 0.9, 0.9), (0.1, 0.1, 0.1)
+PATTERN = [A, B, C, D, A]  # majority 1 0 1 0 1, soft 0 1 1 0 0
+
+
+@pytest.fixture
+def three_models(monkeypatch):
+    import faceattr.predict
+
+    class ThreeModels:
+        def __init__(self, models_dir, device):
+            self.settings = {"threshold": 0.5, "tta": False, "vote": "majority"}
+            self.folds = [1, 2, 3]
+
+        def scores(self, images, batch_size, tta):
+            return np.array([PATTERN[i % 5] for i in range(len(images))]).T
+
+    monkeypatch.setattr(faceattr.predict, "TorchEnsemble", ThreeModels)
+
+
+def test_predict_writes_the_chosen_votes_labels_and_counts_both(
+    three_models, dataset_dir, tmp_path
+):
+    """Two fold models' votes always agree (a tie is the soft vote's): three tell the label
+    file's rule and the summary's counts of each vote apart."""
+    from faceattr.data import load_dataset
+    from faceattr.predict import predict
+
+    test, cpu = load_dataset(dataset_dir, need="any").test, torch.device("cpu")
+    out = tmp_path / "labels.txt"
+    summary = predict(test, tmp_path / "models_x", out, cpu)  # the settings' vote: majority
+    assert read_lines(out) == [str(x) for x in [1, 0, 1, 0, 1] * 8]
+    assert (summary["majority_predicted_0"], summary["soft_predicted_0"]) == (16, 24)
+    assert summary["votes_agree"] == summary["unanimous"] == pytest.approx(0.4)
+    summary = predict(test, tmp_path / "models_x", out, cpu, rule="soft")
+    assert read_lines(out) == [str(x) for x in [0, 1, 1, 0, 0] * 8]
+    assert (summary["majority_predicted_0"], summary["soft_predicted_0"]) == (16, 24)
+    assert summary["votes_agree"] == summary["unanimous"] == pytest.approx(0.4)
+    summary = predict(test, tmp_path / "models_x", out, cpu, rule="soft", threshold=0.0)
+    assert summary["predicted_1"] == 40  # 0 is a threshold too: everything accepted

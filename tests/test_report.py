@@ -1,5 +1,6 @@
 """The HTML report: content from the run folder, and how it renders in headless Chromium."""
 
+import json
 import re
 import shutil
 import subprocess
@@ -7,7 +8,7 @@ import subprocess
 import pytest
 
 from conftest import cli, here
-from faceattr.report import build_report
+from faceattr.report import build_report, figure
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SECTIONS = [
@@ -95,3 +96,48 @@ def test_report_renders_in_chromium_with_every_image_loaded(predicted_run, tmp_p
         assert im.size == (1280, 4000)
         colours = im.convert("RGB").resize((64, 200)).getcolors(64 * 200)
         assert len(colours) > 50  # pictures and text, not a blank page
+
+
+def rates(hter, far, frr, low, high):
+    return {"hter": hter, "far": far, "frr": frr, "hter_ci": [low, high]}
+
+
+def test_report_shows_each_number_where_it_belongs(tmp_path):
+    summary = {
+        "status": "complete",
+        "config": {"arch": "simple", "folds": 2},
+        "n_train": 100,
+        "threshold": 0.4321,
+        "eer": 0.0555,
+        "auc": 0.9876,
+        "oof": rates(0.10, 0.12, 0.08, 0.07, 0.13),
+        "oof_nested": rates(0.20, 0.22, 0.18, 0.15, 0.25),
+        "oof_at_0.5": rates(0.30, 0.32, 0.28, 0.26, 0.34),
+        "class_counts": {"0": 25, "1": 75},
+        "folds": [],
+        "timings": {"total_s": 12.0},
+        "resumed": 0,
+    }
+    (tmp_path / "run.json").write_text(json.dumps(summary))
+    page = build_report(tmp_path).read_text()
+    card = "<div class='metric'><b>{}</b><span>{}</span></div>".replace("'", '"')
+    assert card.format("10.00 %", "out-of-fold HTER (95 % CI 7.00 % – 13.00 %)") in page
+    assert card.format("20.00 %", "HTER, threshold chosen on the other folds") in page
+    assert card.format("12.00 %", "FAR (label 0 predicted 1)") in page
+    assert card.format("8.00 %", "FRR (label 1 predicted 0)") in page
+    row = "<tr><td>at 0.5</td><td>30.00 %</td><td>95 % CI 26.00 % – 34.00 %</td>"
+    assert row + "<td>32.00 %</td><td>28.00 %</td></tr>" in page
+    assert "<tr><td>label 0</td><td>25</td><td>25.00 %</td></tr>" in page
+    assert "<td>whole run</td><td>12.0 s</td>" in page
+    (tmp_path / "run.json").write_text(json.dumps({**summary, "resumed": 2}))
+    page = build_report(tmp_path).read_text()
+    assert "<td>its last invocation (resumed 2 times)</td>" in page
+
+
+def test_figures_embed_the_whole_picture(tmp_path):
+    import base64
+
+    (tmp_path / "a.png").write_bytes(b"\x89PNG not really, but every byte of it")
+    html = figure(tmp_path / "a.png", "A")
+    data = html.split("base64,", 1)[1].split('"', 1)[0]
+    assert base64.b64decode(data) == (tmp_path / "a.png").read_bytes()
