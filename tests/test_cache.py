@@ -54,7 +54,7 @@ def test_a_hit_tells_again_what_was_decoded_all_the_same(tmp_path, caplog):
         said.append(caplog.messages)
     assert said[0] == said[1] and len(said[1]) == 2, said
     assert "decoded 1 damaged image(s) all the same" in said[1][0] and "3.jpg" in said[1][0]
-    assert "1 images resized to 64x64, 0 converted to RGB" in said[1][1]
+    assert "1 image resized to 64x64, 0 converted to RGB" in said[1][1]
 
 
 def test_the_decode_rate_leaves_out_the_decoders_import(dataset_dir, tmp_path, monkeypatch):

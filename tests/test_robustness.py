@@ -141,7 +141,7 @@ def test_accepted_with_warnings(tmp_path):
     result = train(data, tmp_path / "run")
     assert result.returncode == 0, result.stderr
     assert "CRLF" in result.stderr and "notes.txt: not an image" in result.stderr
-    assert "1 images resized to 64x64, 2 converted to RGB" in result.stderr
+    assert "1 image resized to 64x64, 2 converted to RGB" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -310,7 +310,7 @@ def test_resume_refuses_data_that_changed_and_trains_its_own_settings(tmp_path):
     result = here(*resume, "--arch", "simple", "--epochs", "1", "--workers", "1")
     assert result.returncode == 0, result.stderr
     # Its own settings, not the device's default recipe:
-    assert "training simple, 2 folds x 1 epochs" in result.stderr
+    assert "training simple, 2 folds x 1 epoch on cpu" in result.stderr
 
 
 def test_an_empty_path_is_refused_not_taken_for_the_current_folder(tmp_path, monkeypatch):

@@ -31,7 +31,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from faceattr import progress
 from faceattr.data import ImageSet, Source, open_source
-from faceattr.errors import FaceAttrError, some
+from faceattr.errors import FaceAttrError, plural, some
 from faceattr.runtime import cpu_cores
 
 log = logging.getLogger("faceattr")
@@ -121,8 +121,8 @@ class Audit:
             log.warning("%s: %s%s", images[0], text, more)
         if self.resized or self.converted:
             log.warning(
-                "%s: %d images resized to %dx%d, %d converted to RGB",
-                *(what, self.resized, SIZE, SIZE, self.converted),
+                "%s: %s resized to %dx%d, %d converted to RGB",
+                *(what, plural(self.resized, "image"), SIZE, SIZE, self.converted),
             )
 
 

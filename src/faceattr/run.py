@@ -119,8 +119,8 @@ def train_run(
         )
     weights = "" if cfg.pretrained is None else f" from {cfg.pretrained} weights"
     log.info(  # once the labels are checked: an error in them is the only line, as others are
-        "training %s%s, %d folds x %d epochs on %s",
-        *(cfg.arch, weights, cfg.folds, cfg.epochs, device),
+        "training %s%s, %d folds x %s on %s",
+        *(cfg.arch, weights, cfg.folds, plural(cfg.epochs, "epoch"), device),
     )
     loaded = _decode_training_set(train_images, labels, cfg, ranks)
     array, names = loaded.array, train_images.names
