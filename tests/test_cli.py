@@ -405,3 +405,12 @@ def test_train_options_given_override_the_devices_recipe_and_only_they():
         "simple", 15, None, None, True,
     )  # fmt: skip
     assert config("--pretrained", "none").pretrained is None
+
+
+def test_quiet_and_verbose_go_before_or_after_the_command_but_not_together(dataset_dir, tmp_path):
+    result = here("-q", "explore", str(dataset_dir), "--out", str(tmp_path / "ex"), "--no-cache")
+    assert result.returncode == 0, result.stderr
+    assert "decoded" not in result.stderr and "label 0:" in result.stdout  # quiet, as after it
+    for argv in (["explore", str(dataset_dir), "-q", "-v"], ["-v", "explore", "-q", "x"]):
+        result = here(*argv)
+        assert result.returncode == 2 and "not allowed with argument" in result.stderr

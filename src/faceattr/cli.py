@@ -386,8 +386,11 @@ def add_common(p: argparse.ArgumentParser, device: bool = True, images: bool = T
             "$XDG_CACHE_HOME/faceattr, else ~/.cache/faceattr)",
         )
         p.add_argument("--no-cache", action="store_true", help="decode images in memory every time")
-    p.add_argument("-q", "--quiet", action="store_true", help="only warnings, errors and results")
-    p.add_argument("-v", "--verbose", action="store_true", help="more detail")
+    talk = p.add_mutually_exclusive_group()  # -q -v would be -q, the -v lost without a word
+    talk.add_argument(
+        "-q", "--quiet", action="store_true", help="only warnings, errors and results"
+    )
+    talk.add_argument("-v", "--verbose", action="store_true", help="more detail")
 
 
 class Parser(argparse.ArgumentParser):
@@ -565,5 +568,14 @@ def parse(
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse(build_parser, argv)
+    args = parse(build_parser, _talk_after_command(sys.argv[1:] if argv is None else argv))
     return run_command(args.func, args)
+
+
+def _talk_after_command(argv: list[str]) -> list[str]:
+    """`faceattr -q explore DATA` as `faceattr explore -q DATA`: every command takes -q and -v,
+    and they read as well before it."""
+    lead = 0
+    while lead < len(argv) and argv[lead] in ("-q", "--quiet", "-v", "--verbose"):
+        lead += 1
+    return [*argv[lead : lead + 1], *argv[:lead], *argv[lead + 1 :]]
