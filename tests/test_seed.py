@@ -21,3 +21,16 @@ def test_flags_of_another_mode_are_named_as_given():
         "--batch_size"
     ]
     assert unused("--mode=explore", "--workers=1", "--no-cache", "-q", "--device=cpu") == []
+
+
+def test_train_errors_name_save_dir_the_seeds_flag(dataset_dir):
+    from conftest import assert_user_error, here
+
+    inside = dataset_dir / "train_img" / "run"
+    result = here("--mode=train", f"--img_train_dir={dataset_dir / 'train_img'}",
+                  f"--labels_txt={dataset_dir / 'label_train.txt'}", f"--save_dir={inside}",
+                  seed=True)  # fmt: skip
+    assert_user_error(
+        result, f"--save_dir {inside} is inside the image folder", "another --save_dir"
+    )
+    assert "--out" not in result.stderr and not inside.exists()

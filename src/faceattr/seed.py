@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 from pathlib import Path
 
 from faceattr.cli import (
@@ -108,7 +109,10 @@ def run(args: argparse.Namespace) -> int:
             unfinished = unfinished_run(Path(args.save_dir))
             args.resume = unfinished and not args.overwrite
             args.overwrite = not args.resume
-        return run_train(dataset_from_paths(args.img_train_dir, args.labels_txt, None), args)
+        try:
+            return run_train(dataset_from_paths(args.img_train_dir, args.labels_txt, None), args)
+        except FaceAttrError as e:  # train's messages name its run folder's flag: here it is
+            raise FaceAttrError(re.sub(r"--out\b", "--save_dir", str(e))) from None
     if not args.img_test_dir:
         raise FaceAttrError("--mode=test needs --img_test_dir")
     # As the seed's test read its models from where its train wrote them, --save_dir's.
