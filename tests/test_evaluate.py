@@ -83,3 +83,23 @@ def test_a_label_file_from_another_predict_is_refused(tmp_path):
     ):
         evaluate(write(tmp_path / "p.txt", [1, 0, 1]), truth, table, tmp_path / "ev2")
     assert not (tmp_path / "ev2").exists()
+
+
+def test_plots_in_a_run_or_among_images_are_refused(tmp_path):
+    """In a run, they had replaced the out-of-fold pictures its report shows; among test
+    images, they had stopped every later command at "image name is not a number"."""
+    truth = write(tmp_path / "truth.txt", [0, 1, 1])
+    table = write_table(tmp_path / "predictions.csv", [(0.1, 0), (0.7, 1), (0.9, 1)], [0, 1, 1])
+    pred = write(tmp_path / "p.txt", [0, 1, 1])
+    run = tmp_path / "run"
+    (run / "evaluation").mkdir(parents=True)
+    (run / "run.json").write_text("{}")
+    for plots_dir in (run / "evaluation", run, run / "evaluation" / "new"):
+        with pytest.raises(FaceAttrError, match=rf"--plots .* is inside the run {run}, whose"):
+            evaluate(pred, truth, table, plots_dir)
+    assert list((run / "evaluation").iterdir()) == []
+    (tmp_path / "val_img").mkdir()
+    (tmp_path / "val_img" / "1.jpg").write_bytes(b"")
+    with pytest.raises(FaceAttrError, match="holds images, which the pictures would join"):
+        evaluate(pred, truth, table, tmp_path / "val_img")
+    assert [p.name for p in (tmp_path / "val_img").iterdir()] == ["1.jpg"]

@@ -1,4 +1,4 @@
-"""The seed's main.py: one parser for three modes, so a flag of another mode is named, not lost."""
+"""The seed's main.py: one parser for three modes, and messages that name the seed's own flags."""
 
 from faceattr.cli import parse
 from faceattr.seed import build_parser, unused_flags

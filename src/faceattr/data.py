@@ -442,6 +442,11 @@ def _holds_images(source: Source, folder: str) -> bool:
     return any(_is_image(n) for n in source.list_files(folder))
 
 
+def holds_images(path: str | Path) -> bool:
+    """Whether the folder `path` holds a file named as an image: an output there would join them."""
+    return Path(path).is_dir() and _holds_images(FolderSource(Path(path)), "")
+
+
 def _train_part(source: Source, folder: str, label_rel: str) -> tuple[ImageSet, np.ndarray]:
     if not source.is_file(label_rel):
         raise no_label_file(source.describe(label_rel), source.exists(label_rel))

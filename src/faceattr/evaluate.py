@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from faceattr import plots
-from faceattr.data import load_test_images, read_labels
+from faceattr.data import holds_images, load_test_images, read_labels
 from faceattr.errors import FaceAttrError, plural
 from faceattr.metrics import auc, equal_error_rate, scores_to_labels, with_interval
 from faceattr.outputs import refuse_inside
@@ -58,12 +58,14 @@ def evaluate(
             *(pred, scores, differ, pred),
         )
     result.update(auc=auc(labels, soft), eer=equal_error_rate(labels, soft))
+    test_images = load_test_images(images) if images is not None else None
+    if test_images is not None:
+        refuse_inside(out, test_images.layout_folders(), "--plots")
+    _check_plots(Path(out))
     array = None
-    if images is not None:
+    if test_images is not None:
         from faceattr.cache import load_images
 
-        test_images = load_test_images(images)
-        refuse_inside(out, test_images.layout_folders(), "--plots")
         array = load_images(test_images, cache, workers).array
         if len(array) != len(labels):
             raise FaceAttrError(
@@ -71,6 +73,20 @@ def evaluate(
             )
     plots.evaluation(labels, soft, threshold, out, array, predictions=predicted)
     return result
+
+
+def _check_plots(out: Path) -> None:
+    """Refuse a --plots folder in a run (its evaluation/ holds train's out-of-fold pictures,
+    which its report shows) or one holding images (the pictures would join them)."""
+    run = next((p for p in (out, *out.absolute().parents) if (p / "run.json").is_file()), None)
+    if run is not None:
+        raise FaceAttrError(
+            f"--plots {out} is inside the run {run}, whose pictures are train's out-of-fold "
+            "ones (its report shows them); choose a folder outside it"
+        )
+    if holds_images(out):
+        raise FaceAttrError(f"--plots {out} holds images, which the pictures would join; "
+                            "choose another --plots")  # fmt: skip
 
 
 def read_scores(path: str | Path, n: int) -> tuple[np.ndarray, float, np.ndarray]:
