@@ -186,7 +186,9 @@ def load_ensemble_settings(models_dir: str | Path, models: list[FoldModel]) -> d
     return checked
 
 
-def check_digests(folder: Path, found: dict[int, str], suffix: str, digests: object, path: Path):
+def check_digests(
+    folder: Path, found: dict[int, str], suffix: str, digests: object, path: Path
+) -> None:
     """Refuse a fold model that is not the one the run trained or exported: `found` maps the
     folds in `folder` to the sha256 of their `fold_K{suffix}` files, `digests` is what `path`
     (an ensemble.json) holds; a run from before they were kept has none."""
