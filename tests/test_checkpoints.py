@@ -1,10 +1,13 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from faceattr.checkpoints import (
+    check_digests,
+    checked_settings,
     load_fold_models,
     load_training_state,
     save_fold_model,
@@ -123,3 +126,26 @@ def test_a_fold_model_from_another_run_is_refused(trained_run, tmp_path):
     del settings["sha256"]
     (run / "models" / "ensemble.json").write_text(json.dumps(settings))
     load_ensemble_settings(run / "models", load_fold_models(run / "models"))
+
+
+def test_a_threshold_of_0_is_one_a_run_can_choose():
+    """best_threshold gives 0.0 for a model that separates nothing: ensemble.json may hold it."""
+    checked = checked_settings({"threshold": 0, "tta": False}, Path("e.json"), [1], ".safetensors")
+    assert checked["threshold"] == 0.0
+    for bad in (-0.01, 1.01):
+        with pytest.raises(FaceAttrError, match=r"threshold must be in \[0, 1\]"):
+            checked_settings({"threshold": bad, "tta": False}, Path("e.json"), [1], ".x")
+
+
+def test_a_fold_models_weights_gone_with_its_json_left_is_refused(tmp_path):
+    """Without ensemble.json to list the folds, fold_2.json alone still says fold 2 is missing."""
+    for fold in (1, 2):
+        save_fold_model(tmp_path, fold, create_model("simple"), {"arch": "simple"})
+    (tmp_path / "fold_2.safetensors").unlink()
+    with pytest.raises(FaceAttrError, match=r"fold_2\.safetensors is missing"):
+        load_fold_models(tmp_path)
+
+
+def test_digests_keyed_by_other_than_fold_numbers_are_one_line():
+    with pytest.raises(FaceAttrError, match="sha256 must map folds to digests"):
+        check_digests(Path("m"), {1: "abc"}, ".safetensors", {"one": "abc"}, Path("e.json"))

@@ -1,8 +1,13 @@
+import dataclasses
 import json
 import shutil
 
+import numpy as np
+import pytest
+
 from conftest import with_stray_bytes
 from faceattr.data import load_dataset
+from faceattr.errors import FaceAttrError
 from faceattr.explore import explore, format_summary, imbalance_verdict
 
 
@@ -44,9 +49,6 @@ def test_explore_refuses_before_decoding_what_it_would_stop_at(dataset_dir, tmp_
     """A --cache in the test images' folder had been found only once the training images were
     cached there (their .npy among the test images) and two pictures drawn; a folder in the
     place of explore.json only after every image was decoded."""
-    import pytest
-
-    from faceattr.errors import FaceAttrError
 
     data = tmp_path / "data"
     shutil.copytree(dataset_dir, data)
@@ -59,3 +61,21 @@ def test_explore_refuses_before_decoding_what_it_would_stop_at(dataset_dir, tmp_
     with pytest.raises(FaceAttrError, match=r"explore.json: it exists and is not a regular file"):
         explore(load_dataset(data, need="any"), tmp_path / "ex2")
     assert [p.name for p in (tmp_path / "ex2").iterdir()] == ["explore.json"]
+
+
+def test_verdict_boundaries():
+    assert imbalance_verdict({0: 40, 1: 60}).startswith("balanced")  # 40 % is balanced
+    assert imbalance_verdict({0: 20, 1: 80}).startswith("imbalanced")  # 20 %: not strongly
+    assert imbalance_verdict({0: 19, 1: 81}).startswith("strongly imbalanced")
+
+
+def test_explore_class_percent_has_two_decimals(dataset_dir, tmp_path, monkeypatch):
+    import faceattr.explore
+
+    for name in ("training_set", "image_audit"):  # the pictures are test_explore's
+        monkeypatch.setattr(faceattr.explore.plots, name, lambda *a, **k: None)
+    data = load_dataset(dataset_dir, need="any")
+    labels = np.array([0] + [1] * (len(data.labels) - 1))  # 1 in 160: 0.62 %
+    data = dataclasses.replace(data, labels=labels)
+    summary = explore(data, tmp_path / "ex")
+    assert summary["class_percent"] == {"0": 0.62, "1": 99.38}

@@ -245,3 +245,23 @@ def test_normalise_gives_per_channel_broadcasting_exactly(layout):
     out = normalise(x, mean, std)
     assert torch.equal(out, (x - mean) / std)
     assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("wrap", ["module", "model"])
+def test_pretrained_weights_load_from_wrapped_checkpoints(tmp_path, wrap):
+    """Saved from DataParallel (keys prefixed module.), or as {"model": state_dict}."""
+    imagenet = torchvision.models.resnet18(weights=None)
+    torch.nn.init.constant_(imagenet.layer3[0].conv1.weight, 0.125)
+    state = imagenet.state_dict()
+    saved = {f"module.{k}": v for k, v in state.items()} if wrap == "module" else {"model": state}
+    torch.save(saved, tmp_path / "r18.pth")
+    model = create_model("resnet18", pretrained=tmp_path / "r18.pth")
+    assert torch.all(model.net.layer3[0].conv1.weight == 0.125)
+
+
+def test_efficientnet_normalises_as_its_imagenet_weights_were_trained():
+    """Pixels scaled to [-1, 1] (mean = std = 0.5); the ResNets use ImageNet's statistics."""
+    for name in ("efficientnet_lite0", "efficientnet_lite0_s1"):
+        model = create_model(name)
+        assert model.mean.flatten().tolist() == model.std.flatten().tolist() == [0.5] * 3
+    assert create_model("resnet18").mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])

@@ -3,20 +3,31 @@
 import csv
 import json
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import assert_user_error, cli, train_args
-from faceattr.checkpoints import load_fold_models, weights_digest
+from faceattr import run as run_module
+from faceattr.checkpoints import (
+    load_fold_models,
+    weights_digest,
+)
 from faceattr.data import load_dataset
 from faceattr.errors import FaceAttrError
 from faceattr.metrics import best_threshold, error_rates
+from faceattr.models import create_model
 from faceattr.predict import predict
 from faceattr.run import train_run
-from faceattr.train import TrainConfig
+from faceattr.train import (
+    HISTORY_COLUMNS,
+    FoldResult,
+    TrainConfig,
+)
 
 
 def test_train_run_writes_the_whole_run(trained_run, dataset_dir):
@@ -343,3 +354,61 @@ def test_a_cache_among_the_test_images_is_refused_before_training(dataset_dir, t
         train_run(data, cfg, tmp_path / "run", torch.device("cpu"))
     assert not (tmp_path / "run").exists()
     assert all(p.suffix == ".jpg" for p in (dataset_dir / "val_img").iterdir())
+
+
+def test_a_saved_fold_is_its_best_epochs_weights_and_figures(tmp_path):
+    """The fold model on disk holds result.state (the best epoch's), not the model's last
+    weights, and fold_K.json the best epoch's figures, not the last epoch's."""
+    torch.manual_seed(0)
+    model, best = create_model("simple"), create_model("simple")
+    history = [
+        {c: float(i) for c in HISTORY_COLUMNS} | {"epoch": i + 1, "val_hter": h}
+        for i, h in enumerate((0.1, 0.3))
+    ]
+    result = FoldResult(1, best.state_dict(), np.array([0.2, 0.8]), history, 1.0)
+    run_module._save_fold(tmp_path, 1, model, result, TrainConfig())
+    saved = load_file(str(tmp_path / "models" / "fold_1.safetensors"))
+    assert all(torch.equal(saved[k], v) for k, v in best.state_dict().items())
+    config = json.loads((tmp_path / "models" / "fold_1.json").read_text())
+    assert (config["epoch"], config["val_hter"]) == (1, 0.1)
+    summary = json.loads((tmp_path / "fold_1" / "result.json").read_text())["summary"]
+    assert (summary["best_epoch"], summary["val_hter"]) == (1, 0.1)
+
+
+def test_a_run_without_tta_records_so_and_oof_keeps_each_folds_image_order(dataset_dir, tmp_path):
+    data, cpu = load_dataset(dataset_dir, need="any"), torch.device("cpu")
+    cfg = TrainConfig(folds=2, epochs=1, batch_size=32, tta=False)
+    run_module.train_run(data, cfg, tmp_path / "run", cpu)
+    run = tmp_path / "run"
+    assert json.loads((run / "models" / "ensemble.json").read_text())["tta"] is False
+    rows = list(csv.DictReader((run / "oof.csv").open()))
+    for fold in (1, 2):
+        scores = json.loads((run / f"fold_{fold}" / "result.json").read_text())["val_scores"]
+        oof = [float(r["score"]) for r in rows if int(r["fold"]) == fold]
+        assert oof == pytest.approx(scores, abs=0, rel=1e-12)
+
+
+def test_resume_takes_how_the_work_runs_from_the_options_given(tmp_path):
+    saved = asdict(TrainConfig(epochs=3))
+    asked = TrainConfig(workers=3, save_every=0.0, cache=str(tmp_path / "cache"))
+    resumed = run_module._resumed_config(asked, saved, ["workers", "save_every", "cache"], tmp_path)
+    assert (resumed.workers, resumed.save_every, resumed.cache) == (3, 0.0, str(tmp_path / "cache"))
+    assert resumed.epochs == 3
+
+
+def test_each_fold_starts_from_its_own_initial_weights():
+    cfg, cpu = TrainConfig(arch="simple"), torch.device("cpu")
+    one, two, again = (run_module.fold_model(cfg, f, cpu).state_dict() for f in (1, 2, 2))
+    assert not torch.equal(one["net.features.0.weight"], two["net.features.0.weight"])
+    assert all(torch.equal(v, again[k]) for k, v in two.items())
+
+
+def test_a_fold_result_without_its_model_is_not_finished(tmp_path):
+    (tmp_path / "fold_1").mkdir()
+    (tmp_path / "fold_1" / "result.json").write_text(
+        json.dumps({"summary": {"best_epoch": 1}, "val_scores": [0.5]})
+    )
+    assert run_module._finished_fold(tmp_path, 1) is None  # killed between the two writes
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "fold_1.safetensors").touch()
+    assert run_module._finished_fold(tmp_path, 1) is not None

@@ -14,16 +14,22 @@ from faceattr.data import load_dataset
 from faceattr.errors import FaceAttrError
 from faceattr.run import train_run
 from faceattr.runfolder import (
+    ASIDE,
+    REPLACEMENT,
     check_unlocked,
     finish_replacing,
+    finished_run,
     put_in_place,
     remains,
+    run_paths,
     runs_in,
     unfinished_run,
     where_to_train,
     writing,
 )
-from faceattr.train import TrainConfig
+from faceattr.train import (
+    TrainConfig,
+)
 
 
 def test_two_trains_never_write_one_folder_at_once(dataset_dir, tmp_path):
@@ -235,3 +241,34 @@ def test_what_a_run_left_includes_predicts_report_section(tmp_path):
     (tmp_path / "prediction").mkdir()
     (tmp_path / "prediction" / "prediction.json").write_text("{}")
     assert remains(tmp_path) == [tmp_path / "prediction" / "prediction.json"]
+
+
+def test_run_paths_take_only_fold_k_folders(tmp_path):
+    for name in ("fold_1", "fold_12", "fold_1_old", "fold_2.bak"):
+        (tmp_path / name).mkdir()
+    folds = sorted(p.name for p in run_paths(tmp_path) if p.name.startswith("fold_"))
+    assert folds == ["fold_1", "fold_12"]
+
+
+def test_a_run_json_with_no_folds_is_no_finished_run(tmp_path):
+    (tmp_path / "run.json").write_text(json.dumps({"status": "complete", "config": {"folds": 0}}))
+    assert finished_run(tmp_path, []) is None
+    (tmp_path / "run.json").write_text(json.dumps({"status": "complete", "config": {"folds": 2}}))
+    assert finished_run(tmp_path, [1, 2])["config"]["folds"] == 2
+
+
+def test_an_unfinished_replacement_is_kept_for_resume_when_the_old_run_is_tidied(tmp_path):
+    (tmp_path / REPLACEMENT).mkdir()
+    (tmp_path / REPLACEMENT / "run.json").write_text(
+        json.dumps({"status": "running", "config": {"folds": 2}})
+    )
+    (tmp_path / ASIDE).mkdir()
+    finish_replacing(tmp_path)
+    assert (tmp_path / REPLACEMENT / "run.json").is_file()  # --resume continues it
+    assert not (tmp_path / ASIDE).exists()
+
+
+def test_what_a_run_left_includes_a_fold_models_json_alone(tmp_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "fold_1.json").write_text("{}")
+    assert remains(tmp_path) == [tmp_path / "models" / "fold_1.json"]

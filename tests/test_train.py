@@ -21,6 +21,7 @@ from faceattr.train import (
     WeightAverage,
     class_weights,
     config_for,
+    fold_seed,
     images_per_epoch,
     lr_factor,
     train_fold,
@@ -417,3 +418,44 @@ def test_compiling_for_a_cpu_leaves_out_the_warning_that_cuda_is_missing(monkeyp
     monkeypatch.setattr(cpp, "level", cpp.level)  # put back after the test
     train_module.compile_model(torch.nn.Linear(2, 1))  # lazy: nothing compiles until the first call
     assert not cpp.isEnabledFor(logging.WARNING) and cpp.isEnabledFor(logging.ERROR)
+
+
+def test_label_smoothing_targets_are_pulled_half_way_to_the_middle():
+    """smoothing s: targets 1 - s/2 and s/2 (not 1 and s)."""
+    logits, y, w = torch.tensor([2.0, -1.0]), torch.tensor([1, 0]), torch.ones(2)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, torch.tensor([0.9, 0.1])
+    )
+    assert weighted_bce(logits, y, w, smoothing=0.2).item() == pytest.approx(expected.item())
+
+
+def test_class_weights_stay_finite_for_a_class_the_fold_lacks():
+    w = class_weights(torch.tensor([1, 1, 1]))
+    assert torch.isfinite(w).all() and w.tolist() == pytest.approx([2.0, 2 / 3])
+
+
+def test_validation_loss_is_class_weighted_like_the_training_loss():
+    scores = np.array([0.9, 0.2, 0.6, 0.3])
+    labels, weights = torch.tensor([1, 0, 0, 1]), torch.tensor([3.0, 0.5])
+    row = train_module._validation_row(scores, labels, weights, 0.5)
+    logits = torch.logit(torch.as_tensor(scores), eps=1e-7)
+    assert row["val_loss"] == pytest.approx(weighted_bce(logits, labels, weights).item())
+    assert row["val_loss"] != pytest.approx(weighted_bce(logits, labels, torch.ones(2)).item())
+
+
+def test_the_configured_threshold_judges_training_and_validation():
+    """cfg.threshold (0: every image is called 1) is the one the epoch's error rates use."""
+    images, labels = easy_data()
+    torch.manual_seed(0)
+    cfg = TrainConfig(epochs=1, batch_size=16, tta=False, threshold=0.0)
+    result = train_fold(
+        create_model("simple"), images, labels, np.arange(64), np.arange(64, 96), cfg, 1
+    )
+    (row,) = result.history
+    assert (row["train_far"], row["train_frr"]) == (1.0, 0.0)
+    assert (row["val_far"], row["val_frr"]) == (1.0, 0.0)
+
+
+def test_fold_seeds_of_different_run_seeds_never_collide():
+    seeds = {fold_seed(seed, fold) for seed in range(10) for fold in range(1, 21)}
+    assert len(seeds) == 200
