@@ -13,21 +13,14 @@ from safetensors.torch import load_file
 
 from conftest import assert_user_error, cli, train_args
 from faceattr import run as run_module
-from faceattr.checkpoints import (
-    load_fold_models,
-    weights_digest,
-)
+from faceattr.checkpoints import load_fold_models, weights_digest
 from faceattr.data import load_dataset
 from faceattr.errors import FaceAttrError
 from faceattr.metrics import best_threshold, error_rates
 from faceattr.models import create_model
 from faceattr.predict import predict
 from faceattr.run import train_run
-from faceattr.train import (
-    HISTORY_COLUMNS,
-    FoldResult,
-    TrainConfig,
-)
+from faceattr.train import HISTORY_COLUMNS, FoldResult, TrainConfig
 
 
 def test_train_run_writes_the_whole_run(trained_run, dataset_dir):
@@ -378,7 +371,7 @@ def test_a_saved_fold_is_its_best_epochs_weights_and_figures(tmp_path):
 def test_a_run_without_tta_records_so_and_oof_keeps_each_folds_image_order(dataset_dir, tmp_path):
     data, cpu = load_dataset(dataset_dir, need="any"), torch.device("cpu")
     cfg = TrainConfig(folds=2, epochs=1, batch_size=32, tta=False)
-    run_module.train_run(data, cfg, tmp_path / "run", cpu)
+    train_run(data, cfg, tmp_path / "run", cpu)
     run = tmp_path / "run"
     assert json.loads((run / "models" / "ensemble.json").read_text())["tta"] is False
     rows = list(csv.DictReader((run / "oof.csv").open()))

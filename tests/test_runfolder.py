@@ -27,9 +27,7 @@ from faceattr.runfolder import (
     where_to_train,
     writing,
 )
-from faceattr.train import (
-    TrainConfig,
-)
+from faceattr.train import TrainConfig
 
 
 def test_two_trains_never_write_one_folder_at_once(dataset_dir, tmp_path):
