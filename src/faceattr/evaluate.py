@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from faceattr import plots
-from faceattr.data import holds_images, load_test_images, read_labels
+from faceattr.data import ImageSet, holds_images, load_test_images, read_labels
 from faceattr.errors import FaceAttrError, plural
 from faceattr.metrics import auc, equal_error_rate, scores_to_labels, with_interval
 from faceattr.outputs import refuse_inside
@@ -59,9 +59,7 @@ def evaluate(
         )
     result.update(auc=auc(labels, soft), eer=equal_error_rate(labels, soft))
     test_images = load_test_images(images) if images is not None else None
-    if test_images is not None:
-        refuse_inside(out, test_images.layout_folders(), "--plots")
-    _check_plots(Path(out))
+    _check_plots(Path(out), test_images)
     array = None
     if test_images is not None:
         from faceattr.cache import load_images
@@ -75,9 +73,12 @@ def evaluate(
     return result
 
 
-def _check_plots(out: Path) -> None:
-    """Refuse a --plots folder in a run (its evaluation/ holds train's out-of-fold pictures,
-    which its report shows) or one holding images (the pictures would join them)."""
+def _check_plots(out: Path, test_images: ImageSet | None) -> None:
+    """Refuse a --plots folder among the `test_images`' layout, in a run (its evaluation/ holds
+    train's out-of-fold pictures, which its report shows) or one holding images (the pictures
+    would join them)."""
+    if test_images is not None:
+        refuse_inside(out, test_images.layout_folders(), "--plots")
     run = next((p for p in (out, *out.absolute().parents) if (p / "run.json").is_file()), None)
     if run is not None:
         raise FaceAttrError(

@@ -92,10 +92,8 @@ def predict(
         "label": labels,
     }
     rows = [[name, *(c[i].item() for c in columns.values())] for i, name in enumerate(images.names)]
-    labels_text = "".join(f"{v}\n" for v in labels)
-    write_together(
-        {output: labels_text, csv_path: csv_text(["image", *columns], rows)}
-    )  # both, then renamed
+    labels_text, table = "".join(f"{v}\n" for v in labels), csv_text(["image", *columns], rows)
+    write_together({output: labels_text, csv_path: table})  # both, then renamed
     summary = {
         "images": len(labels),
         "models": len(folds),
