@@ -183,8 +183,11 @@ def test_evaluate(dataset_dir, tmp_path):
     given = ["--workers", "1", "--cache", str(tmp_path / "c"), "--no-cache"]
     result = here("evaluate", "--pred", str(pred), "--truth", str(truth), *given)
     assert_user_error(result, "--workers, --cache and --no-cache: only --images")
-    result = here("evaluate", "--pred", str(pred), "--truth", str(truth), "--workers", "2")
-    assert_user_error(result, "--workers: only --images (the test images, for the worst errors)")
+    for workers in ("2", "0"):  # 0: one per core, given all the same
+        result = here("evaluate", "--pred", str(pred), "--truth", str(truth), "--workers", workers)
+        assert_user_error(
+            result, "--workers: only --images (the test images, for the worst errors)"
+        )
     # --scores that is no file: a named pipe had waited for a writer forever.
     os.mkfifo(tmp_path / "fifo")
     pred.write_text("".join(f"{v}\n" for v in flipped))

@@ -201,8 +201,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             f"{listed(lonely)}: there are plots only with --scores (the predictions.csv "
             "beside --pred); give it too"
         )
-    decoding = [f"--{o.replace('_', '-')}" for o in ("workers", "cache", "no_cache")
-                if getattr(args, o) not in (None, False)]  # fmt: skip
+    # Given, not truthy: --workers 0 (one per core) is given too.
+    given = {"workers": args.workers is not None, "cache": args.cache is not None,
+             "no-cache": args.no_cache}  # fmt: skip
+    decoding = [f"--{o}" for o, on in given.items() if on]
     if decoding and not args.images:
         raise FaceAttrError(
             f"{listed(decoding)}: only --images (the test images, for the worst errors) "
