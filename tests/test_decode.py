@@ -401,3 +401,33 @@ def test_32_bit_grey_holding_8_bit_values_up_to_255_is_kept():
     Image.fromarray(a).save(buffer, format="TIFF")
     grey, _, mode = decode_image(buffer.getvalue(), "int tiff")
     assert mode.startswith("I") and (grey[:, 40:] == 255).all() and (grey[:, :24] == 10).all()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="worker processes decode on Linux only")
+def test_ctrl_c_between_two_submits_winds_the_workers_down(tmp_path, monkeypatch):
+    """Ctrl-C tripped in another thread is raised between two bytecodes, block or no block: one
+    that came while the chunks were still being handed out had left the workers running, and
+    the command hung at its exit, waiting for them."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    for i in range(1, 33):
+        write_image(tmp_path / "v" / f"{i}.jpg", (i, 2, 3))
+    monkeypatch.setattr(decode, "CHUNK", 8)
+    monkeypatch.setattr(decode, "PARALLEL_FROM", 16)
+    submit, calls = ProcessPoolExecutor.submit, []
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the first has forked the workers
+            raise KeyboardInterrupt
+        return submit(self, *args, **kwargs)
+
+    monkeypatch.setattr(ProcessPoolExecutor, "submit", interrupted)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            decode_images(numbered_images(open_source(tmp_path), "v"), workers=2)
+        assert multiprocessing.active_children() == []
+    finally:  # what a failure left running is not the next test's
+        for child in multiprocessing.active_children():
+            child.kill()

@@ -328,16 +328,17 @@ def _in_workers(workers: int, chunks: list[tuple[int, int]]) -> Iterator[Audit]:
     """Each chunk's audit, decoded by `workers` forked processes, as they finish. A worker that
     dies (killed for memory, say) is one line: multiprocessing's Pool would wait for its chunk
     forever, an executor says it is broken."""
-    # Forked with Ctrl-C blocked, so no worker sees it before it ignores it; one meant for this
-    # process arrives as the block ends, and the chunks not begun are then dropped.
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    pool, done = None, False
     try:
-        pool = ProcessPoolExecutor(workers, mp.get_context("fork"), initializer=_worker_init)
-        futures = [pool.submit(_worker_task, chunk) for chunk in chunks]  # they fork here
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-    done = False
-    try:
+        # Forked with Ctrl-C blocked, so no worker sees it before it ignores it; one meant for
+        # this process arrives as the block ends (or, tripped in another thread, between two
+        # submits), and the chunks not begun are then dropped: the pool is wound down below.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            pool = ProcessPoolExecutor(workers, mp.get_context("fork"), initializer=_worker_init)
+            futures = [pool.submit(_worker_task, chunk) for chunk in chunks]  # they fork here
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         for future in as_completed(futures):
             yield future.result()
         done = True
@@ -346,13 +347,20 @@ def _in_workers(workers: int, chunks: list[tuple[int, int]]) -> Iterator[Audit]:
             "a process decoding the images died (out of memory?); --workers 1 decodes in this one"
         ) from None
     finally:
-        try:
-            if not done:  # Ctrl-C, or an image's error: the chunks begun are of no use now
-                _kill_workers(pool)
-            pool.shutdown(wait=True, cancel_futures=True)
-        except BaseException:  # Ctrl-C again while they finish: waited for, they never end
+        if pool is not None:
+            _wind_down(pool, kill=not done)
+
+
+def _wind_down(pool: ProcessPoolExecutor, kill: bool) -> None:
+    """Shut `pool` down; with `kill` (Ctrl-C, or an image's error: the chunks begun are of no
+    use now) its workers are ended first. Left running, they keep the command from exiting."""
+    try:
+        if kill:
             _kill_workers(pool)
-            raise
+        pool.shutdown(wait=True, cancel_futures=True)
+    except BaseException:  # Ctrl-C again while they finish: waited for, they never end
+        _kill_workers(pool)
+        raise
 
 
 def _kill_workers(pool: ProcessPoolExecutor) -> None:
